@@ -1,0 +1,125 @@
+"""Virtual cohorts on disk: one site directory per hospital in the data contract's layout.
+
+``DIR/spec.toml``, ``DIR/<site>/{timeseries,patients,consent}.csv`` (every patient granted for
+the spec's purpose), optionally ``DIR/holdout/`` (patients from every population, for testing
+only), and ``DIR/truth/<site>.csv`` with each patient's simulator parameters, outside the site
+directories, so what-if forecasts can be checked against the mechanistic truth.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import import_module
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from twinfed.models.sim.base import SimCohort, SiteProfile
+from twinfed.models.spec import TwinSpec, load_spec
+
+SIMULATORS = {"glucose": "twinfed.models.sim.glucose_sim", "cardio": "twinfed.models.sim.cardio_sim"}
+HOLDOUT = "holdout"
+CONSENT_TIME = "2026-01-05T09:00:00+00:00"
+
+
+def simulator(twin: str) -> ModuleType:
+    return import_module(SIMULATORS[twin])
+
+
+def site_names(n: int) -> list[str]:
+    return [f"site-{chr(ord('a') + i)}" if n <= 26 else f"site-{i + 1:03d}" for i in range(n)]
+
+
+@dataclass
+class CohortSummary:
+    out: Path
+    sites: dict[str, dict]
+
+
+def generate_cohort(twin: str, *, sites: int, patients: int, days: float, seed: int,
+                    out: str | Path, holdout: int = 0) -> CohortSummary:
+    spec = load_spec(twin)
+    sim = simulator(twin)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_steps = int(round(days * 24 * 60 / spec.step_minutes))
+    rng = np.random.default_rng(seed)
+    manifest: dict[str, dict] = {}
+    profiles = sim.SITE_PROFILES
+    plan = [(name, [profiles[i % len(profiles)]], patients) for i, name in enumerate(site_names(sites))]
+    if holdout:
+        plan.append((HOLDOUT, list(profiles), holdout))
+    for name, profs, n in plan:
+        cohorts = []
+        shares = np.array_split(np.arange(n), len(profs))
+        for prof, share in zip(profs, shares):
+            if share.size:
+                cohorts.append(sim.generate(prof, int(share.size), n_steps, step_minutes=spec.step_minutes,
+                                            rng=np.random.default_rng(rng.integers(2**63)),
+                                            id_prefix=f"{name}-{prof.name[:3]}-"))
+        cohort = _concat(cohorts)
+        write_site(out / name, spec, cohort)
+        write_truth(out / "truth" / f"{name}.csv", cohort)
+        manifest[name] = {"profiles": [p.name for p in profs], "patients": cohort.n_patients,
+                          "rows": cohort.n_patients * cohort.n_steps}
+    (out / "spec.toml").write_text(spec.to_toml(), encoding="utf-8")
+    (out / "cohort.json").write_text(json.dumps(
+        {"twin": twin, "seed": seed, "days": days, "step_minutes": spec.step_minutes,
+         "sites": manifest, "simulator": SIMULATORS[twin]}, indent=2), encoding="utf-8")
+    return CohortSummary(out, manifest)
+
+
+def _concat(parts: list[SimCohort]) -> SimCohort:
+    if len(parts) == 1:
+        return parts[0]
+    return SimCohort(
+        patient_ids=[p for c in parts for p in c.patient_ids],
+        covariates={k: np.concatenate([c.covariates[k] for c in parts]) for k in parts[0].covariates},
+        params={k: np.concatenate([c.params[k] for c in parts]) for k in parts[0].params},
+        states={k: np.concatenate([c.states[k] for c in parts]) for k in parts[0].states},
+        controls={k: np.concatenate([c.controls[k] for c in parts]) for k in parts[0].controls},
+    )
+
+
+def _decimals(spec: TwinSpec, col: str) -> int:
+    # Round like the devices that export them: states to 0.1, amounts to 0.001.
+    return 1 if col in spec.state_columns else 3
+
+
+def write_site(site_dir: Path, spec: TwinSpec, cohort: SimCohort) -> None:
+    site_dir.mkdir(parents=True, exist_ok=True)
+    p, t = cohort.n_patients, cohort.n_steps
+    ids = pa.array(np.repeat(np.array(cohort.patient_ids, dtype=object), t).tolist(), pa.string())
+    cols = {"patient_id": ids,
+            "time_min": pa.array(np.tile(np.arange(t, dtype=np.int64) * spec.step_minutes, p))}
+    for col in spec.timeseries_columns:
+        src = cohort.states[col] if col in cohort.states else cohort.controls[col]
+        cols[col] = pa.array(np.round(src.reshape(-1), _decimals(spec, col)))
+    pacsv.write_csv(pa.table(cols), site_dir / "timeseries.csv")
+    pcols = {"patient_id": pa.array(cohort.patient_ids, pa.string())}
+    for col in spec.covariate_columns:
+        pcols[col] = pa.array(np.round(cohort.covariates[col], 1))
+    pacsv.write_csv(pa.table(pcols), site_dir / "patients.csv")
+    lines = ["patient_id,status,purpose,recorded_at"]
+    lines += [f"{pid},granted,{spec.purpose},{CONSENT_TIME}" for pid in cohort.patient_ids]
+    (site_dir / "consent.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_truth(path: Path, cohort: SimCohort) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = {"patient_id": pa.array(cohort.patient_ids, pa.string())}
+    cols |= {k: pa.array(np.asarray(v, dtype=np.float64)) for k, v in cohort.params.items()}
+    pacsv.write_csv(pa.table(cols), path)
+
+
+def read_truth(path: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={"patient_id": pa.string()}))
+    ids = table.column("patient_id").to_pylist()
+    return ids, {c: table.column(c).to_numpy() for c in table.column_names if c != "patient_id"}
+
+
+__all__ = ["generate_cohort", "read_truth", "simulator", "site_names", "SiteProfile", "HOLDOUT"]

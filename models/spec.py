@@ -1,0 +1,153 @@
+"""The twin spec: which columns a twin forecasts, which treatments drive it, and its windows.
+
+The spec is the contract between a site's export and the surrogate. It is a frozen pydantic
+model with ``extra="forbid"``: a misspelt key in a spec file is an error, never a silent default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from twinfed.errors import SpecError
+
+BUILTIN_TWINS = ("glucose", "cardio")
+RESERVED_COLUMNS = ("patient_id", "time_min")
+
+
+class Column(BaseModel):
+    """One column of the export with its unit and the physiologically possible range."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    column: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+    unit: str = ""
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _range_is_ordered(self) -> Column:
+        if not self.max > self.min:
+            raise ValueError(f"column {self.column}: max ({self.max}) must be above min ({self.min})")
+        return self
+
+
+class TwinSpec(BaseModel):
+    """What one kind of twin sees and forecasts (DESIGN.md section 3)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(min_length=1)]
+    step_minutes: Annotated[int, Field(gt=0)]
+    history_steps: Annotated[int, Field(gt=0)]
+    horizon_steps: Annotated[int, Field(gt=0)]
+    purpose: Annotated[str, Field(min_length=1)]
+    states: Annotated[tuple[Column, ...], Field(min_length=1)]
+    controls: tuple[Column, ...] = ()
+    covariates: tuple[Column, ...] = ()
+
+    @model_validator(mode="after")
+    def _columns_are_unique(self) -> TwinSpec:
+        names = [c.column for c in (*self.states, *self.controls, *self.covariates)]
+        for reserved in RESERVED_COLUMNS:
+            if reserved in names:
+                raise ValueError(f"column name {reserved!r} is reserved for the data contract")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"column names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    @property
+    def state_columns(self) -> list[str]:
+        return [c.column for c in self.states]
+
+    @property
+    def control_columns(self) -> list[str]:
+        return [c.column for c in self.controls]
+
+    @property
+    def covariate_columns(self) -> list[str]:
+        return [c.column for c in self.covariates]
+
+    @property
+    def timeseries_columns(self) -> list[str]:
+        return [*self.state_columns, *self.control_columns]
+
+    @property
+    def window_steps(self) -> int:
+        return self.history_steps + self.horizon_steps
+
+    @property
+    def horizon_minutes(self) -> int:
+        return self.horizon_steps * self.step_minutes
+
+    def column(self, name: str) -> Column:
+        for col in (*self.states, *self.controls, *self.covariates):
+            if col.column == name:
+                return col
+        raise SpecError(f"twin {self.name!r} has no column {name!r}")
+
+    def to_toml(self) -> str:
+        """The spec as TOML text that :func:`load_spec` reads back to an equal spec."""
+
+        def table(kind: str, cols: tuple[Column, ...]) -> str:
+            out = []
+            for c in cols:
+                out.append(f"\n[[twin.{kind}]]\ncolumn = {_q(c.column)}\nunit = {_q(c.unit)}\n"
+                           f"min = {c.min!r}\nmax = {c.max!r}\n")
+            return "".join(out)
+
+        head = (
+            f"[twin]\nname = {_q(self.name)}\nstep_minutes = {self.step_minutes}\n"
+            f"history_steps = {self.history_steps}\nhorizon_steps = {self.horizon_steps}\n"
+            f"purpose = {_q(self.purpose)}\n"
+        )
+        return head + table("states", self.states) + table("controls", self.controls) + table(
+            "covariates", self.covariates
+        )
+
+
+def _q(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def parse_spec(text: str, *, source: str = "spec") -> TwinSpec:
+    """Parse TOML text with one ``[twin]`` table into a validated spec."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{source}: not valid TOML ({exc}); fix the file's syntax") from None
+    unknown = sorted(set(doc) - {"twin"})
+    if unknown:
+        raise SpecError(f"{source}: unknown top-level table(s) {', '.join(unknown)}; "
+                        "a spec has only [twin]")
+    if "twin" not in doc:
+        raise SpecError(f"{source}: no [twin] table; see the data contract in README.md")
+    try:
+        return TwinSpec.model_validate(doc["twin"])
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in ("twin", *err["loc"]))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (a typo?); remove it or fix its name"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        raise SpecError(f"{source}: {where}: {msg}") from None
+
+
+def load_spec(path_or_name: str | Path) -> TwinSpec:
+    """Load a spec from a TOML file, or a built-in twin by name (``glucose``, ``cardio``)."""
+    text_name = str(path_or_name)
+    if text_name in BUILTIN_TWINS:
+        text = resources.files("twinfed.models").joinpath("specs", f"{text_name}.toml").read_text()
+        return parse_spec(text, source=f"built-in spec {text_name}")
+    path = Path(path_or_name)
+    if not path.is_file():
+        raise SpecError(f"spec {path}: no such file; give a spec TOML file or one of "
+                        f"{', '.join(BUILTIN_TWINS)}")
+    return parse_spec(path.read_text(encoding="utf-8"), source=str(path))

@@ -1,0 +1,145 @@
+"""What-if: one patient's forecast under several treatment plans, side by side.
+
+A scenario is ``NAME=OP[,OP...]`` over the spec's controls, applied to the recorded future:
+``recorded`` (no change), ``COL*F`` (scale every future amount), ``COL=V`` (every step V),
+``COL+V@M`` (add V at minute M of the horizon), ``COL=V@M`` (set the amount at minute M).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from twinfed.errors import ScenarioError
+from twinfed.models.site_data import SiteData
+from twinfed.models.spec import TwinSpec
+from twinfed.models.twin import Twin
+
+_OP = re.compile(r"^(?P<col>[A-Za-z_][A-Za-z0-9_]*)\s*(?P<op>[*=+])\s*(?P<val>[-+0-9.eE]+)"
+                 r"(?:\s*@\s*(?P<at>[0-9]+))?$")
+
+
+@dataclass(frozen=True)
+class Op:
+    column: str
+    op: str
+    value: float
+    minute: int | None = None
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    ops: tuple[Op, ...] = field(default_factory=tuple)
+
+    def apply(self, spec: TwinSpec, future_controls: np.ndarray) -> np.ndarray:
+        out = future_controls.copy()
+        cols = spec.control_columns
+        for op in self.ops:
+            j = cols.index(op.column)
+            if op.minute is None:
+                rows = slice(None)
+            else:
+                if op.minute % spec.step_minutes or not 0 <= op.minute < spec.horizon_minutes:
+                    raise ScenarioError(f"scenario {self.name}: minute {op.minute} must be a multiple of "
+                                        f"{spec.step_minutes} below the horizon ({spec.horizon_minutes} min)")
+                rows = slice(op.minute // spec.step_minutes, op.minute // spec.step_minutes + 1)
+            if op.op == "*":
+                out[rows, j] *= op.value
+            elif op.op == "=":
+                out[rows, j] = op.value
+            else:
+                out[rows, j] += op.value
+            c = spec.controls[j]
+            if (out[:, j] < c.min).any() or (out[:, j] > c.max).any():
+                raise ScenarioError(f"scenario {self.name}: {op.column} leaves the spec's range "
+                                    f"[{c.min:g}, {c.max:g}] {c.unit}; choose a smaller change")
+        return out
+
+
+def parse_scenario(text: str, spec: TwinSpec) -> Scenario:
+    if "=" not in text:
+        raise ScenarioError(f"scenario {text!r}: write NAME=OP[,OP...], e.g. low={spec.control_columns[0] if spec.controls else 'COL'}*0.8")
+    name, _, body = text.partition("=")
+    name = name.strip()
+    if not name:
+        raise ScenarioError(f"scenario {text!r}: the name before '=' is empty")
+    ops = []
+    for part in (p.strip() for p in body.split(",")):
+        if part in ("", "recorded"):
+            continue
+        m = _OP.match(part)
+        if not m:
+            raise ScenarioError(f"scenario {name}: cannot read {part!r}; use COL*F, COL=V, COL+V@MIN "
+                                "or COL=V@MIN")
+        if m["col"] not in spec.control_columns:
+            raise ScenarioError(f"scenario {name}: {m['col']!r} is not a control of the twin "
+                                f"(controls: {', '.join(spec.control_columns)})")
+        if m["op"] == "+" and m["at"] is None:
+            raise ScenarioError(f"scenario {name}: '+' needs a minute, e.g. {m['col']}+{m['val']}@0")
+        try:
+            value = float(m["val"])
+        except ValueError:
+            raise ScenarioError(f"scenario {name}: {m['val']!r} is not a number") from None
+        ops.append(Op(m["col"], m["op"], value, int(m["at"]) if m["at"] else None))
+    return Scenario(name, tuple(ops))
+
+
+def default_scenarios(spec: TwinSpec) -> list[Scenario]:
+    """Recorded, the first control scaled by 0.8 and 1.2, and skipped."""
+    if not spec.controls:
+        return [Scenario("recorded")]
+    c = spec.control_columns[0]
+    return [Scenario("recorded"), Scenario(f"{c}x0.8", (Op(c, "*", 0.8),)),
+            Scenario(f"{c}x1.2", (Op(c, "*", 1.2),)), Scenario(f"skip-{c}", (Op(c, "*", 0.0),))]
+
+
+@dataclass
+class WhatIf:
+    minutes: list[int]  # minutes after --at
+    history_minutes: list[int]
+    history: np.ndarray  # [H, S]
+    observed: np.ndarray | None  # [K, S] if the record continues
+    forecasts: dict[str, np.ndarray]  # scenario -> [K, S]
+    controls: dict[str, np.ndarray]  # scenario -> [K, C]
+    recorded_future_known: bool
+
+
+def run_whatif(twin: Twin, site: SiteData, patient_id: str, at_min: float,
+               scenarios: list[Scenario]) -> WhatIf:
+    spec = twin.spec
+    if patient_id not in site.patient_ids:
+        raise ScenarioError("no such patient in the site data; check --patient")
+    p = site.patient_ids.index(patient_id)
+    sl = site.patient_slice(p)
+    steps = site.steps[sl]
+    if at_min % spec.step_minutes:
+        raise ScenarioError(f"--at {at_min:g} is not a multiple of the step ({spec.step_minutes} min)")
+    at = int(round(at_min / spec.step_minutes))
+    pos = np.flatnonzero(steps == at)
+    if pos.size == 0:
+        raise ScenarioError(f"the patient has no row at time_min {at_min:g}; choose a recorded time")
+    end = int(pos[0])
+    h, k, s = spec.history_steps, spec.horizon_steps, len(spec.states)
+    if end + 1 < h or steps[end] - steps[end + 1 - h] != h - 1:
+        raise ScenarioError(f"fewer than {h} contiguous steps ({h * spec.step_minutes} min) of history "
+                            f"end at time_min {at_min:g}; choose a later time")
+    series = site.series[sl]
+    history = series[end + 1 - h: end + 1]
+    future_known = end + k < len(steps) and steps[end + k] - steps[end] == k
+    recorded = series[end + 1: end + 1 + k, s:] if future_known else np.zeros((k, len(spec.controls)), np.float32)
+    observed = series[end + 1: end + 1 + k, :s] if future_known else None
+    cov = site.covariates[p: p + 1]
+    forecasts, controls = {}, {}
+    for sc in scenarios:
+        fc = sc.apply(spec, recorded.astype(np.float32))
+        controls[sc.name] = fc
+        forecasts[sc.name] = twin.forecast(history[None], fc[None], cov)[0]
+    return WhatIf(
+        minutes=[(i + 1) * spec.step_minutes for i in range(k)],
+        history_minutes=[(i - h + 1) * spec.step_minutes for i in range(h)],
+        history=history[:, :s], observed=observed, forecasts=forecasts, controls=controls,
+        recorded_future_known=future_known,
+    )

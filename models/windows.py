@@ -1,0 +1,77 @@
+"""Windows of one patient's series: ``history_steps`` of context then ``horizon_steps`` ahead.
+
+A window never spans a gap in a patient's series. The index lets training draw exactly one
+window for a given patient (the unit of patient-level DP) and lets evaluation walk every window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from twinfed.models.site_data import SiteData
+
+
+@dataclass
+class WindowIndex:
+    starts: np.ndarray  # int64: row index of every valid window's first step, grouped by patient
+    ptr: np.ndarray  # int64 [patients + 1]: patient p's starts are starts[ptr[p]:ptr[p+1]]
+
+    @classmethod
+    def build(cls, site: SiteData) -> WindowIndex:
+        w = site.spec.window_steps
+        n = site.n_rows
+        if n < w:
+            return cls(np.zeros(0, np.int64), np.zeros(site.n_patients + 1, np.int64))
+        first = np.arange(n - w + 1)
+        last = first + w - 1
+        patient_of_row = np.repeat(np.arange(site.n_patients), np.diff(site.offsets))
+        ok = (patient_of_row[first] == patient_of_row[last]) & \
+             (site.steps[last] - site.steps[first] == w - 1)
+        starts = first[ok]
+        counts = np.bincount(patient_of_row[starts], minlength=site.n_patients)
+        return cls(starts.astype(np.int64), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+
+    @property
+    def n_windows(self) -> int:
+        return int(self.starts.size)
+
+    def counts(self) -> np.ndarray:
+        return np.diff(self.ptr)
+
+    def patients_with_windows(self) -> np.ndarray:
+        return np.flatnonzero(self.counts() > 0)
+
+    def one_per_patient(self, patients: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One uniformly drawn window start for each of ``patients`` (each must have one)."""
+        counts = self.counts()[patients]
+        pick = (rng.random(len(patients)) * counts).astype(np.int64)
+        return self.starts[self.ptr[patients] + pick]
+
+    def window_patients(self) -> np.ndarray:
+        """The patient index of every window in ``starts``."""
+        return np.repeat(np.arange(len(self.ptr) - 1), self.counts())
+
+
+@dataclass
+class Batch:
+    """Raw (unscaled) windows: history of states and controls, future controls and truth."""
+
+    history: np.ndarray  # [B, H, S + C]
+    future_controls: np.ndarray  # [B, K, C]
+    future_states: np.ndarray  # [B, K, S]
+    covariates: np.ndarray  # [B, V]
+
+
+def gather(site: SiteData, starts: np.ndarray, patients: np.ndarray) -> Batch:
+    spec = site.spec
+    h, k, s = spec.history_steps, spec.horizon_steps, len(spec.states)
+    rows = starts[:, None] + np.arange(h + k)[None, :]
+    win = site.series[rows]  # [B, H+K, S+C]
+    return Batch(
+        history=win[:, :h, :],
+        future_controls=win[:, h:, s:],
+        future_states=win[:, h:, :s],
+        covariates=site.covariates[patients],
+    )

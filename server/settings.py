@@ -1,0 +1,39 @@
+"""The coordinator's study settings, from Flower's run config (``--run-config`` / pyproject)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from twinfed.models.plan import ModelConfig, TrainingConfig, TrainingPlan
+from twinfed.models.spec import load_spec
+
+
+class StudySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    spec: str = "glucose"  # a spec file or a built-in twin name
+    rounds: Annotated[int, Field(gt=0)] = 5
+    out_dir: Path = Path("runs/flwr")
+    seed: int = 0
+    min_nodes: Annotated[int, Field(gt=0)] = 1
+    hidden: Annotated[int, Field(gt=0)] = ModelConfig().hidden
+    layers: Annotated[int, Field(gt=0)] = ModelConfig().layers
+    local_steps: Annotated[int, Field(gt=0)] = TrainingConfig().local_steps
+    batch_size: Annotated[int, Field(gt=0)] = TrainingConfig().batch_size
+    learning_rate: Annotated[float, Field(gt=0)] = TrainingConfig().learning_rate
+
+    @classmethod
+    def from_run_config(cls, cfg: dict) -> StudySettings:
+        return cls.model_validate({k.replace("-", "_"): v for k, v in cfg.items()})
+
+    def plan(self) -> TrainingPlan:
+        return TrainingPlan(
+            spec=load_spec(self.spec),
+            model=ModelConfig(hidden=self.hidden, layers=self.layers),
+            training=TrainingConfig(local_steps=self.local_steps, batch_size=self.batch_size,
+                                    learning_rate=self.learning_rate),
+            rounds=self.rounds, seed=self.seed,
+        )

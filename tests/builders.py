@@ -1,0 +1,45 @@
+"""Small site directories for tests, written in the data contract's layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from twinfed.models.spec import TwinSpec, load_spec
+
+
+def write_site(site_dir: Path, spec: TwinSpec | None = None, *, n_patients: int = 5, n_steps: int = 60,
+               seed: int = 0, consent: str | None = "granted") -> Path:
+    """A site of ``n_patients`` with smooth in-range series; every patient gets ``consent``."""
+    spec = spec or load_spec("glucose")
+    rng = np.random.default_rng(seed)
+    site_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["patient_id,time_min," + ",".join(spec.timeseries_columns)]
+    for p in range(n_patients):
+        walk = {c.column: (c.min + c.max) / 2 + np.cumsum(rng.normal(0, (c.max - c.min) / 200, n_steps))
+                for c in spec.states}
+        for t in range(n_steps):
+            vals = [float(np.clip(walk[c.column][t], c.min, c.max)) for c in spec.states]
+            vals += [float(rng.choice([0.0, 0.0, 0.0, c.max / 20])) for c in spec.controls]
+            lines.append(f"p{p},{t * spec.step_minutes}," + ",".join(f"{v:.3f}" for v in vals))
+    (site_dir / "timeseries.csv").write_text("\n".join(lines) + "\n")
+    plines = ["patient_id," + ",".join(spec.covariate_columns)]
+    for p in range(n_patients):
+        plines.append(f"p{p}," + ",".join(f"{(c.min + c.max) / 3:.1f}" for c in spec.covariates))
+    (site_dir / "patients.csv").write_text("\n".join(plines) + "\n")
+    if consent is not None:
+        clines = ["patient_id,status,purpose,recorded_at"]
+        clines += [f"p{p},{consent},{spec.purpose},2026-01-01T00:00:00Z" for p in range(n_patients)]
+        (site_dir / "consent.csv").write_text("\n".join(clines) + "\n")
+    return site_dir
+
+
+def edit_csv(path: Path, row: int, column: str, value: str) -> None:
+    """Set data row ``row`` (1-based, header excluded) of ``column`` to ``value``."""
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[row].split(",")
+    cells[header.index(column)] = value
+    lines[row] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n")

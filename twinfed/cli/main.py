@@ -1,0 +1,52 @@
+"""The ``twinfed`` command: one entry point, a sub-command group per task and role.
+
+Errors the user can act on (:class:`TwinfedError`) print as one line on stderr with exit code 1;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from twinfed.errors import TwinfedError
+
+DESCRIPTION = """\
+Federated, privacy-preserving training of patient digital twins.
+
+hospital IT:       data validate, cohort generate (virtual data for trials)
+coordinators:      simulate (a whole study on one machine), demo
+everyone:          evaluate, whatif (use a trained twin)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from twinfed.cli import data, study, twin
+
+    parser = argparse.ArgumentParser(prog="twinfed", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    data.register(sub)
+    study.register(sub)
+    twin.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TwinfedError as exc:
+        if args.debug:
+            raise
+        print(f"twinfed: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("twinfed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""``twinfed simulate`` (a whole study on Flower's simulation engine) and ``twinfed demo``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from twinfed.cli.table import format_table
+from twinfed.errors import TwinfedError
+from twinfed.models.plan import ModelConfig, TrainingConfig
+
+
+def register(sub) -> None:
+    sim = sub.add_parser("simulate", help="coordinator: run a federated study on one machine",
+                         description="Every --site is a simulated hospital node reading only its "
+                                     "own directory. Without --site, a built-in glucose cohort is "
+                                     "generated under RUN_DIR/cohort and used.")
+    sim.add_argument("--spec", help="spec TOML file or built-in twin name (required with --site)")
+    sim.add_argument("--site", action="append", default=[], metavar="NAME=DIR",
+                     help="a hospital's site directory; repeat per site")
+    _study_flags(sim)
+    sim.add_argument("--out", type=Path, required=True, help="run directory RUN_DIR")
+    sim.set_defaults(func=cmd_simulate)
+
+    demo = sub.add_parser("demo", help="generate a cohort, train a federated twin, evaluate, what-if",
+                          description="End to end on a virtual glucose cohort of 3 hospitals.")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--patients", type=int, default=300, help="patients per hospital")
+    demo.add_argument("--days", type=float, default=7.0)
+    _study_flags(demo, rounds=8)
+    demo.set_defaults(func=cmd_demo)
+
+
+def _study_flags(p, rounds: int = 5) -> None:
+    p.add_argument("--rounds", type=int, default=rounds, help=f"federated rounds (default {rounds})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, default=ModelConfig().hidden, help="surrogate width")
+    p.add_argument("--layers", type=int, default=ModelConfig().layers, help="surrogate hidden layers")
+    p.add_argument("--local-steps", type=int, default=TrainingConfig().local_steps,
+                   help="optimiser steps per node per round")
+    p.add_argument("--batch-size", type=int, default=TrainingConfig().batch_size,
+                   help="patients per step")
+    p.add_argument("--lr", type=float, default=TrainingConfig().learning_rate, help="learning rate")
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _plan(spec, args):
+    from pydantic import ValidationError
+
+    from twinfed.models.plan import TrainingPlan
+
+    try:
+        return TrainingPlan(
+            spec=spec, rounds=args.rounds, seed=args.seed,
+            model=ModelConfig(hidden=args.hidden, layers=args.layers),
+            training=TrainingConfig(local_steps=args.local_steps, batch_size=args.batch_size,
+                                    learning_rate=args.lr),
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise TwinfedError(f"study settings: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def parse_sites(items: list[str]):
+    from twinfed.simulate import SiteRef
+
+    sites = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise TwinfedError(f"--site {item!r}: write NAME=DIR, e.g. --site hospital-a=/data/site-a")
+        sites.append(SiteRef(name.strip(), Path(path.strip())))
+    return sites
+
+
+def cmd_simulate(args) -> int:
+    from twinfed.models.cohort import generate_cohort
+    from twinfed.models.spec import load_spec
+    from twinfed.simulate import SiteRef, run_simulated_study
+
+    if args.site:
+        if not args.spec:
+            raise TwinfedError("--spec is required with --site; give the spec the sites export")
+        sites = parse_sites(args.site)
+        spec = load_spec(args.spec)
+    else:
+        cohort_dir = args.out / "cohort"
+        _progress(f"no --site: generating the built-in glucose cohort in {cohort_dir}")
+        summary = generate_cohort("glucose", sites=3, patients=200, days=7, seed=args.seed, out=cohort_dir)
+        sites = [SiteRef(name, cohort_dir / name) for name in summary.sites]
+        spec = load_spec(args.spec or cohort_dir / "spec.toml")
+    plan = _plan(spec, args)
+    summary = run_simulated_study(plan, sites, args.out, progress=_progress)
+    _print_sites(summary)
+    print(f"wrote {args.out}/summary.json and {args.out}/model/")
+    return 0
+
+
+def _print_sites(summary: dict) -> None:
+    rows = [[name, s["patients_used"], s["patients_excluded"], s["rounds_joined"], s["rounds_refused"],
+             s["last_train_loss"]] for name, s in summary["sites"].items()]
+    print(format_table(["site", "patients used", "excluded", "rounds joined", "refused", "train loss"], rows))
+
+
+def cmd_demo(args) -> int:
+    from twinfed.cli.plots import plot_whatif
+    from twinfed.cli.twin import evaluate
+    from twinfed.models.baselines import LinearARX
+    from twinfed.models.cohort import HOLDOUT, generate_cohort
+    from twinfed.models.site_data import load_site
+    from twinfed.models.spec import load_spec
+    from twinfed.models.twin import Twin
+    from twinfed.models.whatif import default_scenarios, run_whatif
+    from twinfed.simulate import SiteRef, run_simulated_study
+
+    t0 = time.perf_counter()
+    cohort_dir = args.out / "cohort"
+    _progress(f"[1/4] generating a virtual glucose cohort: 3 hospitals x {args.patients} patients x "
+              f"{args.days:g} days, {args.patients} held-out patients")
+    cohort = generate_cohort("glucose", sites=3, patients=args.patients, days=args.days, seed=args.seed,
+                             out=cohort_dir, holdout=args.patients)
+    spec = load_spec(cohort_dir / "spec.toml")
+    sites = [SiteRef(n, cohort_dir / n) for n in cohort.sites if n != HOLDOUT]
+    _progress(f"[2/4] federated training on Flower's simulation engine: {len(sites)} nodes, "
+              f"{args.rounds} rounds")
+    run_dir = args.out / "run"
+    summary = run_simulated_study(_plan(spec, args), sites, run_dir, progress=_progress)
+
+    _progress("[3/4] evaluating on held-out patients (and fitting the linear ARX baseline on the "
+              "pooled training data)")
+    arx = LinearARX.fit([load_site(s.data_dir, spec) for s in sites])
+
+    def arx_forecast(b):
+        out = arx.predict_outputs(arx.scaler.batch_features(b))
+        return arx.scaler.decode(b.history[:, -1, : len(spec.states)], out)
+
+    report = evaluate(run_dir, str(cohort_dir / "spec.toml"), cohort_dir / HOLDOUT,
+                      extra_forecasters={"arx": arx_forecast})
+    (args.out / "evaluation.json").write_text(json.dumps(report, indent=2))
+
+    _progress("[4/4] what-if for one held-out patient")
+    holdout = load_site(cohort_dir / HOLDOUT, spec)
+    twin = Twin.load(run_dir)
+    at = (holdout.steps[holdout.patient_slice(0)][0] + 24 * 60 // spec.step_minutes // 2) * spec.step_minutes
+    res = run_whatif(twin, holdout, holdout.patient_ids[0], float(at), default_scenarios(spec))
+    plot_path = args.out / "whatif.png"
+    plot_whatif(res, spec, plot_path)
+
+    col = spec.state_columns[0]
+    m = report["states"][col]
+    print()
+    print("sites")
+    _print_sites(summary)
+    print()
+    print(f"forecast of {col} on {report['n_patients']} held-out patients ({report['n_windows']} windows), "
+          f"RMSE in {spec.states[0].unit}")
+    steps_per_30 = 30 // spec.step_minutes
+    rows = []
+    for idx in sorted({steps_per_30 - 1, spec.horizon_steps - 1}):
+        rows.append([f"+{(idx + 1) * spec.step_minutes} min", m["rmse_by_step"][idx],
+                     m["arx_rmse_by_step"][idx], m["persistence_rmse_by_step"][idx],
+                     m["persistence_rmse_by_step"][idx] / m["rmse_by_step"][idx]])
+    print(format_table(["horizon", "twin", "linear ARX", "persistence", "persistence/twin"], rows))
+    print()
+    last = {n: float(f[-1, 0]) for n, f in res.forecasts.items()}
+    print(f"what-if (+{spec.horizon_minutes} min {col}): " +
+          ", ".join(f"{n} {v:.0f}" for n, v in last.items()) + f"  -> {plot_path}")
+    print(f"rounds {summary['rounds']}, total {time.perf_counter() - t0:.0f} s; outputs in {args.out}/")
+    return 0

@@ -1,0 +1,33 @@
+"""The exceptions twinfed raises on purpose.
+
+Every message is one line that says what is wrong, where (file, row, column, entry) and what to
+do. The CLI catches :class:`TwinfedError` and prints the message without a traceback.
+"""
+
+
+class TwinfedError(Exception):
+    """Base class: a problem the user can act on."""
+
+
+class SpecError(TwinfedError):
+    """A twin spec is malformed or does not match the data or the model."""
+
+
+class DataError(TwinfedError):
+    """A site's export breaks the data contract."""
+
+
+class ConsentError(TwinfedError):
+    """Consent records are malformed or no patient is consented for the study."""
+
+
+class PlanError(TwinfedError):
+    """A training plan is malformed or inconsistent."""
+
+
+class ModelError(TwinfedError):
+    """A trained model directory is missing, incomplete or does not fit the request."""
+
+
+class ScenarioError(TwinfedError):
+    """A what-if scenario could not be parsed or applied."""
