@@ -17,11 +17,18 @@ def write_site(site_dir: Path, spec: TwinSpec | None = None, *, n_patients: int 
     site_dir.mkdir(parents=True, exist_ok=True)
     lines = ["patient_id,time_min," + ",".join(spec.timeseries_columns)]
     for p in range(n_patients):
-        walk = {c.column: (c.min + c.max) / 2 + np.cumsum(rng.normal(0, (c.max - c.min) / 200, n_steps))
-                for c in spec.states}
+        # Mean-reverting states pushed by the controls: learnable, unlike a random walk.
+        ctrl = np.array([[rng.choice([0.0, 0.0, 0.0, c.max / 20]) for c in spec.controls]
+                         for _ in range(n_steps)]).reshape(n_steps, len(spec.controls))
+        x = np.array([(c.min + c.max) / 2 for c in spec.states], float)
+        rows = []
         for t in range(n_steps):
-            vals = [float(np.clip(walk[c.column][t], c.min, c.max)) for c in spec.states]
-            vals += [float(rng.choice([0.0, 0.0, 0.0, c.max / 20])) for c in spec.controls]
+            rows.append([float(np.clip(v, c.min, c.max)) for v, c in zip(x, spec.states)] + list(ctrl[t]))
+            mid = np.array([(c.min + c.max) / 2 for c in spec.states])
+            span = np.array([c.max - c.min for c in spec.states])
+            push = (ctrl[t].sum() if len(spec.controls) else 0.0) * span * 0.002
+            x = x + 0.1 * (mid - x) + push + rng.normal(0, span / 2000)
+        for t, vals in enumerate(rows):
             lines.append(f"p{p},{t * spec.step_minutes}," + ",".join(f"{v:.3f}" for v in vals))
     (site_dir / "timeseries.csv").write_text("\n".join(lines) + "\n")
     plines = ["patient_id," + ",".join(spec.covariate_columns)]
