@@ -1,0 +1,183 @@
+"""Virtual hypertensive patients: blood pressure and heart rate under an oral antihypertensive.
+
+Physiology: oral one-compartment pharmacokinetics (gut depot -> central, first-order absorption
+and elimination) with an effect compartment (ke0) and an Emax reduction of vascular resistance;
+mean arterial pressure follows resistance and heart rate with a short lag; a baroreflex raises
+heart rate when pressure falls below the patient's set point, with a gain that weakens with age;
+activity (a planned control) raises heart rate and pressure. SBP = MAP + 2/3 pulse pressure, and
+pulse pressure widens with age (stiffer arteries). Dosing is open loop (habitual times, missed
+doses), so replaying ``simulate`` with changed controls is the exact counterfactual. Only the
+readings carry noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from twinfed.models.sim.base import SimCohort, SiteProfile
+
+SUBSTEP_MIN = 1.0
+SBP_RANGE = (60.0, 250.0)
+HR_RANGE = (30.0, 200.0)
+
+SITE_PROFILES: tuple[SiteProfile, ...] = (
+    SiteProfile("paediatric", "adolescents: milder hypertension, strong baroreflex, active",
+                {"age_lo": 12, "age_hi": 17, "weight_lo": 40, "weight_hi": 80, "sbp_mu": 138.0,
+                 "sbp_sd": 8.0, "baro": 0.9, "p_miss": 0.12, "doses_per_day": 1, "dose_lo": 5,
+                 "dose_hi": 20, "activity_per_day": 3.0}),
+    SiteProfile("adult", "adults: once-daily dosing, good adherence",
+                {"age_lo": 30, "age_hi": 64, "weight_lo": 55, "weight_hi": 120, "sbp_mu": 155.0,
+                 "sbp_sd": 12.0, "baro": 0.6, "p_miss": 0.08, "doses_per_day": 1, "dose_lo": 10,
+                 "dose_hi": 80, "activity_per_day": 1.5}),
+    SiteProfile("elderly", "older adults: stiff arteries, weak baroreflex, twice-daily dosing, poorer adherence",
+                {"age_lo": 65, "age_hi": 90, "weight_lo": 50, "weight_hi": 100, "sbp_mu": 165.0,
+                 "sbp_sd": 14.0, "baro": 0.3, "p_miss": 0.20, "doses_per_day": 2, "dose_lo": 10,
+                 "dose_hi": 40, "activity_per_day": 0.8}),
+)
+
+PARAM_NAMES: tuple[str, ...] = ("weight_kg", "age_years", "ka", "ke", "ke0", "vd", "f_bio", "emax",
+                                "ec50", "map0", "pp", "hr0", "baro_gain", "tau_p", "tau_h",
+                                "act_hr", "act_map", "maint_mg_per_day")
+
+
+def _lognormal(rng: np.random.Generator, median: float, cv: float, n: int) -> np.ndarray:
+    return median * np.exp(rng.normal(0.0, cv, n))
+
+
+def draw_params(profile: SiteProfile, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    s = profile.settings
+    weight = rng.uniform(s["weight_lo"], s["weight_hi"], n)
+    age = rng.uniform(s["age_lo"], s["age_hi"], n).round()
+    pp = np.clip(35.0 + 0.55 * np.maximum(age - 30.0, 0.0) + rng.normal(0.0, 6.0, n), 30.0, 100.0)
+    sbp0 = rng.normal(s["sbp_mu"], s["sbp_sd"], n)
+    return {
+        "weight_kg": weight,
+        "age_years": age,
+        "ka": _lognormal(rng, 0.02, 0.25, n),  # absorption, 1/min (t1/2 ~35 min)
+        "ke": _lognormal(rng, np.log(2) / (8 * 60), 0.3, n),  # elimination, 1/min (t1/2 ~8 h)
+        "ke0": _lognormal(rng, 0.012, 0.3, n),  # effect-site equilibration, 1/min
+        "vd": 1.5 * weight * np.exp(rng.normal(0.0, 0.2, n)),  # L
+        "f_bio": np.clip(rng.normal(0.7, 0.08, n), 0.4, 0.95),
+        "emax": np.clip(rng.normal(0.28, 0.06, n), 0.1, 0.45),  # max fractional fall in resistance
+        "ec50": _lognormal(rng, 0.12, 0.35, n),  # mg/L
+        "map0": sbp0 - 2.0 / 3.0 * pp,  # untreated mean arterial pressure, mmHg
+        "pp": pp,  # pulse pressure, mmHg
+        "hr0": rng.normal(72.0, 8.0, n),  # bpm at the set point
+        "baro_gain": _lognormal(rng, s["baro"], 0.25, n),  # bpm per mmHg below set point
+        "tau_p": _lognormal(rng, 8.0, 0.2, n),  # min
+        "tau_h": _lognormal(rng, 3.0, 0.2, n),  # min
+        "act_hr": rng.uniform(30.0, 55.0, n),  # bpm at full activity
+        "act_map": rng.uniform(10.0, 20.0, n),  # mmHg at full activity
+        "maint_mg_per_day": np.zeros(n),  # filled in by the treatment
+    }
+
+
+def treatment(profile: SiteProfile, params: dict[str, np.ndarray], n_steps: int, step_minutes: int,
+              rng: np.random.Generator) -> dict[str, np.ndarray]:
+    s = profile.settings
+    n = params["weight_kg"].size
+    days = int(np.ceil(n_steps * step_minutes / 1440.0))
+    per_day = int(s["doses_per_day"])
+    dose = np.round(rng.uniform(s["dose_lo"], s["dose_hi"], n) / 5.0) * 5.0
+    params["maint_mg_per_day"] = dose * per_day
+    habit = rng.normal(8 * 60, 40, n)  # habitual morning time, min after midnight
+    dose_mg = np.zeros((n, n_steps))
+    activity = np.zeros((n, n_steps))
+    for d in range(days):
+        for k in range(per_day):
+            minute = d * 1440 + habit + k * 12 * 60 + rng.normal(0.0, 30.0, n)
+            step = (minute // step_minutes).astype(int)
+            ok = (rng.random(n) >= s["p_miss"]) & (step >= 0) & (step < n_steps)
+            rows = np.flatnonzero(ok)
+            np.add.at(dose_mg, (rows, step[ok]), dose[ok])
+        n_ep = rng.poisson(s["activity_per_day"], n)
+        for k in range(int(n_ep.max(initial=0))):
+            has = n_ep > k
+            start = ((d * 1440 + rng.uniform(7 * 60, 21 * 60, n)) // step_minutes).astype(int)
+            length = (rng.uniform(15, 60, n) // step_minutes).astype(int) + 1
+            level = np.round(rng.uniform(0.3, 0.8, n), 2)
+            for j in range(int(length.max())):
+                idx = start + j
+                ok = has & (j < length) & (idx < n_steps)
+                rows = np.flatnonzero(ok)
+                activity[rows, idx[ok]] = np.maximum(activity[rows, idx[ok]], level[ok])
+    return {"dose_mg": dose_mg, "activity": activity}
+
+
+def simulate(params: dict[str, np.ndarray], controls: dict[str, np.ndarray], *,
+             step_minutes: int = 5, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """SBP and HR [P, T] at the end of each step, from parameters and per-step controls."""
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    dose = np.asarray(controls["dose_mg"], dtype=np.float64)
+    act = np.asarray(controls["activity"], dtype=np.float64)
+    n, n_steps = dose.shape
+    # Start at the average steady state of the patient's maintenance dosing: a function of params.
+    a_c = p["f_bio"] * p["maint_mg_per_day"] / 1440.0 / p["ke"]
+    a_g = p["maint_mg_per_day"] / 1440.0 / p["ka"]
+    c_e = a_c / p["vd"]
+    effect = p["emax"] * c_e / (p["ec50"] + c_e)
+    mean_p = p["map0"] * (1.0 - effect)
+    hr = p["hr0"] + p["baro_gain"] * (p["map0"] - mean_p)
+    sbp = np.empty((n, n_steps))
+    hrs = np.empty((n, n_steps))
+    sub = int(round(step_minutes / SUBSTEP_MIN))
+    dt = step_minutes / sub
+    for t in range(n_steps):
+        u = dose[:, t] / step_minutes
+        a = act[:, t]
+        for _ in range(sub):
+            c = a_c / p["vd"]
+            effect = p["emax"] * c_e / (p["ec50"] + np.maximum(c_e, 0.0))
+            # Pressure follows resistance and, weakly, heart rate (cardiac output).
+            target_p = p["map0"] * (1.0 - effect) * (hr / p["hr0"]) ** 0.25 + p["act_map"] * a
+            target_h = p["hr0"] + p["baro_gain"] * (p["map0"] - mean_p) + p["act_hr"] * a
+            da_g = u - p["ka"] * a_g
+            da_c = p["f_bio"] * p["ka"] * a_g - p["ke"] * a_c
+            a_g = a_g + dt * da_g
+            a_c = a_c + dt * da_c
+            c_e = c_e + dt * p["ke0"] * (c - c_e)
+            mean_p = mean_p + dt * (target_p - mean_p) / p["tau_p"]
+            hr = hr + dt * (target_h - hr) / p["tau_h"]
+        sbp[:, t] = mean_p + 2.0 / 3.0 * p["pp"]
+        hrs[:, t] = hr
+    if rng is not None:
+        sbp = sbp + rng.normal(0.0, 4.0, sbp.shape)
+        hrs = hrs + rng.normal(0.0, 2.0, hrs.shape)
+    return {"sbp_mmhg": np.clip(sbp, *SBP_RANGE), "hr_bpm": np.clip(hrs, *HR_RANGE)}
+
+
+def pk_amounts(params: dict[str, np.ndarray], dose_mg: np.ndarray, *, step_minutes: int = 5,
+               start_empty: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gut and central drug amounts [P, T] and cumulative elimination, for mass-balance checks."""
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    n, n_steps = dose_mg.shape
+    a_g = np.zeros(n)
+    a_c = np.zeros(n)
+    gone = np.zeros(n)
+    gut = np.empty((n, n_steps))
+    central = np.empty((n, n_steps))
+    elim = np.empty((n, n_steps))
+    sub = int(round(step_minutes / SUBSTEP_MIN))
+    dt = step_minutes / sub
+    for t in range(n_steps):
+        u = dose_mg[:, t] / step_minutes
+        for _ in range(sub):
+            absorbed = p["ka"] * a_g
+            out = p["ke"] * a_c
+            a_g = a_g + dt * (u - absorbed)
+            a_c = a_c + dt * (p["f_bio"] * absorbed - out)
+            gone = gone + dt * (out + (1 - p["f_bio"]) * absorbed)
+        gut[:, t], central[:, t], elim[:, t] = a_g, a_c, gone
+    return gut, central, elim
+
+
+def generate(profile: SiteProfile, n_patients: int, n_steps: int, *, step_minutes: int = 5,
+             rng: np.random.Generator, id_prefix: str = "p") -> SimCohort:
+    params = draw_params(profile, n_patients, rng)
+    controls = treatment(profile, params, n_steps, step_minutes, rng)
+    states = simulate(params, controls, step_minutes=step_minutes, rng=rng)
+    return SimCohort(
+        patient_ids=[f"{id_prefix}{i:05d}" for i in range(n_patients)],
+        covariates={"weight_kg": params["weight_kg"], "age_years": params["age_years"]},
+        params=params, states=states, controls=controls,
+    )

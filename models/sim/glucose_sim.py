@@ -1,0 +1,179 @@
+"""Virtual type 1 diabetes patients: glucose under subcutaneous insulin and carbohydrate.
+
+Physiology: Bergman's minimal model for glucose (G, mg/dL) and remote insulin action (X, 1/min),
+a two-compartment subcutaneous insulin depot (S1, S2, U) feeding plasma insulin (I, mU/L), and a
+two-compartment gut (Q1, Q2, g) for carbohydrate (Hovorka et al. 2004 absorption; Bergman 1979
+glucose kinetics). Treatment is open loop (basal every step, meal boluses from a carb ratio with
+the patient's estimation errors, timing habits and missed doses), so replaying ``simulate`` with
+changed controls is the exact counterfactual. Only the CGM reading carries noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from twinfed.models.sim.base import SimCohort, SiteProfile
+
+SUBSTEP_MIN = 1.0
+CGM_RANGE = (40.0, 400.0)
+
+SITE_PROFILES: tuple[SiteProfile, ...] = (
+    SiteProfile("paediatric", "children and adolescents: erratic meals, late and missed boluses",
+                {"weight_lo": 15, "weight_hi": 60, "age_lo": 4, "age_hi": 17, "si_scale": 1.2,
+                 "snacks_per_day": 2.0, "p_miss": 0.15, "bolus_offset": 10.0, "carb_error": 0.30,
+                 "meal_jitter": 60.0, "basal_error": 0.20}),
+    SiteProfile("adult", "adults: regular meals, pre-meal boluses",
+                {"weight_lo": 60, "weight_hi": 110, "age_lo": 18, "age_hi": 64, "si_scale": 1.0,
+                 "snacks_per_day": 1.0, "p_miss": 0.05, "bolus_offset": -10.0, "carb_error": 0.20,
+                 "meal_jitter": 45.0, "basal_error": 0.12}),
+    SiteProfile("elderly", "older adults: lower insulin sensitivity, small regular meals, late boluses",
+                {"weight_lo": 55, "weight_hi": 95, "age_lo": 65, "age_hi": 90, "si_scale": 0.7,
+                 "snacks_per_day": 0.5, "p_miss": 0.10, "bolus_offset": 15.0, "carb_error": 0.20,
+                 "meal_jitter": 30.0, "basal_error": 0.15}),
+)
+
+PARAM_NAMES: tuple[str, ...] = ("weight_kg", "p1", "p2", "si", "gb", "tau_i", "ke", "tau_m", "f_bio",
+                                "ib", "basal_u_per_h")
+
+
+def _lognormal(rng: np.random.Generator, median: float, cv: float, n: int) -> np.ndarray:
+    return median * np.exp(rng.normal(0.0, cv, n))
+
+
+def draw_params(profile: SiteProfile, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    s = profile.settings
+    weight = rng.uniform(s["weight_lo"], s["weight_hi"], n)
+    ke = _lognormal(rng, 0.138, 0.15, n)  # plasma insulin clearance, 1/min (Hovorka)
+    v_i = 0.12 * weight  # insulin distribution volume, L
+    ideal_basal = _lognormal(rng, 0.018, 0.2, n) * weight  # U/h that holds X at 0
+    ib = ideal_basal / 60.0 * 1000.0 / (v_i * ke)  # plasma insulin at the ideal basal, mU/L
+    return {
+        "weight_kg": weight,
+        "p1": _lognormal(rng, 0.008, 0.25, n),  # glucose effectiveness, 1/min
+        "p2": _lognormal(rng, 0.025, 0.2, n),  # remote insulin action decay, 1/min
+        "si": _lognormal(rng, 4.5e-4 * s["si_scale"], 0.3, n),  # insulin sensitivity, L/mU/min
+        "gb": _lognormal(rng, 140.0, 0.12, n),  # glucose at the ideal basal, mg/dL
+        "tau_i": _lognormal(rng, 55.0, 0.2, n),  # subcutaneous absorption, min
+        "ke": ke,
+        "tau_m": _lognormal(rng, 40.0, 0.2, n),  # gut absorption, min
+        "f_bio": np.clip(rng.normal(0.8, 0.05, n), 0.6, 0.95),  # carbohydrate bioavailability
+        "ib": ib,
+        "basal_u_per_h": ideal_basal * np.exp(rng.normal(0.0, s["basal_error"], n)),
+    }
+
+
+def carb_ratio(params: dict[str, np.ndarray], g_ref: float = 140.0) -> np.ndarray:
+    """Grams of carbohydrate one unit of insulin covers for this patient (the 'ideal' ratio)."""
+    v_g = 1.6 * params["weight_kg"]
+    v_i = 0.12 * params["weight_kg"]
+    drop_per_unit = params["si"] * g_ref * 1000.0 / (v_i * params["ke"])  # mg/dL per U
+    return drop_per_unit * v_g / (params["f_bio"] * 1000.0)
+
+
+def treatment(profile: SiteProfile, params: dict[str, np.ndarray], n_steps: int, step_minutes: int,
+              rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Open-loop meals and insulin for every patient: [P, T] amounts per step."""
+    s = profile.settings
+    n = params["weight_kg"].size
+    days = int(np.ceil(n_steps * step_minutes / 1440.0))
+    carbs = np.zeros((n, n_steps))
+    insulin = np.repeat((params["basal_u_per_h"] * step_minutes / 60.0)[:, None], n_steps, axis=1)
+    size = np.sqrt(params["weight_kg"] / 70.0)  # smaller people eat smaller meals
+    icr = carb_ratio(params) * np.exp(rng.normal(0.0, 0.15, n))  # the prescribed ratio is imperfect
+    meals = [(7.5 * 60, 55.0), (12.5 * 60, 70.0), (19.0 * 60, 80.0)]
+    if profile.name == "elderly":
+        meals = [(m, g * 0.75) for m, g in meals]
+
+    def add(minute: np.ndarray, grams: np.ndarray, p_bolus: float) -> None:
+        step = (minute // step_minutes).astype(int)
+        ok = (step >= 0) & (step < n_steps)
+        rows = np.flatnonzero(ok)
+        np.add.at(carbs, (rows, step[ok]), grams[ok])
+        estimate = grams * np.exp(rng.normal(0.0, s["carb_error"], n))
+        bolus_min = minute + rng.normal(s["bolus_offset"], 10.0, n)
+        b_step = (bolus_min // step_minutes).astype(int)
+        give = ok & (rng.random(n) < p_bolus) & (b_step >= 0) & (b_step < n_steps)
+        rows = np.flatnonzero(give)
+        np.add.at(insulin, (rows, b_step[give]), np.round(estimate[give] / icr[give] * 2) / 2)
+
+    for d in range(days):
+        for base, grams in meals:
+            minute = d * 1440 + base + rng.normal(0.0, s["meal_jitter"], n)
+            add(minute, grams * size * np.exp(rng.normal(0.0, 0.25, n)), 1.0 - s["p_miss"])
+        n_snacks = rng.poisson(s["snacks_per_day"], n)
+        for k in range(int(n_snacks.max(initial=0))):
+            has = n_snacks > k
+            minute = np.where(has, d * 1440 + rng.uniform(9 * 60, 22 * 60, n), -1e9)
+            add(minute, rng.uniform(10, 30, n) * size, 0.5)
+    return {"insulin_u": insulin, "carbs_g": carbs}
+
+
+def simulate(params: dict[str, np.ndarray], controls: dict[str, np.ndarray], *,
+             step_minutes: int = 5, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Glucose [P, T] at the end of each step, from parameters and amounts given per step."""
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    insulin = np.asarray(controls["insulin_u"], dtype=np.float64)
+    carbs = np.asarray(controls["carbs_g"], dtype=np.float64)
+    n, n_steps = insulin.shape
+    v_g = 1.6 * p["weight_kg"]  # dL
+    v_i = 0.12 * p["weight_kg"]  # L
+    basal = p["basal_u_per_h"] / 60.0  # U/min
+    # Steady state under the patient's basal rate, without food: a pure function of the params.
+    s1 = basal * p["tau_i"]
+    s2 = s1.copy()
+    i_pl = basal * 1000.0 / (v_i * p["ke"])
+    x = p["si"] * (i_pl - p["ib"])
+    g = p["p1"] * p["gb"] / np.maximum(p["p1"] + x, 1e-4)
+    q1 = np.zeros(n)
+    q2 = np.zeros(n)
+    out = np.empty((n, n_steps))
+    sub = int(round(step_minutes / SUBSTEP_MIN))
+    dt = step_minutes / sub
+    for t in range(n_steps):
+        u_ins = insulin[:, t] / step_minutes  # U/min, delivered evenly over the step
+        u_carb = carbs[:, t] / step_minutes  # g/min
+        for _ in range(sub):
+            ra = p["f_bio"] * q2 / p["tau_m"] * 1000.0 / v_g  # mg/dL/min
+            dg = -(p["p1"] + x) * g + p["p1"] * p["gb"] + ra
+            dx = -p["p2"] * x + p["p2"] * p["si"] * (i_pl - p["ib"])
+            di = s2 / p["tau_i"] * 1000.0 / v_i - p["ke"] * i_pl
+            ds1 = u_ins - s1 / p["tau_i"]
+            ds2 = (s1 - s2) / p["tau_i"]
+            dq1 = u_carb - q1 / p["tau_m"]
+            dq2 = (q1 - q2) / p["tau_m"]
+            g = np.maximum(g + dt * dg, 10.0)
+            x = x + dt * dx
+            i_pl = np.maximum(i_pl + dt * di, 0.0)
+            s1 = s1 + dt * ds1
+            s2 = s2 + dt * ds2
+            q1 = q1 + dt * dq1
+            q2 = q2 + dt * dq2
+        out[:, t] = g
+    if rng is not None:
+        out = out + _cgm_noise(rng, n, n_steps)
+    return {"glucose_mgdl": np.clip(out, *CGM_RANGE)}
+
+
+def _cgm_noise(rng: np.random.Generator, n: int, n_steps: int) -> np.ndarray:
+    """Correlated sensor error (AR(1), ~6 mg/dL) plus a little white noise."""
+    phi, sd = 0.7, 6.0
+    e = rng.normal(0.0, sd * np.sqrt(1 - phi**2), (n, n_steps))
+    ar = np.empty_like(e)
+    ar[:, 0] = rng.normal(0.0, sd, n)
+    for t in range(1, n_steps):
+        ar[:, t] = phi * ar[:, t - 1] + e[:, t]
+    return ar + rng.normal(0.0, 2.0, (n, n_steps))
+
+
+def generate(profile: SiteProfile, n_patients: int, n_steps: int, *, step_minutes: int = 5,
+             rng: np.random.Generator, id_prefix: str = "p") -> SimCohort:
+    s = profile.settings
+    params = draw_params(profile, n_patients, rng)
+    age = rng.uniform(s["age_lo"], s["age_hi"], n_patients).round()
+    controls = treatment(profile, params, n_steps, step_minutes, rng)
+    states = simulate(params, controls, step_minutes=step_minutes, rng=rng)
+    return SimCohort(
+        patient_ids=[f"{id_prefix}{i:05d}" for i in range(n_patients)],
+        covariates={"weight_kg": params["weight_kg"], "age_years": age},
+        params=params, states=states, controls=controls,
+    )
