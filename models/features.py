@@ -16,7 +16,10 @@ from twinfed.models.windows import Batch
 # half-range is 290 mg/dL, so one unit is 29 mg/dL: typical hourly changes are of order one.
 DELTA_UNITS = 10.0
 # Controls are mostly small against their declared maximum (a basal insulin step is 0.1 U of a
-# 100 U maximum), so they enter both linearly and log-compressed with this knee.
+# 100 U maximum), so they enter three ways: linearly with this gain (dose-proportional effects),
+# log-compressed with CONTROL_KNEE (on/off events), and as running totals over the window (amounts
+# act long after they are given).
+CONTROL_GAIN = 50.0
 CONTROL_KNEE = 1000.0
 
 
@@ -36,7 +39,7 @@ class Scaler:
     @property
     def n_features(self) -> int:
         h, k = self.spec.history_steps, self.spec.horizon_steps
-        return self.n_states + h * self.n_states + 2 * (h + k) * self.n_controls + len(self.v_mid)
+        return self.n_states + h * self.n_states + 3 * (h + k) * self.n_controls + len(self.v_mid)
 
     @property
     def n_outputs(self) -> int:
@@ -44,8 +47,9 @@ class Scaler:
 
     def _controls(self, c: np.ndarray) -> np.ndarray:
         frac = np.clip(c / self.c_max, 0.0, 1.0)
-        return np.concatenate([frac * DELTA_UNITS,
-                               np.log1p(frac * CONTROL_KNEE) / np.log1p(CONTROL_KNEE)], axis=-1)
+        return np.concatenate([frac * CONTROL_GAIN,
+                               np.log1p(frac * CONTROL_KNEE) / np.log1p(CONTROL_KNEE),
+                               np.cumsum(frac, axis=1) * (CONTROL_GAIN / 4)], axis=-1)
 
     def features(self, history: np.ndarray, future_controls: np.ndarray,
                  covariates: np.ndarray) -> np.ndarray:

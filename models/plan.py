@@ -31,9 +31,9 @@ class TrainingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    local_steps: Annotated[int, Field(gt=0)] = 40
-    batch_size: Annotated[int, Field(gt=0)] = 64  # expected patients per step
-    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 2e-3
+    local_steps: Annotated[int, Field(gt=0)] = 150
+    batch_size: Annotated[int, Field(gt=0)] = 128  # expected patients per step
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 1e-3
 
 
 class TrainingPlan(BaseModel):

@@ -29,7 +29,7 @@ def register(sub) -> None:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--patients", type=int, default=300, help="patients per hospital")
     demo.add_argument("--days", type=float, default=7.0)
-    _study_flags(demo, rounds=8)
+    _study_flags(demo, rounds=20)
     demo.set_defaults(func=cmd_demo)
 
 
