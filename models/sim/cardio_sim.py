@@ -130,7 +130,10 @@ def simulate(params: dict[str, np.ndarray], controls: dict[str, np.ndarray], *,
             effect = p["emax"] * c_e / (p["ec50"] + np.maximum(c_e, 0.0))
             # Pressure follows resistance and, weakly, heart rate (cardiac output).
             target_p = p["map0"] * (1.0 - effect) * (hr / p["hr0"]) ** 0.25 + p["act_map"] * a
-            target_h = p["hr0"] + p["baro_gain"] * (p["map0"] - mean_p) + p["act_hr"] * a
+            # Exercise resets the baroreflex set point upwards (central command), so the
+            # reflex does not fight the pressure rise that activity itself causes.
+            set_point = p["map0"] + p["act_map"] * a
+            target_h = p["hr0"] + p["baro_gain"] * (set_point - mean_p) + p["act_hr"] * a
             da_g = u - p["ka"] * a_g
             da_c = p["f_bio"] * p["ka"] * a_g - p["ke"] * a_c
             a_g = a_g + dt * da_g
