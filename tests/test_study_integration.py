@@ -72,3 +72,14 @@ def test_a_site_without_consented_patients_is_refused_and_the_study_goes_on(tmp_
     refused = summary["sites"]["none"]
     assert refused["rounds_refused"] == 1 and refused["rounds_joined"] == 0
     assert "no patient has granted consent" in refused["refusals"][0]["reason"]
+
+
+def test_simulate_without_sites_generates_and_uses_the_builtin_glucose_cohort(tmp_path):
+    code = main(["simulate", "--rounds", "1", "--local-steps", "2", "--hidden", "8",
+                 "--out", str(tmp_path / "run")])
+    assert code == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["twin"] == "t1d-glucose"
+    assert set(summary["sites"]) == {"site-a", "site-b", "site-c"}
+    assert all(s["patients_used"] == 200 for s in summary["sites"].values())
+    assert (tmp_path / "run" / "cohort" / "truth" / "site-a.csv").is_file()
