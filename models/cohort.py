@@ -123,3 +123,18 @@ def read_truth(path: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
 
 
 __all__ = ["generate_cohort", "read_truth", "simulator", "site_names", "SiteProfile", "HOLDOUT"]
+
+
+def replay_truth(cohort_dir: str | Path, site: str, patient_id: str,
+                 controls: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The simulator's noise-free states for one patient of a generated cohort under ``controls``
+
+    (full series, one array per control column): the mechanistic truth of a what-if.
+    """
+    cohort_dir = Path(cohort_dir)
+    twin = json.loads((cohort_dir / "cohort.json").read_text())["twin"]
+    ids, params = read_truth(cohort_dir / "truth" / f"{site}.csv")
+    i = ids.index(patient_id)
+    one = {k: v[i: i + 1] for k, v in params.items()}
+    states = simulator(twin).simulate(one, {k: np.asarray(v)[None, :] for k, v in controls.items()})
+    return {k: v[0] for k, v in states.items()}
