@@ -8,6 +8,7 @@ fresh ``flwr-clientapp`` process. A refused round is answered, not raised: the r
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from flwr.client import ClientApp, NumPyClient
 from flwr.common import Context
@@ -41,7 +42,16 @@ NodeResolver = Callable[[Context], NodeConfig]
 
 
 def node_from_context(context: Context) -> NodeConfig:
-    return NodeConfig.from_node_config(dict(context.node_config))
+    """A deployed node names its site in its node config; under ``flwr run`` on the simulation
+    engine, node ``partition-id`` takes the matching entry of the run config's ``sites``
+    (``"name=dir,name=dir"``) and keeps its state under ``<out-dir>/nodes/<name>``."""
+    cfg = dict(context.node_config)
+    if "site-data" not in cfg and "partition-id" in cfg and context.run_config.get("sites"):
+        entries = [e.strip() for e in str(context.run_config["sites"]).split(",") if e.strip()]
+        name, _, data = entries[int(cfg["partition-id"]) % len(entries)].partition("=")
+        out = Path(str(context.run_config.get("out-dir", "runs/flwr")))
+        cfg = {"site-name": name, "site-data": data, "state-dir": str(out / "nodes" / name)}
+    return NodeConfig.from_node_config(cfg)
 
 
 def make_client_app(resolve: NodeResolver = node_from_context) -> ClientApp:

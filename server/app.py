@@ -70,4 +70,4 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     settings = StudySettings.from_run_config(dict(context.run_config))
     run_study(grid, context, settings.plan(), out_dir=settings.out_dir, min_nodes=settings.min_nodes,
-              extra={"engine": "deployment"})
+              extra={"engine": "flwr-run"})

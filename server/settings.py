@@ -18,6 +18,7 @@ class StudySettings(BaseModel):
     rounds: Annotated[int, Field(gt=0)] = 5
     out_dir: Path = Path("runs/flwr")
     seed: int = 0
+    sites: str = ""  # simulation only: "name=dir,name=dir", one entry per simulated node
     min_nodes: Annotated[int, Field(gt=0)] = 1
     hidden: Annotated[int, Field(gt=0)] = ModelConfig().hidden
     layers: Annotated[int, Field(gt=0)] = ModelConfig().layers
