@@ -44,3 +44,8 @@ class SimCohort:
     @property
     def n_steps(self) -> int:
         return next(iter(self.states.values())).shape[1]
+
+
+def lognormal(rng: np.random.Generator, median: float, cv: float, n: int) -> np.ndarray:
+    """``n`` log-normal draws with the given median and log-scale spread (physiological rates)."""
+    return median * np.exp(rng.normal(0.0, cv, n))

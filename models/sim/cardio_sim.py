@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from twinfed.models.sim.base import SimCohort, SiteProfile
+from twinfed.models.sim.base import SimCohort, SiteProfile, lognormal
 
 SUBSTEP_MIN = 1.0
 SBP_RANGE = (60.0, 250.0)
@@ -40,9 +40,6 @@ PARAM_NAMES: tuple[str, ...] = ("weight_kg", "age_years", "ka", "ke", "ke0", "vd
                                 "act_hr", "act_map", "maint_mg_per_day")
 
 
-def _lognormal(rng: np.random.Generator, median: float, cv: float, n: int) -> np.ndarray:
-    return median * np.exp(rng.normal(0.0, cv, n))
-
 
 def draw_params(profile: SiteProfile, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     s = profile.settings
@@ -53,19 +50,19 @@ def draw_params(profile: SiteProfile, n: int, rng: np.random.Generator) -> dict[
     return {
         "weight_kg": weight,
         "age_years": age,
-        "ka": _lognormal(rng, 0.02, 0.25, n),  # absorption, 1/min (t1/2 ~35 min)
-        "ke": _lognormal(rng, np.log(2) / (8 * 60), 0.3, n),  # elimination, 1/min (t1/2 ~8 h)
-        "ke0": _lognormal(rng, 0.012, 0.3, n),  # effect-site equilibration, 1/min
+        "ka": lognormal(rng, 0.02, 0.25, n),  # absorption, 1/min (t1/2 ~35 min)
+        "ke": lognormal(rng, np.log(2) / (8 * 60), 0.3, n),  # elimination, 1/min (t1/2 ~8 h)
+        "ke0": lognormal(rng, 0.012, 0.3, n),  # effect-site equilibration, 1/min
         "vd": 1.5 * weight * np.exp(rng.normal(0.0, 0.2, n)),  # L
         "f_bio": np.clip(rng.normal(0.7, 0.08, n), 0.4, 0.95),
         "emax": np.clip(rng.normal(0.28, 0.06, n), 0.1, 0.45),  # max fractional fall in resistance
-        "ec50": _lognormal(rng, 0.12, 0.35, n),  # mg/L
+        "ec50": lognormal(rng, 0.12, 0.35, n),  # mg/L
         "map0": sbp0 - 2.0 / 3.0 * pp,  # untreated mean arterial pressure, mmHg
         "pp": pp,  # pulse pressure, mmHg
         "hr0": rng.normal(72.0, 8.0, n),  # bpm at the set point
-        "baro_gain": _lognormal(rng, s["baro"], 0.25, n),  # bpm per mmHg below set point
-        "tau_p": _lognormal(rng, 8.0, 0.2, n),  # min
-        "tau_h": _lognormal(rng, 3.0, 0.2, n),  # min
+        "baro_gain": lognormal(rng, s["baro"], 0.25, n),  # bpm per mmHg below set point
+        "tau_p": lognormal(rng, 8.0, 0.2, n),  # min
+        "tau_h": lognormal(rng, 3.0, 0.2, n),  # min
         "act_hr": rng.uniform(30.0, 55.0, n),  # bpm at full activity
         "act_map": rng.uniform(10.0, 20.0, n),  # mmHg at full activity
         "maint_mg_per_day": np.zeros(n),  # filled in by the treatment
@@ -134,10 +131,7 @@ def simulate(params: dict[str, np.ndarray], controls: dict[str, np.ndarray], *,
             # reflex does not fight the pressure rise that activity itself causes.
             set_point = p["map0"] + p["act_map"] * a
             target_h = p["hr0"] + p["baro_gain"] * (set_point - mean_p) + p["act_hr"] * a
-            da_g = u - p["ka"] * a_g
-            da_c = p["f_bio"] * p["ka"] * a_g - p["ke"] * a_c
-            a_g = a_g + dt * da_g
-            a_c = a_c + dt * da_c
+            a_g, a_c, _ = _pk_step(p, a_g, a_c, u, dt)
             c_e = c_e + dt * p["ke0"] * (c - c_e)
             mean_p = mean_p + dt * (target_p - mean_p) / p["tau_p"]
             hr = hr + dt * (target_h - hr) / p["tau_h"]
@@ -147,6 +141,16 @@ def simulate(params: dict[str, np.ndarray], controls: dict[str, np.ndarray], *,
         sbp = sbp + rng.normal(0.0, 4.0, sbp.shape)
         hrs = hrs + rng.normal(0.0, 2.0, hrs.shape)
     return {"sbp_mmhg": np.clip(sbp, *SBP_RANGE), "hr_bpm": np.clip(hrs, *HR_RANGE)}
+
+
+def _pk_step(p: dict[str, np.ndarray], a_g: np.ndarray, a_c: np.ndarray, u: np.ndarray,
+             dt: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One Euler step of gut and central amounts (mg); also what left the body (eliminated, or
+    never absorbed because of incomplete bioavailability)."""
+    absorbed = p["ka"] * a_g
+    out = p["ke"] * a_c
+    lost = dt * (out + (1 - p["f_bio"]) * absorbed)
+    return a_g + dt * (u - absorbed), a_c + dt * (p["f_bio"] * absorbed - out), lost
 
 
 def pk_amounts(params: dict[str, np.ndarray], dose_mg: np.ndarray, *, step_minutes: int = 5,
@@ -165,11 +169,8 @@ def pk_amounts(params: dict[str, np.ndarray], dose_mg: np.ndarray, *, step_minut
     for t in range(n_steps):
         u = dose_mg[:, t] / step_minutes
         for _ in range(sub):
-            absorbed = p["ka"] * a_g
-            out = p["ke"] * a_c
-            a_g = a_g + dt * (u - absorbed)
-            a_c = a_c + dt * (p["f_bio"] * absorbed - out)
-            gone = gone + dt * (out + (1 - p["f_bio"]) * absorbed)
+            a_g, a_c, lost = _pk_step(p, a_g, a_c, u, dt)
+            gone = gone + lost
         gut[:, t], central[:, t], elim[:, t] = a_g, a_c, gone
     return gut, central, elim
 

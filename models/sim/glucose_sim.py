@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from twinfed.models.sim.base import SimCohort, SiteProfile
+from twinfed.models.sim.base import SimCohort, SiteProfile, lognormal
 
 SUBSTEP_MIN = 1.0
 CGM_RANGE = (40.0, 400.0)
@@ -36,26 +36,23 @@ PARAM_NAMES: tuple[str, ...] = ("weight_kg", "p1", "p2", "si", "gb", "tau_i", "k
                                 "ib", "basal_u_per_h")
 
 
-def _lognormal(rng: np.random.Generator, median: float, cv: float, n: int) -> np.ndarray:
-    return median * np.exp(rng.normal(0.0, cv, n))
-
 
 def draw_params(profile: SiteProfile, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     s = profile.settings
     weight = rng.uniform(s["weight_lo"], s["weight_hi"], n)
-    ke = _lognormal(rng, 0.138, 0.15, n)  # plasma insulin clearance, 1/min (Hovorka)
+    ke = lognormal(rng, 0.138, 0.15, n)  # plasma insulin clearance, 1/min (Hovorka)
     v_i = 0.12 * weight  # insulin distribution volume, L
-    ideal_basal = _lognormal(rng, 0.018, 0.2, n) * weight  # U/h that holds X at 0
+    ideal_basal = lognormal(rng, 0.018, 0.2, n) * weight  # U/h that holds X at 0
     ib = ideal_basal / 60.0 * 1000.0 / (v_i * ke)  # plasma insulin at the ideal basal, mU/L
     return {
         "weight_kg": weight,
-        "p1": _lognormal(rng, 0.008, 0.25, n),  # glucose effectiveness, 1/min
-        "p2": _lognormal(rng, 0.025, 0.2, n),  # remote insulin action decay, 1/min
-        "si": _lognormal(rng, 4.5e-4 * s["si_scale"], 0.3, n),  # insulin sensitivity, L/mU/min
-        "gb": _lognormal(rng, 140.0, 0.12, n),  # glucose at the ideal basal, mg/dL
-        "tau_i": _lognormal(rng, 55.0, 0.2, n),  # subcutaneous absorption, min
+        "p1": lognormal(rng, 0.008, 0.25, n),  # glucose effectiveness, 1/min
+        "p2": lognormal(rng, 0.025, 0.2, n),  # remote insulin action decay, 1/min
+        "si": lognormal(rng, 4.5e-4 * s["si_scale"], 0.3, n),  # insulin sensitivity, L/mU/min
+        "gb": lognormal(rng, 140.0, 0.12, n),  # glucose at the ideal basal, mg/dL
+        "tau_i": lognormal(rng, 55.0, 0.2, n),  # subcutaneous absorption, min
         "ke": ke,
-        "tau_m": _lognormal(rng, 40.0, 0.2, n),  # gut absorption, min
+        "tau_m": lognormal(rng, 40.0, 0.2, n),  # gut absorption, min
         "f_bio": np.clip(rng.normal(0.8, 0.05, n), 0.6, 0.95),  # carbohydrate bioavailability
         "ib": ib,
         "basal_u_per_h": ideal_basal * np.exp(rng.normal(0.0, s["basal_error"], n)),
