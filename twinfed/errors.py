@@ -31,3 +31,19 @@ class ModelError(TwinfedError):
 
 class ScenarioError(TwinfedError):
     """A what-if scenario could not be parsed or applied."""
+
+
+class PlanNotApproved(PlanError):
+    """A node was asked to act on a training plan its privacy officer has not approved."""
+
+
+class KeyFileError(TwinfedError):
+    """A signing key file is missing, unreadable, malformed or not private enough."""
+
+
+class AuditError(TwinfedError):
+    """An audit log cannot be appended to or read (a torn entry, a broken chain, a bad key)."""
+
+
+class NodeStateError(TwinfedError):
+    """A node's or coordinator's state directory is missing, incomplete or already initialised."""
