@@ -60,7 +60,7 @@ EVENT_PATTERN = r"^[a-z][a-z0-9_]*$"
 # hash and sig are fixed-width hex, so the trailer after the body has a fixed length.
 _TRAILER_LEN = len(',"hash":"') + 64 + len('","sig":"') + 128 + len('"}')
 # A tripwire, not a guarantee: detail keys that would only ever hold identifiers.
-_IDENTIFIER_KEY = re.compile(r"patient_?id|^patients?$|^mrn$|^name$", re.IGNORECASE)
+_IDENTIFIER_KEY = re.compile(r"patient_?ids?$|^patients?$|^mrn$", re.IGNORECASE)
 
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 

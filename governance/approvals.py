@@ -1,0 +1,172 @@
+"""Training-plan approval: the plans a node's privacy officer allowed it to train.
+
+Guarantees:
+- a plan is identified by the SHA-256 of its canonical JSON (:meth:`TrainingPlan.sha256`); the
+  registry stores that exact text, so ``plan show`` displays what was approved, byte for byte,
+  and a stored plan whose text no longer hashes to its key is an error, not an approval;
+- ``approvals.json`` is replaced atomically and durably on every change;
+- every approval and revocation is audited. An approval is audited *before* it takes effect and
+  a revocation takes effect *before* it is audited, so a crash between the two steps never
+  leaves a plan trainable without a trace;
+- :func:`require_approved` is the node's gate: anything not currently approved raises
+  :class:`PlanNotApproved` (the caller audits the refusal with the round it refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from twinfed.atomic import write_json_atomic
+from twinfed.errors import PlanError, PlanNotApproved
+from twinfed.governance.audit_log import format_time
+from twinfed.governance.layout import open_audit, read_info, state_paths
+from twinfed.models.plan import TrainingPlan
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class PlanApproval(BaseModel):
+    """One plan the officer approved (and perhaps later revoked)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: Sha256
+    plan_json: str  # the canonical JSON the hash is of
+    purpose: str
+    rounds: int
+    approved_at: str
+    approved_by: str
+    revoked_at: str | None = None
+    revoked_by: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+    def plan(self) -> TrainingPlan:
+        return TrainingPlan.model_validate_json(self.plan_json)
+
+
+class ApprovalsFile(BaseModel):
+    """``approvals.json``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["twinfed-approvals-v1"] = "twinfed-approvals-v1"
+    plans: dict[str, PlanApproval] = {}
+
+
+def load_plan_file(path: str | Path) -> TrainingPlan:
+    """A plan from ``plan.json``, or from a model directory holding ``plan.json`` or ``model/plan.json``."""
+    path = Path(path)
+    if path.is_dir():
+        for cand in (path / "plan.json", path / "model" / "plan.json"):
+            if cand.is_file():
+                path = cand
+                break
+        else:
+            raise PlanError(f"{path}: no plan.json in this directory or its model/ subdirectory")
+    try:
+        return TrainingPlan.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise PlanError(f"{path}: no such plan file") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in err.get("loc", ())) or "(top level)"
+        raise PlanError(f"{path}: not a valid training plan: {loc}: {err['msg']}") from None
+
+
+def list_approvals(state_dir: str | Path) -> list[PlanApproval]:
+    """Every plan ever approved here, oldest first, revoked ones included."""
+    return sorted(_load(state_dir).plans.values(), key=lambda a: a.approved_at)
+
+
+def is_approved(state_dir: str | Path, sha256: str) -> bool:
+    a = _load(state_dir).plans.get(sha256)
+    return a is not None and a.active
+
+
+def require_approved(state_dir: str | Path, sha256: str) -> TrainingPlan:
+    """The approved plan with this hash, or :class:`PlanNotApproved` saying why not."""
+    a = _load(state_dir).plans.get(sha256)
+    if a is None:
+        raise PlanNotApproved(f"plan {sha256[:16]}... is not approved at this node "
+                              f"({state_dir}); the privacy officer must run 'twinfed plan approve'")
+    if not a.active:
+        raise PlanNotApproved(f"plan {sha256[:16]}... was revoked at this node on {a.revoked_at} by "
+                              f"{a.revoked_by}")
+    return a.plan()
+
+
+def find_approval(state_dir: str | Path, sha_or_prefix: str) -> PlanApproval:
+    """The recorded plan whose hash is, or starts with (8+ hex digits), ``sha_or_prefix``."""
+    sha = sha_or_prefix.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{8,64}", sha):
+        raise PlanError(f"{sha_or_prefix!r} is not a plan hash (8 to 64 hex digits)")
+    plans = _load(state_dir).plans
+    hits = [a for k, a in plans.items() if k.startswith(sha)]
+    if not hits:
+        raise PlanNotApproved(f"no plan {sha} was ever approved at {state_dir}; 'twinfed plan list "
+                              f"--state {state_dir}' shows the plans it knows")
+    if len(hits) > 1:
+        raise PlanError(f"{sha} matches {len(hits)} plans; give more digits")
+    return hits[0]
+
+
+def approve_plan(state_dir: str | Path, plan: TrainingPlan, *, actor: str,
+                 at: datetime | None = None) -> PlanApproval:
+    """Approve ``plan`` (again, if it was revoked); audited first, then effective."""
+    read_info(state_dir)
+    when = at or datetime.now(timezone.utc)
+    sha = plan.sha256()
+    approval = PlanApproval(sha256=sha, plan_json=plan.canonical_json(), purpose=plan.purpose,
+                            rounds=plan.rounds, approved_at=format_time(when), approved_by=actor)
+    open_audit(state_dir, actor=actor).append("plan_approved", {
+        "plan_sha256": sha, "purpose": plan.purpose, "rounds": plan.rounds,
+        "epsilon": plan.privacy.epsilon, "delta": plan.privacy.delta}, at=when)
+    current = _load(state_dir)
+    _save(state_dir, current.model_copy(update={"plans": {**current.plans, sha: approval}}))
+    return approval
+
+
+def revoke_plan(state_dir: str | Path, sha_or_prefix: str, *, actor: str,
+                at: datetime | None = None) -> PlanApproval:
+    """Revoke an approved plan; effective first, then audited."""
+    a = find_approval(state_dir, sha_or_prefix)
+    if not a.active:
+        raise PlanNotApproved(f"plan {a.sha256[:16]}... is already revoked (on {a.revoked_at})")
+    when = at or datetime.now(timezone.utc)
+    revoked = a.model_copy(update={"revoked_at": format_time(when), "revoked_by": actor})
+    current = _load(state_dir)
+    _save(state_dir, current.model_copy(update={"plans": {**current.plans, a.sha256: revoked}}))
+    open_audit(state_dir, actor=actor).append("plan_revoked", {"plan_sha256": a.sha256}, at=when)
+    return revoked
+
+
+def _load(state_dir: str | Path) -> ApprovalsFile:
+    path = state_paths(state_dir).approvals
+    if not path.is_file():
+        return ApprovalsFile()
+    try:
+        data = ApprovalsFile.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        raise PlanError(f"{path}: not a valid approvals file ({exc.errors()[0]['msg']})") from None
+    for sha, a in data.plans.items():
+        if sha != a.sha256 or _sha(a.plan_json) != sha:
+            raise PlanError(f"{path}: the stored plan under {sha[:16]}... does not hash to its key; "
+                            "the file was edited. Restore it or approve the plans again")
+    return data
+
+
+def _save(state_dir: str | Path, data: ApprovalsFile) -> None:
+    write_json_atomic(state_paths(state_dir).approvals, data.model_dump(mode="json"))
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,112 @@
+"""Where a node's or the coordinator's governance state lives, and how to open its audit log.
+
+A state directory (node or coordinator) holds:
+
+    state.json                 what it is: kind, name, audit key fingerprint (StateInfo)
+    keys/audit_ed25519         the Ed25519 audit-signing key, mode 0600 (keys/ is 0700)
+    keys/audit_ed25519.pub     its public half, the key verification pins
+    audit.jsonl                the signed, hash-chained audit log
+    consent/records.csv        node only: the consent registry (patient identifiers, mode 0600)
+    approvals.json             node only: the training plans the officer approved
+
+``state.json`` is written last by initialisation, so its presence means the directory is
+complete. Other modules (privacy's ledger, the client's checkpoints) may add their own files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from twinfed.errors import NodeStateError
+from twinfed.governance.audit_log import AuditLog
+from twinfed.governance.keys import load_signer
+
+STATE_FORMAT = "twinfed-state-v1"
+
+
+class StateInfo(BaseModel):
+    """``state.json``: what a state directory belongs to."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["twinfed-state-v1"] = STATE_FORMAT
+    kind: Literal["node", "coordinator"]
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    key_fingerprint: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    created_at: str
+
+    @property
+    def actor(self) -> str:
+        return f"node:{self.name}" if self.kind == "node" else "coordinator"
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    root: Path
+
+    @property
+    def info(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def key(self) -> Path:
+        return self.root / "keys" / "audit_ed25519"
+
+    @property
+    def public_key(self) -> Path:
+        return self.root / "keys" / "audit_ed25519.pub"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit.jsonl"
+
+    @property
+    def consent(self) -> Path:
+        return self.root / "consent" / "records.csv"
+
+    @property
+    def approvals(self) -> Path:
+        return self.root / "approvals.json"
+
+
+def state_paths(state_dir: str | Path) -> StatePaths:
+    return StatePaths(Path(state_dir))
+
+
+def is_state_dir(path: str | Path) -> bool:
+    p = state_paths(path)
+    return p.info.is_file() or (p.audit.is_file() and p.public_key.is_file())
+
+
+def read_info(state_dir: str | Path) -> StateInfo:
+    """The directory's ``state.json``; a clear error if it is not an initialised state."""
+    p = state_paths(state_dir)
+    try:
+        return StateInfo.model_validate_json(p.info.read_bytes())
+    except FileNotFoundError:
+        raise NodeStateError(f"{state_dir}: not an initialised node state (no state.json); run "
+                             f"'twinfed node init --state {state_dir}'") from None
+    except ValidationError as exc:
+        raise NodeStateError(f"{p.info}: not a valid state file ({exc.errors()[0]['msg']})") from None
+
+
+def open_audit(state_dir: str | Path, *, actor: str | None = None,
+               clock: Callable[[], datetime] | None = None) -> AuditLog:
+    """The state's audit log, ready to append, signed with the state's own key.
+
+    ``actor`` defaults to the state's owner (``node:<name>`` or ``coordinator``); officer
+    commands pass the officer's name.
+    """
+    info = read_info(state_dir)
+    p = state_paths(state_dir)
+    signer = load_signer(p.key)
+    if signer.fingerprint != info.key_fingerprint:
+        raise NodeStateError(f"{p.key}: key fingerprint {signer.fingerprint[:16]}... is not the one this "
+                             f"state was initialised with ({info.key_fingerprint[:16]}...); restore the "
+                             "original key")
+    return AuditLog(p.audit, signer, actor=actor or info.actor, clock=clock)

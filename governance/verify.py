@@ -1,0 +1,242 @@
+"""Verify a log, a state directory, or a whole run: chains, pinned keys and cross-anchors.
+
+``verify_path`` accepts
+- an audit log file (the key is its state's ``keys/audit_ed25519.pub``, or ``public_key``);
+- a node or coordinator state directory;
+- a run directory: ``RUN/coordinator/`` and ``RUN/nodes/<site>/``, each a state directory.
+
+Checks, each naming the first bad entry by file and seq:
+- every log against its pinned public key (:func:`governance.audit_log.verify_log`), and its
+  first entry (``node_initialised`` / ``coordinator_initialised``) pins that key's fingerprint;
+- a node's approved plans each have a ``plan_approved`` event not revoked since;
+- in a run: the coordinator's ``node_seen`` events pin each site's key fingerprint, so a node
+  whose key was replaced and log re-signed is caught; every node head the coordinator recorded
+  (``round_aggregated`` ``node_heads``) must be in that node's log with that hash (a node's log
+  cannot be cut or rewritten unseen), and every coordinator head a node recorded
+  (``round_joined`` / ``round_refused`` ``coordinator``) must be in the coordinator's log (nor
+  can the coordinator's). Anchors are taken only from entries that themselves verified.
+
+A node named by the coordinator but absent from the run directory cannot be cross-checked; that
+is reported as a note, not a failure (an officer may hold only their own node and the
+coordinator's log).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from twinfed.errors import AuditError, TwinfedError
+from twinfed.governance.audit_log import (Anchor, AuditEntry, VerifyResult, apply_anchors,
+                                          verify_log_entries)
+from twinfed.governance.keys import load_public_key, public_key_fingerprint
+from twinfed.governance.layout import StateInfo, is_state_dir, state_paths
+
+
+class Issue(BaseModel):
+    """One thing that does not hold, at one place."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str
+    seq: int | None = None
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}{'' if self.seq is None else f' seq {self.seq}'}: {self.reason}"
+
+
+class LogReport(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str  # "node", "coordinator" or "log"
+    name: str
+    result: VerifyResult
+
+
+class PathReport(BaseModel):
+    """Everything verify checked under one path."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    ok: bool
+    logs: list[LogReport]
+    issues: list[Issue]
+    anchors_checked: int = 0
+    notes: list[str] = []
+
+    @property
+    def n_entries(self) -> int:
+        return sum(lg.result.n_entries for lg in self.logs)
+
+
+class _State:
+    """A state directory's verified log, what it pins, and what it says about others."""
+
+    def __init__(self, root: Path, kind: str, name: str, result: VerifyResult,
+                 entries: list[AuditEntry], issues: list[Issue]) -> None:
+        self.root, self.kind, self.name = root, kind, name
+        self.result, self.entries, self.issues = result, entries, issues
+
+
+def verify_path(path: str | Path, *, public_key_file: str | Path | None = None) -> PathReport:
+    """Verify whatever ``path`` is; ``report.ok`` only when every check holds."""
+    path = Path(path)
+    if path.is_file():
+        return _verify_file(path, public_key_file)
+    if not path.is_dir():
+        raise AuditError(f"{path}: no such file or directory")
+    if is_state_dir(path):
+        st = _verify_state(path)
+        return _report(path, [st], [], 0)
+    coord_dir, nodes_dir = path / "coordinator", path / "nodes"
+    node_dirs = sorted(d for d in nodes_dir.iterdir() if is_state_dir(d)) if nodes_dir.is_dir() else []
+    if not is_state_dir(coord_dir) and not node_dirs:
+        raise AuditError(f"{path}: not an audit log, a state directory (audit.jsonl and keys/) or a "
+                         "run directory (coordinator/ and nodes/<site>/)")
+    coord = _verify_state(coord_dir) if is_state_dir(coord_dir) else None
+    nodes = [_verify_state(d) for d in node_dirs]
+    notes: list[str] = []
+    if coord is None:
+        notes.append(f"{coord_dir}: no coordinator state; cross-anchors were not checked")
+        return _report(path, nodes, [], 0, notes)
+    return _cross_check(path, coord, nodes, notes)
+
+
+def _verify_file(path: Path, public_key_file) -> PathReport:
+    key_file = Path(public_key_file) if public_key_file else state_paths(path.parent).public_key
+    if not key_file.is_file():
+        raise AuditError(f"{path}: no pinned key to verify it with; pass the owner's public key "
+                         f"(--key FILE) or verify its state directory")
+    result, _ = verify_log_entries(path, load_public_key(key_file))
+    issues = [] if result.ok else [Issue(file=result.file, seq=result.first_bad_seq, reason=result.reason)]
+    return PathReport(path=str(path), ok=result.ok, logs=[LogReport(kind="log", name=path.name, result=result)],
+                      issues=issues)
+
+
+def _verify_state(root: Path) -> _State:
+    p = state_paths(root)
+    issues: list[Issue] = []
+    kind, name = "node", root.name
+    info: StateInfo | None = None
+    try:
+        info = StateInfo.model_validate_json(p.info.read_bytes())
+        kind, name = info.kind, info.name
+    except FileNotFoundError:
+        issues.append(Issue(file=str(p.info), reason="missing: the state was never fully initialised"))
+    except ValidationError as exc:
+        issues.append(Issue(file=str(p.info), reason=f"not a valid state file ({exc.errors()[0]['msg']})"))
+    try:
+        pub = load_public_key(p.public_key)
+    except TwinfedError as exc:
+        issues.append(Issue(file=str(p.public_key), reason=str(exc)))
+        empty = VerifyResult(file=str(p.audit), ok=False, n_entries=0, head=None, key_fingerprint="",
+                             reason="not verified: no public key")
+        return _State(root, kind, name, empty, [], issues)
+    result, entries = verify_log_entries(p.audit, pub) if p.audit.is_file() else (
+        VerifyResult(file=str(p.audit), ok=False, n_entries=0, head=None,
+                     key_fingerprint=public_key_fingerprint(pub), first_bad_seq=0, line=1,
+                     reason="entry 0 (line 1) is missing: no audit log"), [])
+    fp = result.key_fingerprint
+    if info is not None and info.key_fingerprint != fp:
+        issues.append(Issue(file=str(p.public_key), reason=f"key fingerprint {fp[:16]}... is not the "
+                            f"{info.key_fingerprint[:16]}... state.json records: the key was replaced"))
+    if entries:
+        first = entries[0]
+        if first.event != f"{kind}_initialised":
+            issues.append(Issue(file=str(p.audit), seq=0, reason=f"the first entry is {first.event}, not "
+                                f"{kind}_initialised"))
+        elif first.details.get("key_fingerprint") != fp:
+            issues.append(Issue(file=str(p.audit), seq=0, reason="pins key fingerprint "
+                                f"{str(first.details.get('key_fingerprint'))[:16]}... but the log verifies "
+                                f"with {fp[:16]}...: the key was replaced"))
+    if kind == "node" and p.approvals.is_file() and result.ok:
+        issues.extend(_check_approvals(root, entries))
+    return _State(root, kind, name, result, entries, issues)
+
+
+def _check_approvals(root: Path, entries: list[AuditEntry]) -> list[Issue]:
+    from twinfed.governance.approvals import list_approvals
+
+    try:
+        approvals = list_approvals(root)
+    except TwinfedError as exc:
+        return [Issue(file=str(state_paths(root).approvals), reason=str(exc))]
+    audited: dict[str, bool] = {}
+    for e in entries:
+        if e.event in ("plan_approved", "plan_revoked"):
+            audited[str(e.details.get("plan_sha256"))] = e.event == "plan_approved"
+    return [Issue(file=str(state_paths(root).approvals),
+                  reason=f"plan {a.sha256[:16]}... is approved here but the audit log has no standing "
+                         "plan_approved event for it: the approval was not made through twinfed")
+            for a in approvals if a.active and not audited.get(a.sha256, False)]
+
+
+def _cross_check(path: Path, coord: _State, nodes: list[_State], notes: list[str]) -> PathReport:
+    issues: list[Issue] = []
+    by_site = {n.name: n for n in nodes}
+    node_anchors: dict[str, list[Anchor]] = {n.name: [] for n in nodes}
+    pins: dict[str, tuple[str, int]] = {}
+    coord_file = coord.result.file
+    for e in coord.entries:  # verified entries only: a forged anchor could not get here
+        d = e.details
+        if e.event == "node_seen":
+            site, fp = str(d.get("site")), str(d.get("key_fingerprint"))
+            if site in pins and pins[site][0] != fp:
+                issues.append(Issue(file=coord_file, seq=e.seq, reason=f"site {site!r} shows key {fp[:16]}... "
+                                    f"but was pinned with {pins[site][0][:16]}... at seq {pins[site][1]}"))
+            pins.setdefault(site, (fp, e.seq))
+        elif e.event == "round_aggregated":
+            for site, head in (d.get("node_heads") or {}).items():
+                try:
+                    a = Anchor(seq=head["seq"], hash=head["hash"],
+                               source=f"{coord_file} seq {e.seq} (round {d.get('round')})")
+                except (TypeError, KeyError, ValidationError):
+                    issues.append(Issue(file=coord_file, seq=e.seq, reason=f"malformed node head for {site!r}"))
+                    continue
+                if site in node_anchors:
+                    node_anchors[site].append(a)
+                elif f"no state for site {site!r}" not in " ".join(notes):
+                    notes.append(f"no state for site {site!r} under {path / 'nodes'}; its log was not "
+                                 "cross-checked")
+    coord_anchors: list[Anchor] = []
+    for n in nodes:
+        pin = pins.get(n.name)
+        if pin is not None and pin[0] != n.result.key_fingerprint:
+            issues.append(Issue(file=n.result.file, seq=0, reason=f"the log verifies with key "
+                                f"{n.result.key_fingerprint[:16]}... but the coordinator pinned "
+                                f"{pin[0][:16]}... for site {n.name!r} at its seq {pin[1]}: the node's "
+                                "key was replaced and its log re-signed"))
+        for e in n.entries:
+            if e.event in ("round_joined", "round_refused"):
+                c = e.details.get("coordinator")
+                if c is None:
+                    continue
+                try:
+                    coord_anchors.append(Anchor(seq=c["seq"], hash=c["hash"],
+                                                source=f"{n.result.file} seq {e.seq} (round {e.details.get('round')})"))
+                except (TypeError, KeyError, ValidationError):
+                    issues.append(Issue(file=n.result.file, seq=e.seq, reason="malformed coordinator head"))
+    for site in sorted(set(pins) - set(by_site)):
+        if f"no state for site {site!r}" not in " ".join(notes):
+            notes.append(f"no state for site {site!r} under {path / 'nodes'}; its log was not cross-checked")
+    n_anchors = len(coord_anchors) + sum(len(v) for v in node_anchors.values())
+    coord.result = apply_anchors(coord.result, coord.entries, coord_anchors)
+    for n in nodes:
+        n.result = apply_anchors(n.result, n.entries, node_anchors[n.name])
+    return _report(path, [coord, *nodes], issues, n_anchors, notes)
+
+
+def _report(path: Path, states: list[_State], extra: list[Issue], n_anchors: int,
+            notes: list[str] | None = None) -> PathReport:
+    issues: list[Issue] = []
+    for st in states:
+        if not st.result.ok and st.result.first_bad_seq is not None:
+            issues.append(Issue(file=st.result.file, seq=st.result.first_bad_seq, reason=st.result.reason))
+        issues.extend(st.issues)
+    issues.extend(extra)
+    logs = [LogReport(kind=st.kind, name=st.name, result=st.result) for st in states]
+    return PathReport(path=str(path), ok=not issues, logs=logs, issues=issues, anchors_checked=n_anchors,
+                      notes=notes or [])
