@@ -149,6 +149,26 @@ def _check_details(details: dict, event: str) -> None:
     walk(details, "")
 
 
+def encode_entry(signer: Signer, *, seq: int, prev: str, actor: str, event: str, details: dict,
+                 time: str) -> bytes:
+    """One signed line, newline included. :class:`AuditLog` is the way to append; this is the
+    format itself, exposed for benchmarks and test builders that write many entries at once."""
+    body = {"actor": actor, "details": details, "event": event, "prev": prev, "seq": seq, "time": time}
+    try:
+        body_bytes = _canonical(body)
+    except (TypeError, ValueError) as exc:
+        raise AuditError(f"audit event {event}: details are not plain finite JSON ({exc})") from None
+    digest = hashlib.sha256(body_bytes).digest()
+    sig = signer.sign(digest)
+    return (body_bytes[:-1] + b',"hash":"' + digest.hex().encode() + b'","sig":"' + sig.hex().encode()
+            + b'"}\n')
+
+
+def line_hash(line: bytes) -> str:
+    """What the next entry's ``prev`` must be: SHA-256 of the whole line without its newline."""
+    return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
+
+
 def _sig_ok(public_key: Ed25519PublicKey, entry: AuditEntry) -> bool:
     return signature_ok(public_key, bytes.fromhex(entry.sig), bytes.fromhex(entry.hash))
 
@@ -192,16 +212,8 @@ class AuditLog:
             fcntl.flock(fd, fcntl.LOCK_EX)
             last, prev = self._last_entry(fd)
             seq = 0 if last is None else last.seq + 1
-            body = {"actor": actor or self.actor, "details": details, "event": event, "prev": prev,
-                    "seq": seq, "time": when}
-            try:
-                body_bytes = _canonical(body)
-            except (TypeError, ValueError) as exc:
-                raise AuditError(f"audit event {event}: details are not plain finite JSON ({exc})") from None
-            digest = hashlib.sha256(body_bytes).digest()
-            sig = self.signer.sign(digest)
-            line = (body_bytes[:-1] + b',"hash":"' + digest.hex().encode() + b'","sig":"'
-                    + sig.hex().encode() + b'"}\n')
+            line = encode_entry(self.signer, seq=seq, prev=prev, actor=actor or self.actor, event=event,
+                                details=details, time=when)
             view = memoryview(line)
             while view:
                 view = view[os.write(fd, view):]

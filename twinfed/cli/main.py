@@ -14,14 +14,17 @@ from twinfed.errors import TwinfedError
 DESCRIPTION = """\
 Federated, privacy-preserving training of patient digital twins.
 
-hospital IT:       data validate, cohort generate (virtual data for trials)
+hospital IT:       data validate, cohort generate (virtual data for trials),
+                   node init, consent import (a node's governance state)
+privacy officers:  plan show|approve|revoke|list, consent grant|withdraw|status,
+                   audit verify|show|report
 coordinators:      simulate (a whole study on one machine), demo
 everyone:          evaluate, whatif (use a trained twin)
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from twinfed.cli import data, study, twin
+    from twinfed.cli import data, governance, study, twin
 
     parser = argparse.ArgumentParser(prog="twinfed", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.register(sub)
     study.register(sub)
     twin.register(sub)
+    governance.register(sub)
     return parser
 
 

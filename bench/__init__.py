@@ -1,0 +1,1 @@
+"""Benchmarks: each module has run() -> dict of measured figures."""
