@@ -202,6 +202,10 @@ class AuditLog:
         if not re.match(EVENT_PATTERN, event):
             raise AuditError(f"audit event name {event!r} must be snake_case")
         _check_details(details, event)
+        try:  # refuse bad details before the file is touched
+            _canonical(details)
+        except (TypeError, ValueError) as exc:
+            raise AuditError(f"audit event {event}: details are not plain finite JSON ({exc})") from None
         when = format_time(at or self._clock())
         created = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
