@@ -1,0 +1,61 @@
+"""Node and coordinator state: init pins the key in the first audit entry and never replaces anything."""
+
+import json
+
+import pytest
+
+from audit_builders import T0
+from builders import write_site
+from twinfed.errors import NodeStateError
+from twinfed.governance.audit_log import verify_log
+from twinfed.governance.consent_registry import consent_counts
+from twinfed.governance.keys import load_public_key
+from twinfed.governance.layout import open_audit, read_info, state_paths
+from twinfed.governance.node_state import init_coordinator, init_node
+
+
+def test_init_node_pins_its_key_in_the_first_entry_and_imports_consent(tmp_path):
+    site = write_site(tmp_path / "site-a", n_patients=5, n_steps=30)
+    info = init_node(tmp_path / "state", site_data=site, at=T0)
+    p = state_paths(tmp_path / "state")
+    assert info.kind == "node" and info.name == "site-a"
+    entries = [json.loads(line) for line in p.audit.read_text().splitlines()]
+    assert [e["event"] for e in entries] == ["node_initialised", "consent_imported"]
+    assert entries[0]["details"]["key_fingerprint"] == info.key_fingerprint
+    assert entries[0]["actor"] == "node:site-a" and entries[0]["time"] == "2026-03-01T09:00:00.000000Z"
+    assert consent_counts(tmp_path / "state") == {"twin-training": {"granted": 5, "withdrawn": 0}}
+    assert verify_log(p.audit, load_public_key(p.public_key)).ok
+
+
+def test_a_second_init_is_an_error_and_changes_nothing(tmp_path):
+    init_node(tmp_path / "s", site_name="a")
+    before = state_paths(tmp_path / "s").audit.read_bytes()
+    with pytest.raises(NodeStateError, match="already initialised as node 'a'.*nothing was changed"):
+        init_node(tmp_path / "s", site_name="a")
+    assert state_paths(tmp_path / "s").audit.read_bytes() == before
+
+
+def test_init_with_exist_ok_is_a_no_op_for_the_same_node_only(tmp_path):
+    first = init_node(tmp_path / "s", site_name="a")
+    assert init_node(tmp_path / "s", site_name="a", exist_ok=True) == first
+    with pytest.raises(NodeStateError, match="not node 'b'"):
+        init_node(tmp_path / "s", site_name="b", exist_ok=True)
+
+
+def test_a_half_initialised_directory_is_an_error_that_says_what_to_do(tmp_path):
+    init_node(tmp_path / "s", site_name="a")
+    state_paths(tmp_path / "s").info.unlink()  # as if init crashed before its last step
+    with pytest.raises(NodeStateError, match="half initialised.*move the directory aside"):
+        init_node(tmp_path / "s", site_name="a")
+
+
+def test_the_coordinator_state_has_the_same_key_and_audit_layout(tmp_path):
+    info = init_coordinator(tmp_path / "c", at=T0)
+    assert read_info(tmp_path / "c") == info and info.kind == "coordinator"
+    e = open_audit(tmp_path / "c").append("round_started", {"round": 1}, at=T0)
+    assert e.seq == 1 and e.actor == "coordinator"
+
+
+def test_an_uninitialised_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(NodeStateError, match="not an initialised node state.*twinfed node init"):
+        open_audit(tmp_path)
