@@ -237,6 +237,9 @@ def _report(path: Path, states: list[_State], extra: list[Issue], n_anchors: int
             issues.append(Issue(file=st.result.file, seq=st.result.first_bad_seq, reason=st.result.reason))
         issues.extend(st.issues)
     issues.extend(extra)
+    # Per file, the earliest entry first: the first line printed for a file is its first bad entry.
+    order = {f: i for i, f in reversed(list(enumerate(i.file for i in issues)))}
+    issues.sort(key=lambda i: (order[i.file], -1 if i.seq is None else i.seq))
     logs = [LogReport(kind=st.kind, name=st.name, result=st.result) for st in states]
     return PathReport(path=str(path), ok=not issues, logs=logs, issues=issues, anchors_checked=n_anchors,
                       notes=notes or [])
