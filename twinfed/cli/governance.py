@@ -323,14 +323,24 @@ def _logs_under(path: Path) -> list[Path]:
     return logs
 
 
+def _short(v):
+    """Hashes shortened to a 12-digit prefix, which identifies them on screen."""
+    if isinstance(v, str) and len(v) == 64:
+        return v[:12] + "..."
+    if isinstance(v, dict):
+        return {k: _short(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_short(x) for x in v]
+    return v
+
+
 def _summary(details: dict, width: int = 90) -> str:
+    # round first, then plain values, then nested ones: the eye finds what a filter asked for
+    keys = sorted(details, key=lambda k: (k != "round", isinstance(details[k], (dict, list)), k))
     parts = []
-    for k, v in details.items():
-        if isinstance(v, str) and len(v) == 64:
-            v = v[:12] + "..."  # a hash: the prefix identifies it on screen
-        elif isinstance(v, (dict, list)):
-            v = json.dumps(v, separators=(",", ":"))
-        parts.append(f"{k}={v}")
+    for k in keys:
+        v = _short(details[k])
+        parts.append(f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, (dict, list)) else v}")
     text = " ".join(parts)
     return text if len(text) <= width else text[:width - 3] + "..."
 

@@ -1,0 +1,113 @@
+"""The governance commands: help everywhere, exit 0/1, one-line errors, no patient ids in status."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from audit_builders import lines, make_run, write_lines
+from builders import write_site
+from twinfed.cli.main import main
+from twinfed.governance.layout import state_paths
+from twinfed.models.plan import TrainingPlan
+from twinfed.models.spec import load_spec
+
+TWINFED = str(Path(sys.executable).parent / "twinfed")
+
+
+@pytest.mark.parametrize("argv", [["node"], ["node", "init"], ["consent"], ["consent", "import"],
+                                  ["consent", "grant"], ["consent", "withdraw"], ["consent", "status"],
+                                  ["plan"], ["plan", "show"], ["plan", "approve"], ["plan", "revoke"],
+                                  ["plan", "list"], ["audit"], ["audit", "verify"], ["audit", "show"],
+                                  ["audit", "report"]])
+def test_every_governance_command_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--help"])
+    assert exc.value.code == 0
+    assert "usage: twinfed" in capsys.readouterr().out
+
+
+def _node(tmp_path, capsys):
+    site = write_site(tmp_path / "site-a", n_patients=4, n_steps=30)
+    state = tmp_path / "state"
+    assert main(["node", "init", "--state", str(state), "--site-data", str(site)]) == 0
+    capsys.readouterr()
+    return state
+
+
+def test_node_init_then_consent_status_prints_counts_and_never_patient_ids(tmp_path, capsys):
+    state = _node(tmp_path, capsys)
+    assert main(["consent", "withdraw", "--state", str(state), "--patient", "p1", "--purpose", "twin-training",
+                 "--actor", "officer:test"]) == 0
+    assert main(["consent", "status", "--state", str(state)]) == 0
+    out = capsys.readouterr().out
+    assert "twin-training" in out and "3" in out and "p1" not in out and "p0" not in out
+    assert main(["consent", "status", "--state", str(state), "--patient", "p1"]) == 0
+    assert capsys.readouterr().out.strip() == "twin-training: withdrawn"
+
+
+def test_plan_approve_list_show_and_revoke(tmp_path, capsys):
+    state = _node(tmp_path, capsys)
+    plan = TrainingPlan(spec=load_spec("glucose"), rounds=3)
+    (tmp_path / "plan.json").write_text(plan.canonical_json())
+    assert main(["plan", "approve", "--state", str(state), "--plan", str(tmp_path / "plan.json")]) == 0
+    assert plan.sha256() in capsys.readouterr().out
+    assert main(["plan", "list", "--state", str(state)]) == 0
+    assert plan.sha256()[:16] in capsys.readouterr().out
+    assert main(["plan", "show", "--state", str(state), "--sha", plan.sha256()[:10]]) == 0
+    out = capsys.readouterr().out
+    assert f"plan sha256: {plan.sha256()}" in out and "status:      approved" in out
+    assert main(["plan", "revoke", "--state", str(state), "--sha", plan.sha256()]) == 0
+    assert main(["plan", "show", "--plan", str(tmp_path / "plan.json")]) == 0
+    assert "rounds:      3" in capsys.readouterr().out
+
+
+def test_audit_verify_exits_0_for_an_intact_run(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    assert main(["audit", "verify", str(run)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"ok: {run}: {sum(len(lines(p)) for p in run.rglob('audit.jsonl'))} entries in 3 log(s), "
+                   "8 cross-anchors checked"]
+
+
+def test_audit_verify_exits_1_with_one_fail_line_naming_file_and_seq(tmp_path):
+    run = make_run(tmp_path / "run")
+    log = state_paths(run / "nodes" / "a").audit
+    ls = lines(log)
+    write_lines(log, ls[:1] + ls[2:])
+    proc = subprocess.run([TWINFED, "audit", "verify", str(run)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    out = proc.stdout.strip().splitlines()
+    assert out[0].startswith(f"FAIL {log} seq 1: entry 1 (line 2) holds seq 2 where seq 1 belongs")
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([TWINFED, "plan", "list", "--state", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "not an initialised node state" in proc.stderr
+    proc = subprocess.run([TWINFED, "audit", "verify", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_audit_show_filters_by_event_and_round(tmp_path, capsys):
+    run = make_run(tmp_path / "run", rounds=3)
+    assert main(["audit", "show", str(run / "coordinator"), "--event", "round_aggregated", "--round", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 3 and "round_aggregated" in out[2] and "round=2" in out[2]
+    assert main(["audit", "show", str(run), "--event", "round_joined", "--json"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(shown) == 6 and {e["event"] for e in shown} == {"round_joined"}
+    assert main(["audit", "show", str(run), "--since", "2099-01-01T00:00:00Z"]) == 0
+    assert capsys.readouterr().out.strip() == "no matching entries"
+
+
+def test_audit_report_writes_html_and_json(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    assert main(["audit", "report", str(run), "--out", str(tmp_path / "out")]) == 0
+    assert "2 site(s), verified" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["verification"]["ok"]
+    assert (tmp_path / "out" / "report.html").read_text().startswith("<!DOCTYPE html>")
