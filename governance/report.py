@@ -190,6 +190,10 @@ def budget_plot_png(report: OfficerReport) -> bytes:
                 label=s.site)
         if s.epsilon_budget is not None:
             ax.axhline(s.epsilon_budget, color=color, linestyle=":", linewidth=1)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("round")
     ax.set_ylabel("epsilon spent (site total)")
     ax.set_title("Privacy budget spent per site (dotted: budget)")

@@ -143,6 +143,9 @@ def _verify_state(root: Path) -> _State:
     if info is not None and info.key_fingerprint != fp:
         issues.append(Issue(file=str(p.public_key), reason=f"key fingerprint {fp[:16]}... is not the "
                             f"{info.key_fingerprint[:16]}... state.json records: the key was replaced"))
+    if result.ok and not entries:
+        issues.append(Issue(file=str(p.audit), seq=0, reason=f"entry 0 (line 1) is missing: the log is empty, "
+                            f"so its {kind}_initialised entry was removed"))
     if entries:
         first = entries[0]
         if first.event != f"{kind}_initialised":

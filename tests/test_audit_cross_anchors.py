@@ -80,3 +80,10 @@ def test_a_node_missing_from_the_run_is_noted_not_failed(tmp_path):
     shutil.rmtree(run / "nodes" / "b")
     report = verify_path(run)
     assert report.ok and any("'b'" in n for n in report.notes)
+
+
+def test_an_emptied_state_log_is_caught_even_without_the_coordinator(tmp_path):
+    run = make_run(tmp_path / "run", sites=("a",), rounds=1)
+    state_paths(run / "nodes" / "a").audit.write_bytes(b"")
+    report = verify_path(run / "nodes" / "a")
+    assert not report.ok and report.issues[0].seq == 0 and "empty" in report.issues[0].reason
