@@ -33,13 +33,14 @@ def run(n: int = 100_000) -> dict:
         signer = generate_signing_key(tmp / "keys" / "audit_ed25519")
         log = tmp / "audit.jsonl"
         build_log(log, signer, n)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = verify_log(log, signer.public_key)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         size = log.stat().st_size
     if not result.ok or result.n_entries != n:
         raise RuntimeError(f"benchmark log did not verify: {result.reason}")
-    return {"entries": n, "seconds": round(seconds, 3), "us_per_entry": round(seconds / n * 1e6, 2),
+    # cpu_seconds is the one-core figure; wall seconds grow when other work shares the machine.
+    return {"entries": n, "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "us_per_entry": round(seconds / n * 1e6, 2),
             "megabytes": round(size / 1e6, 1), "target_seconds": 5.0, "within_target": seconds < 5.0}
 
 

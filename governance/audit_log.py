@@ -39,6 +39,7 @@ accepted silently.
 from __future__ import annotations
 
 import fcntl
+import gc
 import hashlib
 import json
 import os
@@ -305,7 +306,18 @@ def verify_log(path: str | Path, public_key: Ed25519PublicKey, *, expected_head:
 def verify_log_entries(path: str | Path, public_key: Ed25519PublicKey
                        ) -> tuple[VerifyResult, list[AuditEntry]]:
     """Like :func:`verify_log` without anchors; also returns the verified entries."""
-    path = Path(path)
+    # Entries hold no reference cycles; pausing the cycle collector while 100,000 of them are
+    # built saves its repeated scans of a growing heap (a quarter of the time at that size).
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _verify_entries(Path(path), public_key)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _verify_entries(path: Path, public_key: Ed25519PublicKey) -> tuple[VerifyResult, list[AuditEntry]]:
     lines, torn = read_entries(path)
     fp = public_key_fingerprint(public_key)
     entries: list[AuditEntry] = []
