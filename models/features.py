@@ -53,16 +53,18 @@ class Scaler:
 
     def features(self, history: np.ndarray, future_controls: np.ndarray,
                  covariates: np.ndarray) -> np.ndarray:
-        s = self.n_states
+        s, n = self.n_states, len(history)
+        h, k, c = self.spec.history_steps, self.spec.horizon_steps, self.n_controls
         states = history[:, :, :s]
         last = states[:, -1, :]
+        # Explicit shapes: an empty batch (Poisson sampling can draw none) must still work.
         parts = [
             (last - self.s_mid) / self.s_half,
-            ((states - last[:, None, :]) / self.s_half * DELTA_UNITS).reshape(len(history), -1),
+            ((states - last[:, None, :]) / self.s_half * DELTA_UNITS).reshape(n, h * s),
         ]
         if self.n_controls:
-            parts.append(self._controls(history[:, :, s:]).reshape(len(history), -1))
-            parts.append(self._controls(future_controls).reshape(len(history), -1))
+            parts.append(self._controls(history[:, :, s:]).reshape(n, h * 3 * c))
+            parts.append(self._controls(future_controls).reshape(n, k * 3 * c))
         if len(self.v_mid):
             parts.append((covariates - self.v_mid) / self.v_half)
         return np.concatenate(parts, axis=1).astype(np.float32)
@@ -74,7 +76,7 @@ class Scaler:
         """Scaled change of each future state from the last observed one: [B, K*S]."""
         last = batch.history[:, -1, : self.n_states]
         d = (batch.future_states - last[:, None, :]) / self.s_half * DELTA_UNITS
-        return d.reshape(len(d), -1).astype(np.float32)
+        return d.reshape(len(d), self.n_outputs).astype(np.float32)
 
     def decode(self, last_states: np.ndarray, outputs: np.ndarray) -> np.ndarray:
         """Network outputs [B, K*S] back to states [B, K, S] in the spec's units."""

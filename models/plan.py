@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,7 +22,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: str = "mlp-residual"
-    hidden: Annotated[int, Field(gt=0, le=4096)] = 256
+    hidden: Annotated[int, Field(gt=0, le=4096)] = 64
     layers: Annotated[int, Field(ge=1, le=8)] = 2
 
 
@@ -31,9 +31,27 @@ class TrainingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    local_steps: Annotated[int, Field(gt=0)] = 150
-    batch_size: Annotated[int, Field(gt=0)] = 128  # expected patients per step
-    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 1e-3
+    local_steps: Annotated[int, Field(gt=0)] = 10
+    batch_size: Annotated[int, Field(gt=0)] = 256  # expected patients per step
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 1e-2
+    # Windows looked at per sampled patient; the patient's loss is their mean (one DP example).
+    windows_per_patient: Annotated[int, Field(gt=0, le=256)] = 16
+
+
+class PrivacyConfig(BaseModel):
+    """Patient-level DP-SGD at every node, and secure aggregation of the nodes' updates."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    epsilon: Annotated[float, Field(gt=0, le=100)] = 3.0  # per site, for the whole study
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5  # a node uses min(delta, 1/N)
+    clipping_norm: Annotated[float, Field(gt=0)] = 0.1  # per-patient gradient norm bound
+    accountant: Literal["rdp", "prv"] = "rdp"
+    secure_aggregation: bool = True
+    # SecAgg+ quantises each update into [-update_clip, update_clip]; updates are weight changes
+    # of one round, far smaller than this (checked and reported as update_clip_fraction).
+    update_clip: Annotated[float, Field(gt=0)] = 0.5
 
 
 class TrainingPlan(BaseModel):
@@ -46,6 +64,7 @@ class TrainingPlan(BaseModel):
     training: TrainingConfig = TrainingConfig()
     rounds: Annotated[int, Field(gt=0, le=10_000)]
     seed: int = 0
+    privacy: PrivacyConfig = PrivacyConfig()
     strategy: str = "fedavg"
     metrics: tuple[str, ...] = ("patients_used", "patients_excluded", "train_loss")
 
