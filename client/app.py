@@ -7,9 +7,11 @@ fresh ``flwr-clientapp`` process. A refused round is answered, not raised: the r
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 from flwr.client import ClientApp, NumPyClient
 from flwr.common import Context
 
@@ -19,23 +21,37 @@ from twinfed.errors import TwinfedError
 
 
 class TwinClient(NumPyClient):
-    def __init__(self, node: NodeConfig):
+    """Replies with the round's weight change, weight 1 (see ``twinfed.privacy.secagg``).
+
+    A refusal still replies with a zero change of the right shape, so a SecAgg+ round keeps its
+    shape and the coordinator's sum is untouched; ``status`` tells the strategy to leave it out.
+    """
+
+    def __init__(self, node: NodeConfig, context: Context):
         self.node = node
+        self.ctx = context
 
     def fit(self, parameters, config):
+        from twinfed.privacy.secagg import round_is_masked
+
         base = {"site": self.node.site_name}
         try:
             plan = parse_plan(str(config["plan"]))
-            out = train_round(self.node, plan, parameters, int(config["round"]))
+            out = train_round(self.node, plan, parameters, int(config["round"]),
+                              masked=round_is_masked(self.ctx))
         except TwinfedError as exc:
-            return [], 0, base | {"status": "refused", "reason": str(exc)}
-        return out.weights, out.patients_used, base | {
+            zeros = [np.zeros_like(p, dtype=np.float32) for p in parameters]
+            return zeros, 1, base | {"status": "refused", "reason": str(exc)}
+        metrics = base | {
             "status": "ok",
             "patients_used": out.patients_used,
             "patients_excluded": out.patients_excluded,
             "train_loss": out.train_loss,
             "steps": out.steps,
+            "update_clip_fraction": out.update_clip_fraction,
+            "privacy": json.dumps(out.privacy) if out.privacy is not None else "",
         }
+        return out.update, 1, metrics
 
 
 NodeResolver = Callable[[Context], NodeConfig]
@@ -54,11 +70,16 @@ def node_from_context(context: Context) -> NodeConfig:
     return NodeConfig.from_node_config(cfg)
 
 
-def make_client_app(resolve: NodeResolver = node_from_context) -> ClientApp:
-    def client_fn(context: Context):
-        return TwinClient(resolve(context)).to_client()
+def make_client_app(resolve: NodeResolver = node_from_context, *, outer_mods: Sequence = (),
+                    inner_mods: Sequence = ()) -> ClientApp:
+    """``outer_mods`` see what leaves the node (masked under SecAgg+); ``inner_mods`` see the
+    training function's own reply (for tests and probes)."""
+    from twinfed.privacy.secagg import secagg_when_asked
 
-    return ClientApp(client_fn=client_fn)
+    def client_fn(context: Context):
+        return TwinClient(resolve(context), context).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[*outer_mods, secagg_when_asked, *inner_mods])
 
 
 class SimulatedNodes:

@@ -28,11 +28,13 @@ class RoundRefused(TwinfedError):
 
 @dataclass
 class RoundOutcome:
-    weights: list[np.ndarray]
+    update: list[np.ndarray]  # change of the weights over the round, clipped to the plan's range
     patients_used: int
     patients_excluded: int
     train_loss: float
     steps: int
+    update_clip_fraction: float  # share of update entries that hit the clip (should be ~0)
+    privacy: dict | None  # None only for a --no-dp baseline
 
 
 def parse_plan(text: str) -> TrainingPlan:
@@ -48,13 +50,15 @@ def round_seed(plan: TrainingPlan, site_name: str, server_round: int) -> int:
 
 
 def train_round(node: NodeConfig, plan: TrainingPlan, weights: list[np.ndarray],
-                server_round: int) -> RoundOutcome:
+                server_round: int, *, masked: bool) -> RoundOutcome:
+    if plan.privacy.secure_aggregation and not masked:
+        raise RoundRefused("the plan requires secure aggregation but this round is not SecAgg+; "
+                           "an unmasked update never leaves this node")
     # Heavy imports stay here: a deployed ClientApp starts a fresh process per message.
     import torch
 
     from twinfed.models.site_data import load_site
     from twinfed.models.surrogate import build_surrogate, get_weights, set_weights
-    from twinfed.models.train import train_local
 
     torch.set_num_threads(1)
     node.ensure_state_dir()
@@ -67,7 +71,55 @@ def train_round(node: NodeConfig, plan: TrainingPlan, weights: list[np.ndarray],
                            f"{plan.purpose!r}; import consent records before joining")
     model = build_surrogate(plan.spec, plan.model, seed=plan.seed)
     set_weights(model, weights)
-    seed = round_seed(plan, node.site_name, server_round)
-    torch.manual_seed(seed)
-    result = train_local(model, used, plan.training, seed=seed)
-    return RoundOutcome(get_weights(model), used.n_patients, excluded, result.mean_loss, result.steps)
+    if plan.privacy.enabled:
+        result, privacy = _train_private(node, plan, model, used, server_round)
+    else:
+        from twinfed.models.train import train_local
+
+        seed = round_seed(plan, node.site_name, server_round)
+        torch.manual_seed(seed)
+        result, privacy = train_local(model, used, plan.training, seed=seed), None
+    clip = plan.privacy.update_clip
+    update = [new - old for new, old in zip(get_weights(model), weights)]
+    entries = sum(u.size for u in update)
+    clipped = sum(int((np.abs(u) > clip).sum()) for u in update)
+    update = [np.clip(u, -clip, clip).astype(np.float32) for u in update]
+    return RoundOutcome(update, used.n_patients, excluded, result.mean_loss, result.steps,
+                        clipped / max(1, entries), privacy)
+
+
+def _train_private(node: NodeConfig, plan: TrainingPlan, model, used, server_round: int):
+    from twinfed.privacy.calibrate import sample_rate
+    from twinfed.privacy.dp import DPSettings, patient_examples, train_private
+    from twinfed.privacy.ledger import Segment, epsilon_of
+    from twinfed.privacy.study import open_ledger, study_privacy
+
+    data = patient_examples(used, plan.training)
+    if len(data) == 0:
+        raise RoundRefused(f"site {node.site_name}: no consented patient has a full window of "
+                           f"{plan.spec.window_steps} steps; nothing to train on")
+    ledger = open_ledger(node.state_dir, plan, len(data))
+    study = study_privacy(node.state_dir, plan, ledger, len(data))
+    # The rate follows the patients eligible today (a withdrawal raises it); the ledger decides.
+    q = sample_rate(len(data), plan.training.batch_size)
+    segment = Segment(sample_rate=q, noise_multiplier=study.noise_multiplier,
+                      steps=plan.training.local_steps, plan_sha256=plan.sha256(), round=server_round)
+    ledger.check(segment)
+    result = train_private(model, data, plan.training,
+                           DPSettings(study.noise_multiplier, plan.privacy.clipping_norm, q),
+                           steps=plan.training.local_steps)
+    # Recorded before the update leaves the node: a crash after this over-counts, never under.
+    ledger.record(segment)
+    mine = [s for s in ledger.segments if s.plan_sha256 == plan.sha256()]
+    privacy = {
+        "epsilon": epsilon_of(mine, ledger.delta, ledger.state.accountant),
+        "delta": ledger.delta,
+        "accountant": ledger.state.accountant,
+        "noise_multiplier": study.noise_multiplier,
+        "clipping_norm": plan.privacy.clipping_norm,
+        "segments": [{"sample_rate": s.sample_rate, "noise_multiplier": s.noise_multiplier,
+                      "steps": s.steps} for s in mine],
+        "site_epsilon_spent": ledger.spent(),
+        "site_epsilon_budget": ledger.budget,
+    }
+    return result, privacy

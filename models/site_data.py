@@ -49,6 +49,21 @@ class SiteData:
             covariates=self.covariates[idx],
         )
 
+    @classmethod
+    def pooled(cls, sites: list[SiteData]) -> SiteData:
+        """Several sites as one (the centralised baseline's data; never done across hospitals)."""
+        if not sites:
+            raise ValueError("pooled() needs at least one site")
+        lengths = np.concatenate([np.diff(s.offsets) for s in sites])
+        return cls(
+            spec=sites[0].spec,
+            patient_ids=[f"{i}:{pid}" for i, s in enumerate(sites) for pid in s.patient_ids],
+            series=np.concatenate([s.series for s in sites]),
+            steps=np.concatenate([s.steps for s in sites]),
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            covariates=np.concatenate([s.covariates for s in sites]),
+        )
+
     def patient_slice(self, index: int) -> slice:
         return slice(int(self.offsets[index]), int(self.offsets[index + 1]))
 

@@ -45,9 +45,14 @@ class WindowIndex:
 
     def one_per_patient(self, patients: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One uniformly drawn window start for each of ``patients`` (each must have one)."""
+        return self.per_patient(patients, rng, 1)[:, 0]
+
+    def per_patient(self, patients: np.ndarray, rng: np.random.Generator, k: int) -> np.ndarray:
+        """``[len(patients), k]`` window starts, each drawn uniformly (with replacement) from its
+        patient's windows: ``k`` looks at the same patient, still one unit of privacy."""
         counts = self.counts()[patients]
-        pick = (rng.random(len(patients)) * counts).astype(np.int64)
-        return self.starts[self.ptr[patients] + pick]
+        pick = (rng.random((len(patients), k)) * counts[:, None]).astype(np.int64)
+        return self.starts[self.ptr[patients][:, None] + pick]
 
     def window_patients(self) -> np.ndarray:
         """The patient index of every window in ``starts``."""

@@ -14,6 +14,7 @@ from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid
 
 from twinfed.models.plan import TrainingPlan
+from twinfed.privacy.secagg import check_secagg, server_workflow
 from twinfed.server.settings import StudySettings
 from twinfed.server.strategy import Progress, TwinStrategy
 
@@ -29,10 +30,13 @@ def run_study(grid: Grid, context: Context, plan: TrainingPlan, *, out_dir: Path
 
     started = time.perf_counter()
     init = get_weights(build_surrogate(plan.spec, plan.model, seed=plan.seed))
-    strategy = TwinStrategy(plan, init, min_nodes=min_nodes, progress=progress)
+    masked = plan.privacy.secure_aggregation
+    check_secagg(plan, min_nodes)
+    strategy = TwinStrategy(plan, init, min_nodes=min_nodes, progress=progress, masked=masked)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=plan.rounds),
                            strategy=strategy)
-    DefaultWorkflow()(grid, legacy)
+    fit = server_workflow(min_nodes, plan.privacy.update_clip) if masked else None
+    DefaultWorkflow(fit_workflow=fit)(grid, legacy)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     Twin.from_weights(plan, strategy.final_weights).save(out_dir)
@@ -42,6 +46,7 @@ def run_study(grid: Grid, context: Context, plan: TrainingPlan, *, out_dir: Path
         "rounds": plan.rounds,
         "rounds_with_update": sum(1 for h in strategy.history if h["sites_trained"]),
         "strategy": plan.strategy,
+        "privacy": _privacy_label(plan),
         "sites": {name: asdict(rec) for name, rec in sorted(strategy.sites.items())},
         "history": strategy.history,
         "model_dir": "model",
@@ -49,6 +54,20 @@ def run_study(grid: Grid, context: Context, plan: TrainingPlan, *, out_dir: Path
     } | (extra or {})
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _privacy_label(plan: TrainingPlan) -> dict:
+    p = plan.privacy
+    label = {"differential_privacy": p.enabled, "secure_aggregation": p.secure_aggregation,
+             "epsilon_per_site": p.epsilon if p.enabled else None,
+             "delta_max": p.delta if p.enabled else None, "clipping_norm": p.clipping_norm,
+             "accountant": p.accountant}
+    warnings = []
+    if not p.enabled:
+        warnings.append("NO DIFFERENTIAL PRIVACY: a baseline only; this model must not leave the study")
+    if not p.secure_aggregation:
+        warnings.append("NO SECURE AGGREGATION: the coordinator saw every site's update")
+    return label | ({"warning": "; ".join(warnings)} if warnings else {})
 
 
 def make_server_app(plan: TrainingPlan, *, out_dir: Path, min_nodes: int,

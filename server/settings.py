@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from twinfed.models.plan import ModelConfig, TrainingConfig, TrainingPlan
+from twinfed.models.plan import ModelConfig, PrivacyConfig, TrainingConfig, TrainingPlan
 from twinfed.models.spec import load_spec
 
 
@@ -25,6 +25,14 @@ class StudySettings(BaseModel):
     local_steps: Annotated[int, Field(gt=0)] = TrainingConfig().local_steps
     batch_size: Annotated[int, Field(gt=0)] = TrainingConfig().batch_size
     learning_rate: Annotated[float, Field(gt=0)] = TrainingConfig().learning_rate
+    windows_per_patient: Annotated[int, Field(gt=0)] = TrainingConfig().windows_per_patient
+    # Privacy is on unless a run config turns it off (baselines and benchmarks only).
+    differential_privacy: bool = PrivacyConfig().enabled
+    epsilon: Annotated[float, Field(gt=0)] = PrivacyConfig().epsilon
+    delta: Annotated[float, Field(gt=0, lt=1)] = PrivacyConfig().delta
+    clipping_norm: Annotated[float, Field(gt=0)] = PrivacyConfig().clipping_norm
+    accountant: Literal["rdp", "prv"] = PrivacyConfig().accountant
+    secure_aggregation: bool = PrivacyConfig().secure_aggregation
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> StudySettings:
@@ -35,6 +43,11 @@ class StudySettings(BaseModel):
             spec=load_spec(self.spec),
             model=ModelConfig(hidden=self.hidden, layers=self.layers),
             training=TrainingConfig(local_steps=self.local_steps, batch_size=self.batch_size,
-                                    learning_rate=self.learning_rate),
+                                    learning_rate=self.learning_rate,
+                                    windows_per_patient=self.windows_per_patient),
             rounds=self.rounds, seed=self.seed,
+            privacy=PrivacyConfig(enabled=self.differential_privacy, epsilon=self.epsilon,
+                                  delta=self.delta, clipping_norm=self.clipping_norm,
+                                  accountant=self.accountant,
+                                  secure_aggregation=self.secure_aggregation),
         )

@@ -1,15 +1,19 @@
-"""The coordinator's strategy: FedAvg over the nodes that trained, with a round-by-round record.
+"""The coordinator's strategy: FedAvg of the nodes' weight changes, with a round-by-round record.
 
-Refused replies (``status="refused"``) carry no weights and are left out of the average; they
-are recorded with their one-line reason. Only aggregate, plan-declared figures are kept.
+Nodes send the change of the weights over the round, each with weight 1. Under SecAgg+ the
+coordinator only ever holds the masked mean over every node that replied; refusing nodes send a
+zero change, so the mean over the nodes that trained is that mean times replied / trained.
+Refusals are recorded with their one-line reason. Only aggregate, plan-declared figures are kept.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.common import FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
 
@@ -26,11 +30,13 @@ class SiteRecord:
     rounds_refused: int = 0
     last_train_loss: float | None = None
     refusals: list[dict] = field(default_factory=list)
+    privacy: dict | None = None
 
 
 class TwinStrategy(FedAvg):
     def __init__(self, plan: TrainingPlan, initial_weights, *, min_nodes: int,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, masked: bool = False):
+        self.masked = masked
         self.plan = plan
         self.plan_json = plan.canonical_json()
         self.progress = progress or (lambda _msg: None)
@@ -51,38 +57,48 @@ class TwinStrategy(FedAvg):
         return {"plan": self.plan_json, "round": server_round}
 
     def aggregate_fit(self, server_round, results, failures):
-        trained: list = []
+        trained = 0
         patients = 0
         losses = []
+        sums: list[np.ndarray] | None = None
         for proxy, res in results:
             m = res.metrics
             site = str(m.get("site", proxy.cid))
             rec = self.sites.setdefault(site, SiteRecord())
-            if m.get("status") == "ok":
-                trained.append((proxy, res))
-                rec.rounds_joined += 1
-                rec.patients_used = int(m["patients_used"])
-                rec.patients_excluded = int(m["patients_excluded"])
-                rec.last_train_loss = float(m["train_loss"])
-                patients += res.num_examples
-                losses.append((res.num_examples, float(m["train_loss"])))
-            else:
+            if m.get("status") != "ok":
                 rec.rounds_refused += 1
                 rec.refusals.append({"round": server_round, "reason": str(m.get("reason", ""))})
-        aggregated, _ = super().aggregate_fit(server_round, trained, failures) if trained else (None, {})
-        if aggregated is not None:
-            self.final_weights = parameters_to_ndarrays(aggregated)
+                continue
+            trained += 1
+            rec.rounds_joined += 1
+            rec.patients_used = int(m["patients_used"])
+            rec.patients_excluded = int(m["patients_excluded"])
+            rec.last_train_loss = float(m["train_loss"])
+            if m.get("privacy"):
+                rec.privacy = json.loads(str(m["privacy"]))
+            patients += rec.patients_used
+            losses.append((rec.patients_used, rec.last_train_loss))
+            if not self.masked:
+                update = parameters_to_ndarrays(res.parameters)
+                sums = update if sums is None else [a + b for a, b in zip(sums, update)]
+        if trained:
+            if self.masked:  # every reply carries the same masked mean over all replies
+                mean = [u * (len(results) / trained) for u in parameters_to_ndarrays(results[0][1].parameters)]
+            else:
+                mean = [u / trained for u in sums]
+            self.final_weights = [w + u.astype(w.dtype) for w, u in zip(self.final_weights, mean)]
         loss = sum(n * v for n, v in losses) / max(1, sum(n for n, _ in losses)) if losses else None
         seconds = time.perf_counter() - self._round_started
-        entry = {"round": server_round, "sites_trained": len(trained),
-                 "sites_refused": len(results) - len(trained), "failures": len(failures),
+        entry = {"round": server_round, "sites_trained": trained,
+                 "sites_refused": len(results) - trained, "failures": len(failures),
                  "patients": patients, "train_loss": loss, "seconds": round(seconds, 3)}
         self.history.append(entry)
         loss_text = f"{loss:.4f}" if loss is not None else "-"
-        self.progress(f"round {server_round}/{self.plan.rounds}: {len(trained)} site(s) trained, "
-                      f"{len(results) - len(trained)} refused, {len(failures)} failed, "
+        label = "" if self.plan.privacy.enabled else " [NO DIFFERENTIAL PRIVACY]"
+        self.progress(f"round {server_round}/{self.plan.rounds}{label}: {trained} site(s) trained, "
+                      f"{len(results) - trained} refused, {len(failures)} failed, "
                       f"{patients} patients, loss {loss_text}, {seconds:.1f} s")
-        return aggregated, {}
+        return ndarrays_to_parameters(self.final_weights), {}
 
     def __repr__(self) -> str:
         return "TwinStrategy(FedAvg)"

@@ -102,3 +102,10 @@ def test_whatif_prints_scenarios_side_by_side_and_plots(tmp_path, capsys):
     assert "usual" in out and "snack" in out and "observed" in out and "+60" in out
     assert (tmp_path / "w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "p0" not in out  # the patient id is the user's input, never echoed into outputs
+
+
+def test_secure_aggregation_with_two_sites_is_refused_before_anything_runs(tmp_path, capsys):
+    a, b = (write_site(tmp_path / n, n_patients=3, n_steps=40) for n in "ab")
+    assert main(["simulate", "--spec", "glucose", "--site", f"a={a}", "--site", f"b={b}",
+                 "--out", str(tmp_path / "run")]) == 1
+    assert "secure aggregation needs at least 3 sites" in capsys.readouterr().err

@@ -22,7 +22,8 @@ def study(tmp_path_factory):
                        "p1,withdrawn,twin-training,2026-02-01T00:00:00Z\n")
     write_site(root / "holdout", n_patients=3, n_steps=100, seed=3)
     code = main(["simulate", "--spec", "glucose", "--site", f"a={root / 'a'}", "--site", f"b={root / 'b'}",
-                 "--rounds", "2", "--local-steps", "3", "--hidden", "16", "--out", str(root / "run")])
+                 "--rounds", "2", "--local-steps", "3", "--hidden", "16", "--no-secagg",
+                 "--out", str(root / "run")])
     assert code == 0
     return root
 
@@ -36,6 +37,10 @@ def test_simulate_writes_a_summary_with_rounds_and_per_site_counts(study):
     assert summary["sites"]["b"]["patients_used"] == 4
     assert summary["sites"]["b"]["patients_excluded"] == 2
     assert [h["round"] for h in summary["history"]] == [1, 2]
+    # Privacy is on by default; turning secure aggregation off is labelled in the output.
+    assert summary["privacy"]["differential_privacy"] is True
+    assert "NO SECURE AGGREGATION" in summary["privacy"]["warning"]
+    assert summary["sites"]["a"]["privacy"]["epsilon"] <= 3.0
 
 
 def test_simulate_writes_the_model_with_its_spec_and_plan(study):
@@ -65,7 +70,7 @@ def test_a_site_without_consented_patients_is_refused_and_the_study_goes_on(tmp_
     write_site(tmp_path / "none", n_patients=4, n_steps=80, seed=6, consent=None)
     code = main(["simulate", "--spec", "glucose", "--site", f"ok={tmp_path / 'ok'}",
                  "--site", f"none={tmp_path / 'none'}", "--rounds", "1", "--local-steps", "2",
-                 "--hidden", "8", "--out", str(tmp_path / "run")])
+                 "--hidden", "8", "--no-secagg", "--out", str(tmp_path / "run")])
     assert code == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["sites"]["ok"]["rounds_joined"] == 1

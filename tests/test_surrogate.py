@@ -70,6 +70,17 @@ def test_one_training_example_is_one_patient(site):
     assert x.shape[0] == 3 and y.shape[0] == 3
 
 
+def test_an_example_of_k_windows_draws_them_all_from_its_own_patient(site):
+    data = PatientWindows(site, seed=0, windows_per_patient=5)
+    x, y = data.draw(np.array([1, 3]))
+    assert x.shape == (2, 5, Scaler(site.spec).n_features) and y.shape == (2, 5, 12)
+    rng = np.random.default_rng(0)
+    starts = data.index.per_patient(data.patients[[1, 3]], rng, 5)
+    for p, row in zip(data.patients[[1, 3]], starts):
+        sl = site.patient_slice(int(p))
+        assert all(sl.start <= s < sl.stop for s in row)  # never a window of another patient
+
+
 def test_short_training_lowers_the_loss(site):
     spec = site.spec
     net = build_surrogate(spec, ModelConfig(hidden=32))
@@ -99,3 +110,9 @@ def test_set_weights_refuses_the_wrong_number_of_arrays():
     net = build_surrogate(load_spec("glucose"), ModelConfig(hidden=8))
     with pytest.raises(ValueError, match="expected"):
         set_weights(net, get_weights(net)[:-1])
+
+
+def test_an_empty_draw_of_patients_gives_empty_tensors_of_the_right_width(site):
+    data = PatientWindows(site, seed=0)
+    x, y = data.draw(np.array([], dtype=np.int64))
+    assert x.shape == (0, 1, Scaler(site.spec).n_features) and y.shape == (0, 1, 12)

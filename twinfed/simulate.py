@@ -16,6 +16,7 @@ from twinfed.client.app import SimulatedNodes, make_client_app
 from twinfed.client.node import NodeConfig
 from twinfed.errors import TwinfedError
 from twinfed.models.plan import TrainingPlan
+from twinfed.privacy.secagg import check_secagg
 from twinfed.server.app import make_server_app
 from twinfed.server.strategy import Progress
 
@@ -27,7 +28,10 @@ class SiteRef:
 
 
 def run_simulated_study(plan: TrainingPlan, sites: list[SiteRef], out_dir: str | Path, *,
-                        progress: Progress, cpus: int | None = None) -> dict:
+                        progress: Progress, cpus: int | None = None, state_root: Path | None = None,
+                        outer_mods=(), inner_mods=()) -> dict:
+    """``state_root/<site>`` holds each node's state (default ``out_dir/nodes``): give the same
+    root to later studies to model the same hospitals, with their privacy ledgers."""
     from flwr.simulation import run_simulation
 
     out_dir = Path(out_dir)
@@ -38,23 +42,35 @@ def run_simulated_study(plan: TrainingPlan, sites: list[SiteRef], out_dir: str |
         if not s.data_dir.is_dir():
             raise TwinfedError(f"site {s.name}: {s.data_dir} is not a directory")
     nodes = [NodeConfig(site_name=s.name, site_data=s.data_dir.resolve(),
-                        state_dir=(out_dir / "nodes" / s.name).resolve()) for s in sites]
+                        state_dir=(Path(state_root or out_dir / "nodes") / s.name).resolve())
+             for s in sites]
+    check_secagg(plan, len(sites))
     out_dir.mkdir(parents=True, exist_ok=True)
     cpus = cpus or min(2, os.cpu_count() or 1)
     server_app = make_server_app(plan, out_dir=out_dir, min_nodes=len(sites), progress=progress,
                                  extra={"engine": "simulation"})
-    client_app = make_client_app(SimulatedNodes(nodes))
+    client_app = make_client_app(SimulatedNodes(nodes), outer_mods=outer_mods, inner_mods=inner_mods)
     # Flower's own log is for developers; failures still surface through the summary.
     logging.getLogger("flwr").setLevel(logging.ERROR)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     (out_dir / "summary.json").unlink(missing_ok=True)
-    run_simulation(
-        server_app=server_app, client_app=client_app, num_supernodes=len(sites),
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": False},
-        },
-    )
+    try:
+        run_simulation(
+            server_app=server_app, client_app=client_app, num_supernodes=len(sites),
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": False},
+            },
+        )
+    except TwinfedError:
+        raise
+    except Exception as exc:  # the engine re-raises the ServerApp's failure from its thread
+        cause = exc.__cause__ or exc
+        if isinstance(cause, TwinfedError):
+            raise cause from None
+        raise TwinfedError(f"the study failed in Flower's engine ({type(cause).__name__}: "
+                           f"{str(cause).splitlines()[0] if str(cause) else ''}); run again with "
+                           "--debug for the traceback") from exc
     summary_path = out_dir / "summary.json"
     if not summary_path.is_file():
         raise TwinfedError("the study did not finish (no summary.json); run again with --debug "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from twinfed.cli.table import format_table
 from twinfed.errors import TwinfedError
-from twinfed.models.plan import ModelConfig, TrainingConfig
+from twinfed.models.plan import ModelConfig, PrivacyConfig, TrainingConfig
 
 
 def register(sub) -> None:
@@ -22,12 +22,15 @@ def register(sub) -> None:
                      help="a hospital's site directory; repeat per site")
     _study_flags(sim)
     sim.add_argument("--out", type=Path, required=True, help="run directory RUN_DIR")
+    sim.add_argument("--state", type=Path,
+                     help="node states live in STATE/<site> (default RUN_DIR/nodes); reuse it to run "
+                          "another study on the same hospitals and their privacy ledgers")
     sim.set_defaults(func=cmd_simulate)
 
     demo = sub.add_parser("demo", help="generate a cohort, train a federated twin, evaluate, what-if",
                           description="End to end on a virtual glucose cohort of 3 hospitals.")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--patients", type=int, default=300, help="patients per hospital")
+    demo.add_argument("--patients", type=int, default=1000, help="patients per hospital")
     demo.add_argument("--days", type=float, default=7.0)
     _study_flags(demo, rounds=20)
     demo.set_defaults(func=cmd_demo)
@@ -43,6 +46,20 @@ def _study_flags(p, rounds: int = 5) -> None:
     p.add_argument("--batch-size", type=int, default=TrainingConfig().batch_size,
                    help="patients per step")
     p.add_argument("--lr", type=float, default=TrainingConfig().learning_rate, help="learning rate")
+    p.add_argument("--windows-per-patient", type=int, default=TrainingConfig().windows_per_patient,
+                   help="windows averaged into one patient's example (still one unit of privacy)")
+    dp = PrivacyConfig()
+    p.add_argument("--epsilon", type=float, default=dp.epsilon,
+                   help=f"privacy budget per site for the whole study (default {dp.epsilon:g})")
+    p.add_argument("--delta", type=float, default=dp.delta,
+                   help=f"DP delta (default {dp.delta:g}; a site never uses more than 1/N)")
+    p.add_argument("--clip", type=float, default=dp.clipping_norm,
+                   help=f"per-patient gradient norm bound (default {dp.clipping_norm:g})")
+    p.add_argument("--accountant", choices=["rdp", "prv"], default=dp.accountant)
+    p.add_argument("--no-dp", action="store_true",
+                   help="BASELINES ONLY: train without differential privacy (labelled in every output)")
+    p.add_argument("--no-secagg", action="store_true",
+                   help="BENCHMARKS ONLY: send updates without secure aggregation")
 
 
 def _progress(msg: str) -> None:
@@ -59,7 +76,11 @@ def _plan(spec, args):
             spec=spec, rounds=args.rounds, seed=args.seed,
             model=ModelConfig(hidden=args.hidden, layers=args.layers),
             training=TrainingConfig(local_steps=args.local_steps, batch_size=args.batch_size,
-                                    learning_rate=args.lr),
+                                    learning_rate=args.lr,
+                                    windows_per_patient=args.windows_per_patient),
+            privacy=PrivacyConfig(enabled=not args.no_dp, epsilon=args.epsilon, delta=args.delta,
+                                  clipping_norm=args.clip, accountant=args.accountant,
+                                  secure_aggregation=not args.no_secagg),
         )
     except ValidationError as exc:
         err = exc.errors()[0]
@@ -95,16 +116,28 @@ def cmd_simulate(args) -> int:
         sites = [SiteRef(name, cohort_dir / name) for name in summary.sites]
         spec = load_spec(args.spec or cohort_dir / "spec.toml")
     plan = _plan(spec, args)
-    summary = run_simulated_study(plan, sites, args.out, progress=_progress)
+    summary = run_simulated_study(plan, sites, args.out, progress=_progress, state_root=args.state)
     _print_sites(summary)
     print(f"wrote {args.out}/summary.json and {args.out}/model/")
+    if not summary["rounds_with_update"]:
+        raise TwinfedError("no site trained in any round (see the refusals above and in "
+                           "summary.json); the model is unchanged")
     return 0
 
 
 def _print_sites(summary: dict) -> None:
-    rows = [[name, s["patients_used"], s["patients_excluded"], s["rounds_joined"], s["rounds_refused"],
-             s["last_train_loss"]] for name, s in summary["sites"].items()]
-    print(format_table(["site", "patients used", "excluded", "rounds joined", "refused", "train loss"], rows))
+    rows = []
+    for name, s in summary["sites"].items():
+        p = s.get("privacy") or {}
+        rows.append([name, s["patients_used"], s["patients_excluded"], s["rounds_joined"],
+                     s["rounds_refused"], p.get("epsilon"), p.get("noise_multiplier")])
+    print(format_table(["site", "patients used", "excluded", "rounds joined", "refused", "epsilon",
+                        "noise"], rows))
+    if summary.get("privacy", {}).get("warning"):
+        print(f"WARNING: {summary['privacy']['warning']}")
+    for name, s in summary["sites"].items():
+        for r in s["refusals"][:1]:
+            print(f"{name} refused round {r['round']}: {r['reason']}")
 
 
 def cmd_demo(args) -> int:

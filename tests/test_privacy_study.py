@@ -1,0 +1,136 @@
+"""Differential privacy and SecAgg+ on the real Flower simulation engine."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray.cloudpickle
+from opacus.accountants import RDPAccountant
+
+from builders import write_site
+from twinfed.cli.main import main
+from twinfed.models.plan import ModelConfig, PrivacyConfig, TrainingConfig, TrainingPlan
+from twinfed.models.spec import load_spec
+from twinfed.models.surrogate import build_surrogate, get_weights
+from twinfed.models.twin import Twin
+from twinfed.simulate import SiteRef, run_simulated_study
+
+pytestmark = pytest.mark.slow
+# The probes below travel to Ray's workers by value, not by module name.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sites")
+    return [write_site(root / n, n_patients=12, n_steps=100, seed=i) for i, n in enumerate("abcd")]
+
+
+def _site_args(sites, n=3):
+    return [a for i, d in enumerate(sites[:n]) for a in ("--site", f"{'abcd'[i]}={d}")]
+
+
+def test_a_dp_secagg_study_stays_within_budget_and_a_second_study_is_refused(sites, tmp_path, capsys):
+    common = ["simulate", "--spec", "glucose", *_site_args(sites), "--rounds", "2", "--local-steps", "3",
+              "--batch-size", "4", "--hidden", "8", "--epsilon", "3", "--state", str(tmp_path / "nodes")]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["privacy"]["differential_privacy"] and summary["privacy"]["secure_aggregation"]
+    for site in summary["sites"].values():
+        p = site["privacy"]
+        assert 2.95 <= p["epsilon"] <= 3.0
+        assert p["delta"] == 1e-5 and p["accountant"] == "rdp" and p["clipping_norm"] == PrivacyConfig().clipping_norm
+        assert sum(s["steps"] for s in p["segments"]) == 6
+        acc = RDPAccountant()  # an independent accountant over the same segments
+        acc.history = [(s["noise_multiplier"], s["sample_rate"], s["steps"]) for s in p["segments"]]
+        assert acc.get_epsilon(delta=p["delta"]) == pytest.approx(p["epsilon"], rel=1e-9)
+
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "two")]) == 1
+    assert "no site trained in any round" in capsys.readouterr().err
+    second = json.loads((tmp_path / "two" / "summary.json").read_text())
+    for site in second["sites"].values():
+        assert site["rounds_joined"] == 0 and site["rounds_refused"] == 2
+        assert site["refusals"][0]["reason"].startswith("privacy budget exhausted")
+    ledger = json.loads((tmp_path / "nodes" / "a" / "privacy_ledger.json").read_text())
+    assert len(ledger["segments"]) == 2  # the refused study spent nothing
+
+
+def _plan(*, secagg: bool, rounds: int = 1) -> TrainingPlan:
+    return TrainingPlan(spec=load_spec("glucose"), rounds=rounds, seed=3, model=ModelConfig(hidden=8),
+                        training=TrainingConfig(local_steps=3, batch_size=4),
+                        privacy=PrivacyConfig(enabled=False, secure_aggregation=secagg))
+
+
+def _weights(run: Path) -> list[np.ndarray]:
+    return get_weights(Twin.load(run).surrogate)
+
+
+def test_the_secagg_aggregate_equals_the_plain_mean_within_quantisation_error(sites, tmp_path):
+    refs = [SiteRef("abc"[i], d) for i, d in enumerate(sites[:3])]
+    run_simulated_study(_plan(secagg=True), refs, tmp_path / "masked", progress=lambda m: None)
+    run_simulated_study(_plan(secagg=False), refs, tmp_path / "plain", progress=lambda m: None)
+    step = 2 * PrivacyConfig().update_clip / 2**22
+    for a, b in zip(_weights(tmp_path / "masked"), _weights(tmp_path / "plain")):
+        assert np.abs(a - b).max() <= 2 * step + 1e-6
+    init = get_weights(build_surrogate(load_spec("glucose"), ModelConfig(hidden=8), seed=3))
+    assert max(np.abs(a - b).max() for a, b in zip(_weights(tmp_path / "plain"), init)) > 100 * step
+
+
+class Probe:
+    """Saves what one node's mod layer sees; optionally crashes a node after it shared keys."""
+
+    def __init__(self, out: Path, kind: str, drop: int | None = None):
+        self.out, self.kind, self.drop = out, kind, drop
+
+    def __call__(self, msg, ctxt, call_next):
+        from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
+        from flwr.compat.common import recorddict_compat as compat
+
+        pid = int(ctxt.node_config["partition-id"])
+        configs = msg.content.config_records.get("secaggplus_configs")
+        stage = configs.get("stage") if configs is not None else None
+        if self.kind == "outer" and stage == "collect_masked_vectors" and pid == self.drop:
+            raise RuntimeError("node lost after sharing its keys")
+        reply = call_next(msg, ctxt)
+        if self.kind == "outer" and stage == "collect_masked_vectors":
+            masked = reply.content.config_records["secaggplus_configs"]["masked_params"]
+            np.savez(self.out / f"masked-{pid}.npz", *[bytes_to_ndarray(b) for b in masked])
+        if self.kind == "inner":
+            fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+            np.savez(self.out / f"update-{pid}.npz", *parameters_to_ndarrays(fitres.parameters))
+        return reply
+
+
+def _load(path: Path) -> np.ndarray:
+    with np.load(path) as z:
+        return np.concatenate([z[k].ravel() for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))])
+
+
+def test_a_masked_update_reveals_nothing_and_a_round_survives_a_node_lost_after_key_sharing(sites, tmp_path):
+    refs = [SiteRef("abcd"[i], d) for i, d in enumerate(sites)]
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    summary = run_simulated_study(_plan(secagg=True), refs, tmp_path / "run", progress=lambda m: None,
+                                  outer_mods=[Probe(probes, "outer", drop=3)],
+                                  inner_mods=[Probe(probes, "inner")])
+    assert summary["history"][0]["sites_trained"] == 3  # node 3 was lost mid-round
+
+    update = _load(probes / "update-0.npz")
+    masked = _load(probes / "masked-0.npz").astype(np.float64)[1:]  # [0] is the masked weight
+    assert masked.size == update.size
+    # The masked vector is uniform over the 2^32 ring and uncorrelated with the update.
+    u = masked / 2**32
+    assert abs(u.mean() - 0.5) < 0.02 and abs(u.var() - 1 / 12) < 0.01
+    counts = np.histogram(u, bins=10, range=(0, 1))[0]
+    assert counts.min() > 0.8 * u.size / 10
+    assert abs(np.corrcoef(u, update)[0, 1]) < 0.05
+
+    # What the coordinator got is the mean of the three surviving updates, nothing else.
+    mean = np.mean([_load(probes / f"update-{i}.npz") for i in range(3)], axis=0)
+    init = np.concatenate([w.ravel() for w in get_weights(build_surrogate(load_spec("glucose"),
+                                                                          ModelConfig(hidden=8), seed=3))])
+    final = np.concatenate([w.ravel() for w in _weights(tmp_path / "run")])
+    assert np.abs((final - init) - mean).max() <= 2 * 2 * 0.5 / 2**22 + 1e-6
