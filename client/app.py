@@ -1,8 +1,10 @@
 """The hospital node's Flower ClientApp.
 
 Imports stay light (no torch, no Opacus at module level): in deployment every message starts a
-fresh ``flwr-clientapp`` process. A refused round is answered, not raised: the reply carries
-``status="refused"`` and a one-line reason, and no weights.
+fresh ``flwr-clientapp`` process. Every round goes through the governance gate
+(``twinfed.client.gate``). A refused round is answered, not raised: the reply carries
+``status="refused"``, a one-line reason and a zero update; every reply carries the node's audit
+head and key fingerprint for the coordinator's log.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from flwr.client import ClientApp, NumPyClient
 from flwr.common import Context
 
 from twinfed.client.node import NodeConfig
-from twinfed.client.session import parse_plan, train_round
-from twinfed.errors import TwinfedError
 
 
 class TwinClient(NumPyClient):
@@ -32,16 +32,20 @@ class TwinClient(NumPyClient):
         self.ctx = context
 
     def fit(self, parameters, config):
+        from twinfed.client.gate import serve_round
         from twinfed.privacy.secagg import round_is_masked
 
-        base = {"site": self.node.site_name}
-        try:
-            plan = parse_plan(str(config["plan"]))
-            out = train_round(self.node, plan, parameters, int(config["round"]),
-                              masked=round_is_masked(self.ctx))
-        except TwinfedError as exc:
+        coordinator = ({"seq": int(config["coordinator_seq"]), "hash": str(config["coordinator_hash"])}
+                       if "coordinator_hash" in config else None)
+        reply = serve_round(self.node, str(config["plan"]), parameters, int(config["round"]),
+                            masked=round_is_masked(self.ctx), coordinator=coordinator)
+        base = {"site": self.node.site_name, "key_fingerprint": reply.key_fingerprint}
+        if reply.audit_head is not None:
+            base |= {"audit_seq": reply.audit_head["seq"], "audit_hash": reply.audit_head["hash"]}
+        out = reply.outcome
+        if out is None:
             zeros = [np.zeros_like(p, dtype=np.float32) for p in parameters]
-            return zeros, 1, base | {"status": "refused", "reason": str(exc)}
+            return zeros, 1, base | {"status": "refused", "reason": reply.reason}
         metrics = base | {
             "status": "ok",
             "patients_used": out.patients_used,
@@ -67,6 +71,8 @@ def node_from_context(context: Context) -> NodeConfig:
         name, _, data = entries[int(cfg["partition-id"]) % len(entries)].partition("=")
         out = Path(str(context.run_config.get("out-dir", "runs/flwr")))
         cfg = {"site-name": name, "site-data": data, "state-dir": str(out / "nodes" / name)}
+        node = NodeConfig.from_node_config(cfg)
+        return node.model_copy(update={"simulation_operator": "operator:flwr-run-simulation"})
     return NodeConfig.from_node_config(cfg)
 
 

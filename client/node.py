@@ -20,6 +20,9 @@ class NodeConfig(BaseModel):
     site_name: str
     site_data: Path
     state_dir: Path
+    # Simulation only: who sets up the node's state and approves plans in the officer's stead
+    # (see ``twinfed.client.provision``). A deployed node never has one.
+    simulation_operator: str | None = None
 
     @classmethod
     def from_node_config(cls, cfg: dict) -> NodeConfig:

@@ -1,9 +1,10 @@
-"""One round of work on a hospital node, in the order privacy requires.
+"""One round of training on a hospital node, once the governance gate let it through.
 
-1. parse and check the plan (the governance gate: later issues add approval and budget here),
-2. load the site's data and keep only patients consented for the plan's purpose,
-3. train locally from the global weights,
-4. report only aggregate, plan-declared figures.
+1. load the site's data and keep only patients whose consent (the node's registry) covers the
+   plan's purpose,
+2. check the round's privacy spend against the node's ledger, train with DP-SGD from the global
+   weights, record the spend,
+3. return the clipped weight change and only aggregate, plan-declared figures.
 
 Nothing here logs patient identifiers or values.
 """
@@ -18,7 +19,6 @@ import numpy as np
 
 from twinfed.client.node import NodeConfig
 from twinfed.errors import ConsentError, PlanError, TwinfedError
-from twinfed.governance.consent import granted, site_consent
 from twinfed.models.plan import TrainingPlan
 
 
@@ -50,10 +50,8 @@ def round_seed(plan: TrainingPlan, site_name: str, server_round: int) -> int:
 
 
 def train_round(node: NodeConfig, plan: TrainingPlan, weights: list[np.ndarray],
-                server_round: int, *, masked: bool) -> RoundOutcome:
-    if plan.privacy.secure_aggregation and not masked:
-        raise RoundRefused("the plan requires secure aggregation but this round is not SecAgg+; "
-                           "an unmasked update never leaves this node")
+                server_round: int) -> RoundOutcome:
+    """Train one admitted round (see ``twinfed.client.gate``, which must have let it through)."""
     # Heavy imports stay here: a deployed ClientApp starts a fresh process per message.
     import torch
 
@@ -63,12 +61,14 @@ def train_round(node: NodeConfig, plan: TrainingPlan, weights: list[np.ndarray],
     torch.set_num_threads(1)
     node.ensure_state_dir()
     site = load_site(node.site_data, plan.spec)
-    consented = granted(site_consent(node.site_data), plan.purpose)
-    used = site.subset(consented)
+    from twinfed.governance.consent_registry import granted_patients
+
+    used = site.subset(granted_patients(node.state_dir, plan.purpose))
     excluded = site.n_patients - used.n_patients
     if used.n_patients == 0:
         raise ConsentError(f"site {node.site_name}: no patient has granted consent for purpose "
-                           f"{plan.purpose!r}; import consent records before joining")
+                           f"{plan.purpose!r} in the node's registry; import consent records with "
+                           "'twinfed consent import' before joining")
     model = build_surrogate(plan.spec, plan.model, seed=plan.seed)
     set_weights(model, weights)
     if plan.privacy.enabled:

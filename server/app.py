@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -32,7 +33,13 @@ def run_study(grid: Grid, context: Context, plan: TrainingPlan, *, out_dir: Path
     init = get_weights(build_surrogate(plan.spec, plan.model, seed=plan.seed))
     masked = plan.privacy.secure_aggregation
     check_secagg(plan, min_nodes)
-    strategy = TwinStrategy(plan, init, min_nodes=min_nodes, progress=progress, masked=masked)
+    audit = coordinator_audit(out_dir / COORDINATOR_DIRNAME)
+    audit.append("study_started", {
+        "plan_sha256": plan.sha256(), "purpose": plan.purpose, "rounds": plan.rounds,
+        "min_nodes": min_nodes, "differential_privacy": plan.privacy.enabled,
+        "epsilon_per_site": plan.privacy.epsilon, "secure_aggregation": masked})
+    strategy = TwinStrategy(plan, init, min_nodes=min_nodes, progress=progress, masked=masked,
+                            audit=audit)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=plan.rounds),
                            strategy=strategy)
     fit = server_workflow(min_nodes, plan.privacy.update_clip) if masked else None
@@ -53,7 +60,22 @@ def run_study(grid: Grid, context: Context, plan: TrainingPlan, *, out_dir: Path
         "seconds": round(time.perf_counter() - started, 3),
     } | (extra or {})
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    audit.append("study_finished", {
+        "plan_sha256": plan.sha256(), "rounds_with_update": summary["rounds_with_update"],
+        "model_sha256": hashlib.sha256((out_dir / "model" / "weights.npz").read_bytes()).hexdigest()})
     return summary
+
+
+COORDINATOR_DIRNAME = "coordinator"
+
+
+def coordinator_audit(state_dir: Path):
+    """The coordinator's own state (keys, signed audit log) under the run directory."""
+    from twinfed.governance.layout import open_audit
+    from twinfed.governance.node_state import init_coordinator
+
+    init_coordinator(state_dir, exist_ok=True)
+    return open_audit(state_dir)
 
 
 def _privacy_label(plan: TrainingPlan) -> dict:

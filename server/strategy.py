@@ -35,8 +35,10 @@ class SiteRecord:
 
 class TwinStrategy(FedAvg):
     def __init__(self, plan: TrainingPlan, initial_weights, *, min_nodes: int,
-                 progress: Progress | None = None, masked: bool = False):
+                 progress: Progress | None = None, masked: bool = False, audit=None):
         self.masked = masked
+        self.audit = audit  # the coordinator's AuditLog (twinfed.governance), or None
+        self._seen: dict[str, str] = {}  # site -> key fingerprint already pinned in the audit log
         self.plan = plan
         self.plan_json = plan.canonical_json()
         self.progress = progress or (lambda _msg: None)
@@ -54,7 +56,32 @@ class TwinStrategy(FedAvg):
 
     def _fit_config(self, server_round: int) -> dict:
         self._round_started = time.perf_counter()
-        return {"plan": self.plan_json, "round": server_round}
+        config = {"plan": self.plan_json, "round": server_round}
+        if self.audit is not None:  # the round's commitment: nodes log this entry's seq and hash
+            entry = self.audit.append("round_started", {"round": server_round,
+                                                        "plan_sha256": self.plan.sha256()})
+            config |= {"coordinator_seq": entry.seq, "coordinator_hash": entry.hash}
+        return config
+
+    def _audit_round(self, server_round: int, results, n_failures: int) -> None:
+        if self.audit is None:
+            return
+        heads, refused = {}, {}
+        for _proxy, res in results:
+            m = res.metrics
+            site = str(m.get("site", ""))
+            fingerprint = str(m.get("key_fingerprint", ""))
+            if fingerprint and self._seen.get(site) != fingerprint:
+                self.audit.append("node_seen", {"site": site, "key_fingerprint": fingerprint})
+                self._seen[site] = fingerprint
+            if "audit_hash" in m:
+                heads[site] = {"seq": int(m["audit_seq"]), "hash": str(m["audit_hash"])}
+            if m.get("status") != "ok":
+                refused[site] = str(m.get("reason", ""))
+        self.audit.append("round_aggregated", {
+            "round": server_round, "plan_sha256": self.plan.sha256(), "node_heads": heads,
+            "sites_replied": len(results), "sites_refused": refused, "failures": n_failures,
+            "model_sha256": _weights_sha256(self.final_weights)})
 
     def aggregate_fit(self, server_round, results, failures):
         trained = 0
@@ -87,6 +114,7 @@ class TwinStrategy(FedAvg):
             else:
                 mean = [u / trained for u in sums]
             self.final_weights = [w + u.astype(w.dtype) for w, u in zip(self.final_weights, mean)]
+        self._audit_round(server_round, results, len(failures))
         loss = sum(n * v for n, v in losses) / max(1, sum(n for n, _ in losses)) if losses else None
         seconds = time.perf_counter() - self._round_started
         entry = {"round": server_round, "sites_trained": trained,
@@ -102,6 +130,17 @@ class TwinStrategy(FedAvg):
 
     def __repr__(self) -> str:
         return "TwinStrategy(FedAvg)"
+
+
+def _weights_sha256(arrays) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def parameters_of(weights) -> Parameters:

@@ -14,11 +14,15 @@ from pathlib import Path
 
 from twinfed.client.app import SimulatedNodes, make_client_app
 from twinfed.client.node import NodeConfig
+from twinfed.client.provision import provision_simulated_node
 from twinfed.errors import TwinfedError
 from twinfed.models.plan import TrainingPlan
 from twinfed.privacy.secagg import check_secagg
 from twinfed.server.app import make_server_app
 from twinfed.server.strategy import Progress
+
+
+SIMULATION_OPERATOR = "operator:twinfed-simulate"
 
 
 @dataclass(frozen=True)
@@ -29,9 +33,16 @@ class SiteRef:
 
 def run_simulated_study(plan: TrainingPlan, sites: list[SiteRef], out_dir: str | Path, *,
                         progress: Progress, cpus: int | None = None, state_root: Path | None = None,
-                        outer_mods=(), inner_mods=()) -> dict:
+                        approve_as: str | None = SIMULATION_OPERATOR, outer_mods=(),
+                        inner_mods=()) -> dict:
     """``state_root/<site>`` holds each node's state (default ``out_dir/nodes``): give the same
-    root to later studies to model the same hospitals, with their privacy ledgers."""
+    root to later studies to model the same hospitals, with their privacy ledgers, consent
+    registries, approvals and audit logs.
+
+    ``approve_as``: the simulation's operator initialises each node's state (importing its
+    site's consent.csv) and approves the plan for it, audited under that name. ``None``: the
+    node states are used as their officers left them (``twinfed node init``, ``twinfed plan
+    approve``); a node without approval refuses every round."""
     from flwr.simulation import run_simulation
 
     out_dir = Path(out_dir)
@@ -46,6 +57,9 @@ def run_simulated_study(plan: TrainingPlan, sites: list[SiteRef], out_dir: str |
              for s in sites]
     check_secagg(plan, len(sites))
     out_dir.mkdir(parents=True, exist_ok=True)
+    if approve_as is not None:
+        for node in nodes:
+            provision_simulated_node(node, plan, operator=approve_as, reimport_consent=True)
     cpus = cpus or min(2, os.cpu_count() or 1)
     server_app = make_server_app(plan, out_dir=out_dir, min_nodes=len(sites), progress=progress,
                                  extra={"engine": "simulation"})

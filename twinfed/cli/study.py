@@ -25,6 +25,10 @@ def register(sub) -> None:
     sim.add_argument("--state", type=Path,
                      help="node states live in STATE/<site> (default RUN_DIR/nodes); reuse it to run "
                           "another study on the same hospitals and their privacy ledgers")
+    sim.add_argument("--approved-only", action="store_true",
+                     help="use the node states as their officers left them (twinfed node init, "
+                          "twinfed plan approve); by default the operator approves the plan for "
+                          "every simulated node, and each node's audit log says so")
     sim.set_defaults(func=cmd_simulate)
 
     demo = sub.add_parser("demo", help="generate a cohort, train a federated twin, evaluate, what-if",
@@ -116,7 +120,10 @@ def cmd_simulate(args) -> int:
         sites = [SiteRef(name, cohort_dir / name) for name in summary.sites]
         spec = load_spec(args.spec or cohort_dir / "spec.toml")
     plan = _plan(spec, args)
-    summary = run_simulated_study(plan, sites, args.out, progress=_progress, state_root=args.state)
+    from twinfed.simulate import SIMULATION_OPERATOR
+
+    summary = run_simulated_study(plan, sites, args.out, progress=_progress, state_root=args.state,
+                                  approve_as=None if args.approved_only else SIMULATION_OPERATOR)
     _print_sites(summary)
     print(f"wrote {args.out}/summary.json and {args.out}/model/")
     if not summary["rounds_with_update"]:
