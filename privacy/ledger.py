@@ -9,15 +9,13 @@ ledger intact.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from twinfed.atomic import write_json_atomic
 from twinfed.errors import TwinfedError
 
 LEDGER_FILE = "privacy_ledger.json"
@@ -129,23 +127,3 @@ class PrivacyLedger:
         new_state = self.state.model_copy(update={"segments": [*self.state.segments, stamped]})
         write_json_atomic(self.path, new_state.model_dump(mode="json"))
         self.state = new_state
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON so that a crash leaves either the old file or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

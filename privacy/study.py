@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict
 
 from twinfed.models.plan import TrainingPlan
 from twinfed.privacy.calibrate import noise_for_budget, sample_rate
-from twinfed.privacy.ledger import BudgetExhausted, PrivacyLedger, write_json_atomic
+from twinfed.atomic import write_json_atomic
+from twinfed.privacy.ledger import BudgetExhausted, PrivacyLedger
 
 
 class StudyPrivacy(BaseModel):

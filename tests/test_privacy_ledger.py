@@ -64,7 +64,7 @@ def test_a_crash_while_writing_leaves_the_previous_ledger(tmp_path, monkeypatch)
     def crash(*_a, **_k):
         raise OSError("disk died mid-write")
 
-    monkeypatch.setattr("twinfed.privacy.ledger.os.replace", crash)
+    monkeypatch.setattr("twinfed.atomic.os.replace", crash)
     with pytest.raises(OSError):
         ledger.record(seg(steps=7))
     assert (tmp_path / LEDGER_FILE).read_bytes() == before
