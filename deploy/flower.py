@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +26,16 @@ CLI_TIMEOUT_S = 60.0
 
 
 def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of every Flower process we start: ``FLWR_HOME`` set, and this
-    interpreter's ``bin/`` first on ``PATH`` (Flower starts its helpers by name)."""
+    """The environment of every Flower process we start: ``FLWR_HOME`` set, telemetry off, and
+    this interpreter's ``bin/`` first on ``PATH`` (Flower starts its helpers by name)."""
     env = dict(os.environ if base is None else base)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bindir, *[p for p in env.get("PATH", "").split(os.pathsep)
                                              if p and p != bindir]])
     env["FLWR_HOME"] = str(flwr_home)
+    # Flower sends anonymous usage events to its servers by default; a hospital node must not
+    # phone home (and without internet each exit would wait for the event's time-out).
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -79,16 +82,21 @@ def node_config(*, site_name: str, site_data: Path, state_dir: Path) -> str:
 
 
 def supernode_argv(*, superlink: str, ca_cert: Path, auth_key: Path, node_config: str,
-                   port: int, host: str = "127.0.0.1", insecure: bool = False) -> list[str]:
+                   port: int, host: str = "127.0.0.1", insecure: bool = False,
+                   extra: Sequence[str] = ()) -> list[str]:
     """A hospital's SuperNode. ``port`` is its local runtime API (loopback only): several nodes
-    on one host each need their own. ``insecure`` exists only to test that the SuperLink refuses
-    plaintext."""
-    tls = ["--insecure"] if insecure else ["--root-certificates", str(ca_cert)]
-    return ["flower-supernode", *tls,
+    on one host each need their own. ``insecure`` exists only to test that the SuperLink gives a
+    plaintext client nothing: such a client sends no authentication key (Flower itself refuses
+    to send one without TLS)."""
+    if insecure:
+        security = ["--insecure"]
+    else:
+        security = ["--root-certificates", str(ca_cert), "--auth-supernode-private-key",
+                    str(auth_key)]
+    return ["flower-supernode", *security,
             "--superlink", superlink,
-            "--auth-supernode-private-key", str(auth_key),
             "--node-config", node_config,
-            "--host", host, "--port", str(port)]
+            "--host", host, "--port", str(port), *extra]
 
 
 def write_cli_connection(flwr_home: Path, *, address: str, ca_cert: Path,

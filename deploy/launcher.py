@@ -34,17 +34,18 @@ Progress = Callable[[str], None]
 
 LOOPBACK = "127.0.0.1"
 SUPERLINK_START_TIMEOUT_S = 60.0
-NODES_ONLINE_TIMEOUT_S = 90.0
 STUDY_TIMEOUT_S = 3600.0
 POLL_S = 0.5
+# Two missed heartbeats at Flower's fixed 30 s interval, and a margin.
+ACTIVATION_TIMEOUT_S = 90.0
+RESTART_DELAY_S = 3.0
+# What flower-supernode 1.42 logs once the SuperLink has activated it, and when it refuses to.
+ACTIVATED = "SuperNode ID:"
+REFUSED_ACTIVATION = "Failed to activate SuperNode"
 
-# `twinfed simulate`'s study flags (argparse dest) -> the Flower App's run-config keys.
-FLAG_KEYS = {
-    "rounds": "rounds", "seed": "seed", "hidden": "hidden", "layers": "layers",
-    "local_steps": "local-steps", "batch_size": "batch-size", "lr": "learning-rate",
-    "epsilon": "epsilon", "delta": "delta", "clip": "clip", "accountant": "accountant",
-    "no_dp": "no-dp", "no_secagg": "no-secagg",
-}
+# Whoever runs `deploy local` sets up the nodes' governance state for them, audited under this
+# name (never passed off as a privacy officer's approval), as `twinfed simulate` does.
+DEPLOY_OPERATOR = "operator:twinfed-deploy-local"
 
 
 def default_app_dir() -> Path:
@@ -76,27 +77,35 @@ def app_run_config_keys(app_dir: Path) -> set[str]:
     return set(tomllib.loads(p.read_text())["tool"]["flwr"]["app"].get("config", {}))
 
 
-def study_run_config(app_keys: set[str], *, spec: str, out_dir: Path, min_nodes: int,
-                     flags: dict, defaults: dict) -> dict:
-    """The run config for ``flwr run`` from the study flags. A key the app does not declare is
-    left out when its flag has its default, and is an error otherwise (``flwr run`` would reject
-    it, and silently dropping a privacy setting is not an option)."""
-    cfg = {"spec": spec, "out-dir": str(Path(out_dir).resolve()), "min-nodes": min_nodes}
-    for dest, key in FLAG_KEYS.items():
-        if dest in flags:
-            cfg[key] = flags[dest]
-    out = {}
-    for key, value in cfg.items():
-        if key in app_keys:
-            out[key] = value
-            continue
-        dest = next((d for d, k in FLAG_KEYS.items() if k == key), None)
-        if dest is not None and defaults.get(dest) == value:
-            continue
-        flag = "--" + (dest or key).replace("_", "-")
-        raise DeployError(f"this twinfed app has no run-config key {key!r}, so {flag} cannot "
-                          "reach the coordinator; leave it at its default or update twinfed")
-    return out
+def plan_run_config(plan, *, spec: str, out_dir: Path, min_nodes: int) -> dict:
+    """The run config that makes the coordinator's ServerApp run exactly ``plan``.
+
+    Checked by rebuilding the plan the way the ServerApp will (``StudySettings``): the nodes
+    approve ``plan``'s hash, so a setting lost on the way would make every node refuse."""
+    from twinfed.server.settings import StudySettings
+
+    t, p = plan.training, plan.privacy
+    cfg = {"spec": spec, "out-dir": str(Path(out_dir).resolve()), "min-nodes": min_nodes,
+           "rounds": plan.rounds, "seed": plan.seed, "hidden": plan.model.hidden,
+           "layers": plan.model.layers, "local-steps": t.local_steps, "batch-size": t.batch_size,
+           "learning-rate": t.learning_rate, "windows-per-patient": t.windows_per_patient,
+           "differential-privacy": p.enabled, "epsilon": p.epsilon, "delta": p.delta,
+           "clipping-norm": p.clipping_norm, "accountant": p.accountant,
+           "secure-aggregation": p.secure_aggregation}
+    again = StudySettings.from_run_config(cfg).plan()
+    if again.sha256() != plan.sha256():
+        raise DeployError("the run config does not reproduce the study plan (twinfed's "
+                          "StudySettings and TrainingPlan disagree); update twinfed.deploy.launcher")
+    return cfg
+
+
+def check_run_config_keys(run_config: dict, app_keys: set[str], app_dir: Path) -> None:
+    """``flwr run`` accepts only keys the app declares in ``[tool.flwr.app.config]``."""
+    unknown = sorted(set(run_config) - app_keys)
+    if unknown:
+        raise DeployError(f"the Flower App in {app_dir} does not declare run-config key(s) "
+                          f"{', '.join(unknown)}; use the twinfed source tree of this version "
+                          "(--app) or update its pyproject.toml")
 
 
 class LocalConsortium:
@@ -122,6 +131,7 @@ class LocalConsortium:
         self.superlink_port: int | None = None
         self.nodes: dict[str, ManagedProcess] = {}
         self._others: list[ManagedProcess] = []
+        self._enrolled: set[str] = set()
         self._lock = threading.Lock()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -144,6 +154,21 @@ class LocalConsortium:
             self.certs = make_consortium_certs(certs_dir, [LOOPBACK])
         for name in self.sites:
             self.node_keys[name] = self.node_key(name)
+
+    def node_state(self, name: str):
+        from twinfed.client.node import NodeConfig
+
+        return NodeConfig(site_name=name, site_data=self.sites[name],
+                          state_dir=self.state_root / name)
+
+    def provision(self, plan, *, operator: str = DEPLOY_OPERATOR) -> None:
+        """Initialise each node's state (importing its site's consent.csv) and approve ``plan``,
+        audited under ``operator``: what hospital IT and the privacy officer do on real nodes."""
+        from twinfed.client.provision import provision_simulated_node
+
+        for name in self.sites:
+            provision_simulated_node(self.node_state(name), plan, operator=operator,
+                                     reimport_consent=True)
 
     def node_key(self, name: str) -> tuple[Path, Path]:
         d = self.deploy_dir / "keys" / name
@@ -172,8 +197,7 @@ class LocalConsortium:
         deadline = time.monotonic() + SUPERLINK_START_TIMEOUT_S
         while not port_accepts(LOOPBACK, port):
             if not proc.alive():
-                if "address already in use" in proc.last_log_line().lower() or \
-                        proc.last_log_line("already in use"):
+                if "already in use" in proc.log_since_start():
                     raise DeployError(f"the SuperLink could not bind {LOOPBACK}:{port} (in use); "
                                       f"free the port or retry; see {proc.log_path}")
                 raise proc.died_error("while starting")
@@ -186,10 +210,15 @@ class LocalConsortium:
         return proc
 
     def enrol(self, name: str) -> int | None:
-        return flower.register_node(self.node_keys[name][1], self.cli_env, name=name)
+        """Enrol site ``name``'s key; its node id, or ``None`` if the database already had it."""
+        node_id = flower.register_node(self.node_keys[name][1], self.cli_env, name=name)
+        self._enrolled.add(name)
+        return node_id
 
     def start_node(self, name: str, *, auth_key: Path | None = None, insecure: bool = False,
-                   log_name: str | None = None) -> ManagedProcess:
+                   log_name: str | None = None, extra_args: Sequence[str] = ()) -> ManagedProcess:
+        """Start site ``name``'s SuperNode. With ``log_name`` it is a probe (tests): kept apart
+        from the study's nodes, and still stopped with the consortium."""
         assert self.certs is not None, "prepare() first"
         state = self.state_root / name
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -198,7 +227,7 @@ class LocalConsortium:
             auth_key=auth_key or self.node_keys[name][0], insecure=insecure,
             node_config=flower.node_config(site_name=name, site_data=self.sites[name],
                                            state_dir=state),
-            port=free_ports(1)[0])
+            port=free_ports(1)[0], extra=extra_args)
         proc = ManagedProcess(f"supernode {name}", argv,
                               self.logs / f"{log_name or 'supernode-' + name}.log",
                               env=flower.flower_env(self.deploy_dir / "flwr" / name),
@@ -213,20 +242,37 @@ class LocalConsortium:
                 self.nodes[name] = proc
         return proc.start()
 
-    def wait_nodes_online(self, count: int | None = None,
-                          timeout: float = NODES_ONLINE_TIMEOUT_S) -> None:
-        """Until ``count`` enrolled nodes (default: all sites) are online at the SuperLink."""
-        count = len(self.sites) if count is None else count
+    def wait_node_active(self, name: str, timeout: float = ACTIVATION_TIMEOUT_S) -> None:
+        """Until site ``name``'s SuperNode is activated at the SuperLink.
+
+        After an unclean stop (a crash, SIGKILL) the SuperLink holds the node as online until two
+        heartbeats are missed (up to 60 s with Flower's fixed 30 s interval) and refuses to
+        activate it again meanwhile: the SuperNode exits. Like a service manager restarting it,
+        we start it again every few seconds until then."""
         deadline = time.monotonic() + timeout
         while True:
-            self._check_processes("before the study", watch_nodes=True)
-            online = sum(1 for s in flower.node_status(self.cli_env).values() if s == "online")
-            if online >= count:
+            proc = self.nodes[name]
+            log = proc.log_since_start()
+            if ACTIVATED in log:
                 return
+            if not proc.alive():
+                # An unenrolled key is refused with the same message: never retry one.
+                if (name not in self._enrolled or REFUSED_ACTIVATION not in log
+                        or time.monotonic() > deadline):
+                    raise proc.died_error("while connecting to the SuperLink")
+                time.sleep(RESTART_DELAY_S)
+                self.start_node(name)
+                continue
             if time.monotonic() > deadline:
-                raise DeployError(f"only {online} of {count} SuperNodes came online within "
-                                  f"{timeout:.0f} s; see the logs in {self.logs}")
-            time.sleep(POLL_S)
+                raise DeployError(f"supernode {name} did not connect within {timeout:.0f} s; "
+                                  f"see {proc.log_path}")
+            self._check_processes("while nodes connect", watch_nodes=False)
+            time.sleep(0.2)
+
+    def wait_nodes_online(self, timeout: float = ACTIVATION_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        for name in self.nodes:
+            self.wait_node_active(name, timeout=max(1.0, deadline - time.monotonic()))
 
     def start(self) -> None:
         """Everything up to a study: keys, SuperLink, enrolment, nodes online."""
@@ -360,15 +406,25 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_deployed_study(sites: dict[str, Path], run_dir: str | Path, run_config: dict, *,
+def run_deployed_study(sites: dict[str, Path], run_dir: str | Path, plan, *, spec: str,
                        app_dir: Path | None = None, state_root: Path | None = None,
-                       timeout: float = STUDY_TIMEOUT_S, progress: Progress | None = None) -> dict:
-    """Start a consortium for ``sites`` on loopback, run one study, stop everything; the summary.
+                       approve_as: str | None = DEPLOY_OPERATOR, timeout: float = STUDY_TIMEOUT_S,
+                       progress: Progress | None = None) -> dict:
+    """Run ``plan`` on a consortium of ``sites`` on loopback, then stop everything; the summary.
 
-    ``run_config`` needs at least ``out-dir``; the other keys are the app's (see
-    :func:`study_run_config`)."""
+    ``spec``: how the coordinator names the spec (a file path or a built-in twin).
+    ``approve_as``: who initialises the node states and approves the plan (audited); ``None``
+    leaves the node states as their officers left them (a node without approval refuses)."""
+    from twinfed.privacy.secagg import check_secagg
+
+    check_secagg(plan, len(sites))
+    app_dir = Path(app_dir or default_app_dir())
+    run_config = plan_run_config(plan, spec=spec, out_dir=Path(run_dir), min_nodes=len(sites))
+    check_run_config_keys(run_config, app_run_config_keys(app_dir), app_dir)
     with sigterm_as_interrupt(), LocalConsortium(run_dir, sites, state_root=state_root,
                                                  progress=progress) as consortium:
+        if approve_as is not None:
+            consortium.provision(plan, operator=approve_as)
         consortium.start()
         return consortium.run_study(run_config, app_dir=app_dir, timeout=timeout)
 

@@ -85,9 +85,11 @@ class ManagedProcess:
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
+        self.log_start = 0
 
     def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             try:
                 self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
@@ -119,17 +121,20 @@ class ManagedProcess:
         if not self.alive():
             raise self.died_error(when)
 
+    def log_since_start(self) -> str:
+        """What this run of the process logged (logs are appended across restarts)."""
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(self.log_start)
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+
     def last_log_line(self, pattern: str | None = None) -> str:
         """The last non-empty log line (containing ``pattern`` if given), ANSI colours removed."""
         import re
 
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - 16384))
-                text = fh.read().decode(errors="replace")
-        except OSError:
-            return ""
+        text = self.log_since_start()[-16384:]
         lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in text.splitlines()]
         lines = [ln for ln in lines if ln and not set(ln) <= set("│╭╮╰╯─ ")]
         if pattern:
@@ -154,24 +159,35 @@ class ManagedProcess:
         self.proc.wait(timeout=STOP_GRACE_S)
 
     def stop(self, grace: float = STOP_GRACE_S) -> None:
-        """SIGTERM the process group and every descendant; SIGKILL what is left after ``grace``."""
+        """SIGTERM the process, so Flower shuts down in order (a SuperNode tells the SuperLink
+        it leaves); then SIGTERM whatever of its tree is left; SIGKILL all after ``grace``."""
         if self.proc is None:
             return
         pid = self.proc.pid
         tree = descendants(pid)
-        if self.proc.poll() is None or tree:
-            self._signal_all(pid, tree, signal.SIGTERM)
+        if self.proc.poll() is None or any(_exists(p) for p in tree):
             deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None and not any(_exists(p) for p in tree):
-                    break
-                time.sleep(0.1)
+            if self.proc.poll() is None:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except OSError:
+                    pass
+                self._wait_until(lambda: self.proc.poll() is not None, deadline - grace / 2)
+            tree = [p for p in {*tree, *descendants(pid)} if _exists(p)]
+            self._signal_all(pid, tree, signal.SIGTERM)
+            self._wait_until(lambda: self.proc.poll() is not None
+                             and not any(_exists(p) for p in tree), deadline)
             tree = [p for p in {*tree, *descendants(pid)} if _exists(p)]
             self._signal_all(pid, tree, signal.SIGKILL)
         try:
             self.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
             pass
+
+    @staticmethod
+    def _wait_until(done, deadline: float) -> None:
+        while time.monotonic() < deadline and not done():
+            time.sleep(0.1)
 
     @staticmethod
     def _signal_all(pid: int, tree: list[int], sig: signal.Signals) -> None:

@@ -55,11 +55,15 @@ def register(sub) -> None:
     local.add_argument("--out", type=Path, required=True, help="run directory RUN_DIR")
     local.add_argument("--state", type=Path,
                        help="node states live in STATE/<site> (default RUN_DIR/nodes)")
-    local.add_argument("--app", type=Path,
+    local.add_argument("--app", type=Path, default=None,
                        help="the Flower App directory for flwr run (default: twinfed's source tree)")
     local.add_argument("--timeout", type=float, default=3600.0,
                        help="give up on the study after this many seconds (default 3600)")
-    local.set_defaults(func=cmd_local, _defaults_parser=local)
+    local.add_argument("--approved-only", action="store_true",
+                       help="use the node states as their officers left them (twinfed node init, "
+                            "plan approve); by default this command initialises each node and "
+                            "approves the plan for it, audited as operator:twinfed-deploy-local")
+    local.set_defaults(func=cmd_local)
 
 
 def _progress(msg: str) -> None:
@@ -89,25 +93,17 @@ def cmd_node_key(args) -> int:
 
 def cmd_local(args) -> int:
     from twinfed.cli.study import _plan, _print_sites, parse_sites
-    from twinfed.deploy.launcher import (FLAG_KEYS, app_run_config_keys, default_app_dir,
-                                         run_deployed_study, site_map, study_run_config)
+    from twinfed.deploy.launcher import DEPLOY_OPERATOR, run_deployed_study, site_map
     from twinfed.models.spec import load_spec
-    from twinfed.privacy.secagg import check_secagg
 
     sites = site_map(parse_sites(args.site))
     spec_path = Path(args.spec)
     spec_ref = str(spec_path.resolve()) if spec_path.is_file() else args.spec
     plan = _plan(load_spec(spec_ref), args)  # the same checks as `simulate`, before any process
-    check_secagg(plan, len(sites))
-    app_dir = args.app.resolve() if args.app else default_app_dir()
-    parser = args._defaults_parser
-    run_config = study_run_config(
-        app_run_config_keys(app_dir), spec=spec_ref, out_dir=args.out, min_nodes=len(sites),
-        flags={d: getattr(args, d) for d in FLAG_KEYS},
-        defaults={d: parser.get_default(d) for d in FLAG_KEYS})
     t0 = time.perf_counter()
-    summary = run_deployed_study(sites, args.out, run_config, app_dir=app_dir,
-                                 state_root=args.state, timeout=args.timeout, progress=_progress)
+    summary = run_deployed_study(sites, args.out, plan, spec=spec_ref, app_dir=args.app,
+                                 state_root=args.state, timeout=args.timeout, progress=_progress,
+                                 approve_as=None if args.approved_only else DEPLOY_OPERATOR)
     _print_sites(summary)
     print(f"wrote {args.out}/summary.json and {args.out}/model/ in {time.perf_counter() - t0:.0f} s; "
           f"process logs in {args.out}/deploy/logs/")
