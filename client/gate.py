@@ -22,6 +22,7 @@ import numpy as np
 from twinfed.client.node import NodeConfig
 from twinfed.client.session import RoundOutcome, RoundRefused, parse_plan, train_round
 from twinfed.errors import PlanNotApproved, TwinfedError
+from twinfed.models.digest import weights_sha256
 
 
 @dataclass
@@ -30,15 +31,6 @@ class RoundReply:
     reason: str
     audit_head: dict | None  # {"seq", "hash"}; None only when the node has no audit log to write
     key_fingerprint: str
-
-
-def weights_sha256(arrays: list[np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def serve_round(node: NodeConfig, plan_text: str, weights: list[np.ndarray], server_round: int, *,

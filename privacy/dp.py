@@ -54,11 +54,11 @@ def train_private(model: nn.Module, data: PatientWindows, config: TrainingConfig
 
     torch.manual_seed(csprng_seed())  # the Poisson sampler draws from torch's default generator
     loader = make_loader(data, config.batch_size, seed=csprng_seed())
-    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # the README says why secure_mode is off and what remains
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         warnings.filterwarnings("ignore", message=".*Optimal RDP order.*")
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
         private, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clipping_norm,

@@ -17,6 +17,7 @@ import numpy as np
 from flwr.common import FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
 
+from twinfed.models.digest import weights_sha256
 from twinfed.models.plan import TrainingPlan
 
 Progress = Callable[[str], None]
@@ -81,7 +82,7 @@ class TwinStrategy(FedAvg):
         self.audit.append("round_aggregated", {
             "round": server_round, "plan_sha256": self.plan.sha256(), "node_heads": heads,
             "sites_replied": len(results), "sites_refused": refused, "failures": n_failures,
-            "model_sha256": _weights_sha256(self.final_weights)})
+            "model_sha256": weights_sha256(self.final_weights)})
 
     def aggregate_fit(self, server_round, results, failures):
         trained = 0
@@ -131,20 +132,3 @@ class TwinStrategy(FedAvg):
     def __repr__(self) -> str:
         return "TwinStrategy(FedAvg)"
 
-
-def _weights_sha256(arrays) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def parameters_of(weights) -> Parameters:
-    return ndarrays_to_parameters(list(weights))
-
-
-__all__ = ["TwinStrategy", "SiteRecord", "FitRes"]
