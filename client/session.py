@@ -78,7 +78,8 @@ def train_round(node: NodeConfig, plan: TrainingPlan, weights: list[np.ndarray],
 
         seed = round_seed(plan, node.site_name, server_round)
         torch.manual_seed(seed)
-        result, privacy = train_local(model, used, plan.training, seed=seed), None
+        result, privacy = train_local(model, used, plan.training.for_round(server_round, plan.rounds),
+                                      seed=seed, optimizer_state=optimizer_state(node, plan)), None
     clip = plan.privacy.update_clip
     update = [new - old for new, old in zip(get_weights(model), weights)]
     entries = sum(u.size for u in update)
@@ -86,6 +87,11 @@ def train_round(node: NodeConfig, plan: TrainingPlan, weights: list[np.ndarray],
     update = [np.clip(u, -clip, clip).astype(np.float32) for u in update]
     return RoundOutcome(update, used.n_patients, excluded, result.mean_loss, result.steps,
                         clipped / max(1, entries), privacy)
+
+
+def optimizer_state(node: NodeConfig, plan: TrainingPlan):
+    """Where the node keeps its optimiser's moments for this study (never sent)."""
+    return node.state_dir / "studies" / f"{plan.sha256()}.optimizer.pt"
 
 
 def _train_private(node: NodeConfig, plan: TrainingPlan, model, used, server_round: int):
@@ -105,9 +111,10 @@ def _train_private(node: NodeConfig, plan: TrainingPlan, model, used, server_rou
     segment = Segment(sample_rate=q, noise_multiplier=study.noise_multiplier,
                       steps=plan.training.local_steps, plan_sha256=plan.sha256(), round=server_round)
     ledger.check(segment)
-    result = train_private(model, data, plan.training,
+    result = train_private(model, data, plan.training.for_round(server_round, plan.rounds),
                            DPSettings(study.noise_multiplier, plan.privacy.clipping_norm, q),
-                           steps=plan.training.local_steps)
+                           steps=plan.training.local_steps,
+                           optimizer_state=optimizer_state(node, plan))
     # Recorded before the update leaves the node: a crash after this over-counts, never under.
     ledger.record(segment)
     mine = [s for s in ledger.segments if s.plan_sha256 == plan.sha256()]

@@ -36,6 +36,19 @@ class TrainingConfig(BaseModel):
     learning_rate: Annotated[float, Field(gt=0, lt=1)] = 1e-2
     # Windows looked at per sampled patient; the patient's loss is their mean (one DP example).
     windows_per_patient: Annotated[int, Field(gt=0, le=256)] = 16
+    # "cosine": the learning rate falls from learning_rate to a tenth of it over the rounds, so
+    # late rounds add less DP noise to the model; "constant" keeps it.
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+
+    def for_round(self, server_round: int, rounds: int) -> TrainingConfig:
+        """This round's settings (the learning rate under the schedule)."""
+        if self.lr_schedule == "constant" or rounds <= 1:
+            return self
+        import math
+
+        frac = (server_round - 1) / (rounds - 1)
+        scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))
+        return self.model_copy(update={"learning_rate": self.learning_rate * scale})
 
 
 class PrivacyConfig(BaseModel):

@@ -10,7 +10,9 @@ and DP noise better, at no extra privacy cost.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -106,11 +108,37 @@ def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLo
     return TrainResult(steps=draws, mean_loss=float(np.mean(losses)) if losses else float("nan"))
 
 
-def train_local(model: nn.Module, site: SiteData, config: TrainingConfig, *, seed: int) -> TrainResult:
+def make_adam(model: nn.Module, config: TrainingConfig, state: Path | None = None) -> torch.optim.Adam:
+    """Adam at the config's learning rate, resuming the moments saved at ``state`` if any.
+
+    A node keeps its optimiser's moments between rounds (on disk: a deployed node starts a fresh
+    process per message), so each round does not restart Adam from sign-like first steps.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    if state is not None and state.is_file():
+        optimizer.load_state_dict(torch.load(state, weights_only=True))
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate
+    return optimizer
+
+
+def save_adam(optimizer: torch.optim.Optimizer, state: Path | None) -> None:
+    if state is None:
+        return
+    state.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state.with_name(f".{state.name}.tmp")
+    torch.save(optimizer.state_dict(), tmp)
+    os.replace(tmp, state)
+
+
+def train_local(model: nn.Module, site: SiteData, config: TrainingConfig, *, seed: int,
+                optimizer_state: Path | None = None) -> TrainResult:
     """Non-private local training: ``config.local_steps`` Adam steps over patient batches."""
     data = PatientWindows(site, seed=seed, windows_per_patient=config.windows_per_patient)
     if len(data) == 0:
         return TrainResult(steps=0, mean_loss=float("nan"))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    return run_steps(model, optimizer, make_loader(data, config.batch_size, seed=seed),
-                     config.local_steps)
+    optimizer = make_adam(model, config, optimizer_state)
+    result = run_steps(model, optimizer, make_loader(data, config.batch_size, seed=seed),
+                       config.local_steps)
+    save_adam(optimizer, optimizer_state)
+    return result

@@ -18,13 +18,15 @@ from __future__ import annotations
 import secrets
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from twinfed.models.plan import TrainingConfig
 from twinfed.models.site_data import SiteData
-from twinfed.models.train import PatientWindows, TrainResult, make_loader, run_steps
+from twinfed.models.train import (PatientWindows, TrainResult, make_adam, make_loader, run_steps,
+                                  save_adam)
 
 
 @dataclass(frozen=True)
@@ -44,26 +46,31 @@ def patient_examples(site: SiteData, config: TrainingConfig) -> PatientWindows:
 
 
 def train_private(model: nn.Module, data: PatientWindows, config: TrainingConfig, dp: DPSettings,
-                  *, steps: int) -> TrainResult:
+                  *, steps: int, optimizer_state: Path | None = None) -> TrainResult:
     """``steps`` DP-SGD (DP-Adam) steps over patients; returns the trained module's loss record.
 
     The caller's ``model`` is trained in place (Opacus wraps it; the wrapper shares parameters).
     ``dp.sample_rate`` must be the rate the ledger records: ``sample_rate(len(data), batch)``.
+    ``optimizer_state``: Adam's moments kept at the node between rounds; they are computed from
+    noised gradients only, so keeping them costs no privacy (post-processing) and they never
+    leave the node.
     """
     from opacus import PrivacyEngine
 
     torch.manual_seed(csprng_seed())  # the Poisson sampler draws from torch's default generator
     loader = make_loader(data, config.batch_size, seed=csprng_seed())
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    adam = make_adam(model, config, optimizer_state)
     with warnings.catch_warnings():  # the README says why secure_mode is off and what remains
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         warnings.filterwarnings("ignore", message=".*Optimal RDP order.*")
         engine = PrivacyEngine(accountant="rdp", secure_mode=False)
         private, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
+            module=model, optimizer=adam, data_loader=loader,
             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clipping_norm,
             poisson_sampling=True, noise_generator=torch.Generator().manual_seed(csprng_seed()),
         )
     if abs(loader.sample_rate - dp.sample_rate) > 1e-12:  # the ledger must record the true rate
         raise AssertionError(f"Opacus samples at {loader.sample_rate}, the ledger has {dp.sample_rate}")
-    return run_steps(private, optimizer, loader, steps)
+    result = run_steps(private, optimizer, loader, steps)
+    save_adam(adam, optimizer_state)
+    return result
