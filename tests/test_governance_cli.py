@@ -48,6 +48,13 @@ def test_node_init_then_consent_status_prints_counts_and_never_patient_ids(tmp_p
     assert capsys.readouterr().out.strip() == "twin-training: withdrawn"
 
 
+def test_node_init_also_makes_the_supernode_authentication_key_for_enrolment(tmp_path, capsys):
+    state = _node(tmp_path, capsys)
+    private, public = state / "keys" / "supernode-auth.key", state / "keys" / "supernode-auth.key.pub"
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert public.read_text().startswith("ecdsa-sha2-nistp384 ")
+
+
 def test_plan_approve_list_show_and_revoke(tmp_path, capsys):
     state = _node(tmp_path, capsys)
     plan = TrainingPlan(spec=load_spec("glucose"), rounds=3)

@@ -164,8 +164,12 @@ def cmd_node_init(args) -> int:
 
     if args.site_data is not None and not args.site_data.is_dir():
         raise TwinfedError(f"{args.site_data}: no such site directory")
+    from twinfed.deploy.certs import make_node_auth_key
+
     info = init_node(args.state, site_name=args.site_name, site_data=args.site_data)
     print(f"initialised node {info.name!r} in {args.state}: audit key fingerprint {info.key_fingerprint}")
+    _private, public = make_node_auth_key(Path(args.state) / "keys")
+    print(f"SuperNode authentication key: {public} (send it to the coordinator to enrol this node)")
     if args.site_data is not None:
         print(f"consent: {_counts_text(consent_counts(args.state))}")
     return 0
