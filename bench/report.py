@@ -1,0 +1,187 @@
+"""The benchmark's output: figures with their targets, the JSON file, the table and the plots.
+
+A *figure* is one measured number: ``{"value", "unit", "conditions"}`` and, when DESIGN.md
+section 6 sets a goal for it, ``"target"`` and ``"meets_target"``. Every target there is an upper
+bound (a ratio "within 1.15x", "1.5x or less", "under 5 s"), so a figure meets its target when
+``value <= target``. The results file groups figures by section, each section a flat mapping
+from a dotted figure name to a figure, beside ``"run"`` (the machine, the commit, the sizes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+SECTIONS = ("accuracy", "whatif", "cost", "scale", "audit")
+
+
+def figure(value: float, unit: str, *, conditions: dict | None = None,
+           target: float | None = None) -> dict:
+    """One measured figure; ``target`` is an upper bound from DESIGN.md section 6."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"a figure's value must be a number, not {type(value).__name__}")
+    fig: dict = {"value": float(value), "unit": unit}
+    if target is not None:
+        fig["target"] = float(target)
+        # NaN (a measurement that failed) never meets a target.
+        fig["meets_target"] = bool(math.isfinite(value) and value <= target)
+    fig["conditions"] = dict(conditions or {})
+    return fig
+
+
+def is_figure(obj: object) -> bool:
+    return isinstance(obj, dict) and "value" in obj and "unit" in obj
+
+
+def figures(results: dict) -> Iterator[tuple[str, str, dict]]:
+    """``(section, name, figure)`` for every figure, sections in the benchmark's order."""
+    for section in (*SECTIONS, *sorted(set(results) - set(SECTIONS))):
+        group = results.get(section)
+        if not isinstance(group, dict):
+            continue
+        for name, fig in group.items():
+            if is_figure(fig):
+                yield section, name, fig
+
+
+def missed(results: dict) -> list[tuple[str, str, dict]]:
+    return [(s, n, f) for s, n, f in figures(results) if f.get("meets_target") is False]
+
+
+def format_value(value: float) -> str:
+    if not math.isfinite(value):
+        return "n/a"
+    a = abs(value)
+    if a == 0:
+        return "0"
+    if a < 1:
+        return f"{value:.3g}"
+    if a < 100:
+        return f"{value:.2f}"
+    if a < 10_000:
+        return f"{value:.1f}"
+    return f"{value:.0f}"
+
+
+def format_table(results: dict, *, only_targets: bool = False) -> str:
+    """One line per figure: section, name, value and unit, target, and whether it is met."""
+    rows = []
+    for section, name, fig in figures(results):
+        if only_targets and "target" not in fig:
+            continue
+        target = f"<= {format_value(fig['target'])}" if "target" in fig else ""
+        verdict = "" if "target" not in fig else ("ok" if fig["meets_target"] else "MISSED")
+        rows.append([section, name, format_value(fig["value"]), fig["unit"], target, verdict])
+    headers = ["section", "figure", "value", "unit", "target", "meets"]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    right = {2, 4}
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def merge(previous: dict, fresh: dict) -> dict:
+    """``fresh`` sections replace ``previous`` ones (an ``--only`` run updates its sections)."""
+    out = {k: v for k, v in previous.items() if k != "run"}
+    runs = dict(previous.get("run", {}).get("sections", {}))
+    out.update({k: v for k, v in fresh.items() if k != "run"})
+    runs.update(fresh.get("run", {}).get("sections", {}))
+    out["run"] = {**fresh.get("run", {}), "sections": runs}
+    return out
+
+
+def write_json(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
+                                     encoding="utf-8") as fh:
+        json.dump(results, fh, indent=2, sort_keys=False, allow_nan=True)
+        fh.write("\n")
+    os.replace(fh.name, path)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+# -- plots ---------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(curves: dict[str, dict], path: Path) -> None:
+    """RMSE against epsilon, one panel per twin and state.
+
+    ``curves[label] = {"unit", "epsilons", "federated_dp", "federated_nodp", "central",
+    "site_alone": {site: [rmse per epsilon or None]}, "persistence"}``.
+    """
+    plt = _pyplot()
+    from matplotlib.ticker import NullLocator
+
+    n = len(curves)
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.0), squeeze=False)
+    for ax, (label, c) in zip(axes[0], curves.items()):
+        eps = c["epsilons"]
+        ax.plot(eps, c["federated_dp"], marker="o", color="C0", label="federated, DP")
+        ax.axhline(c["federated_nodp"], color="C0", linestyle="--", label="federated, no DP")
+        ax.axhline(c["central"], color="black", linestyle="-.", label="centralised, no DP")
+        if c.get("persistence") is not None:
+            ax.axhline(c["persistence"], color="grey", linestyle=":", label="persistence")
+        markers = "s^vD"
+        for i, (site, vals) in enumerate(sorted(c["site_alone"].items())):
+            pts = [(e, v) for e, v in zip(eps, vals) if v is not None]
+            if pts:
+                ax.plot(*zip(*pts), linestyle="none", marker=markers[i % len(markers)],
+                        color="C3", alpha=0.75, label=f"{site} alone, DP" if i < 4 else None)
+        ax.set_xscale("log")
+        ax.set_xticks(eps)
+        ax.set_xticklabels([f"{e:g}" for e in eps])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlim(min(eps) / 1.5, max(eps) * 1.5)
+        ax.set_xlabel("epsilon per site (delta <= 1e-5)")
+        ax.set_ylabel(f"RMSE at +60 min ({c['unit']})")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Twin accuracy vs privacy budget (held-out patients)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_whatif_case(case: dict, path: Path) -> None:
+    """One patient's what-if: history, then each scenario's twin forecast (solid) beside the
+    simulator's truth for the same treatment (dashed), same colour."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(case["history_minutes"], case["history"], color="black", label="history (CGM)")
+    for i, (name, sc) in enumerate(case["scenarios"].items()):
+        color = f"C{i}"
+        ax.plot([0, *case["minutes"]], [case["history"][-1], *sc["twin"]], color=color,
+                marker=".", label=f"{name}: twin")
+        ax.plot(case["minutes"], sc["truth"], color=color, linestyle="--", label=f"{name}: truth")
+    lo, hi = case.get("band", (None, None))
+    if lo is not None:
+        ax.axhspan(lo, hi, color="green", alpha=0.06, label="target range")
+    ax.axvline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("minutes from the decision")
+    ax.set_ylabel(f"{case['state']} ({case['unit']})")
+    ax.set_title(case["title"])
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,225 @@
+"""Section 2: what-if accuracy against the mechanistic truth (what a twin is for).
+
+For held-out virtual patients, at decision times shortly before the usual meals or doses, the
+twin forecasts the next hour under alternative treatments (dose scaled, dose skipped, meal added,
+an extra dose; for the cardio twin also activity), and the simulator replays the same patient
+under the same treatment without sensor noise: the counterfactual truth. Reported per twin and
+per model (the federated DP twin at the default budget; the centralised non-private twin beside
+it, to tell what DP costs from what learning from observational data costs):
+
+- counterfactual RMSE per scenario and over all alternatives (forecast vs truth over the hour);
+- effect RMSE: the error of the predicted *change* a treatment makes against the recorded one;
+- ranking agreement: how often the twin orders two treatments as the truth does by time in the
+  target range (70-180 mg/dL; systolic 90-140 mmHg), and by mean distance outside that range;
+- effect direction agreement: whether the twin moves the state the way the truth does.
+
+DESIGN.md section 6 sets no target for these; they are reported for the consortium to judge.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+from bench.accuracy import reference_epsilon
+from bench.report import figure, plot_whatif_case
+from bench.sizes import Sizes
+from bench.studies import HOLDOUT, Workspace, default_plan
+
+SCENARIOS = {
+    "glucose": ("recorded=recorded", "insulin-x1.5=insulin_u*1.5", "skip-insulin=insulin_u*0",
+                "meal-30g=carbs_g+30@0", "bolus-2U=insulin_u+2@0"),
+    "cardio": ("recorded=recorded", "skip-dose=dose_mg*0", "dose-x2=dose_mg*2",
+               "walk=activity=0.5", "rest=activity=0"),
+}
+# The state a clinician keeps in range, and the range.
+BANDS = {"glucose": ("glucose_mgdl", 70.0, 180.0), "cardio": ("sbp_mmhg", 90.0, 140.0)}
+# Decision times, minutes after midnight: half an hour before the usual meals (glucose) or
+# around the usual doses and activity (cardio), so treatments act within the forecast hour.
+DECISION_CLOCK = {"glucose": (7 * 60, 12 * 60, 18 * 60 + 30), "cardio": (7 * 60 + 30, 13 * 60, 18 * 60)}
+# Differences in the truth smaller than this (state units) are ties: no ranking to agree with.
+TIE = 1.0
+
+
+def run(ws: Workspace, sizes: Sizes) -> dict:
+    out: dict = {}
+    for twin in sizes.twins:
+        if twin in SCENARIOS:
+            out.update(run_twin(ws, sizes, twin))
+    return out
+
+
+def _model(ws: Workspace, sizes: Sizes, twin: str, regime: str, cohort):
+    eps = reference_epsilon()
+    key = (twin, regime, eps if regime == "federated_dp" else None)
+    if key not in ws.models:  # e.g. --only whatif: train what the accuracy section would have
+        spec = ws.spec(cohort)
+        if regime == "federated_dp":
+            ws.models[key] = ws.federated(default_plan(spec, sizes.rounds, dp=True, epsilon=eps),
+                                          cohort, f"{twin}-federated-dp-eps{eps:g}").run_dir
+        else:
+            ws.models[key] = ws.central(spec, cohort, f"{twin}-central", steps=sizes.central_steps,
+                                        learning_rate=sizes.central_learning_rate)
+    return ws.models[key]
+
+
+def run_twin(ws: Workspace, sizes: Sizes, twin: str) -> dict:
+    from twinfed.errors import ScenarioError
+    from twinfed.models.cohort import read_truth, simulator
+    from twinfed.models.site_data import load_site
+    from twinfed.models.twin import Twin
+    from twinfed.models.whatif import parse_scenario, run_whatif
+
+    cohort = ws.cohort(twin, sites=sizes.sites, patients=sizes.patients[twin], days=sizes.days,
+                       holdout=sizes.holdout[twin])
+    spec = ws.spec(cohort)
+    scenarios = [parse_scenario(s, spec) for s in SCENARIOS[twin]]
+    names = [s.name for s in scenarios]
+    models = {regime: Twin.load(_model(ws, sizes, twin, regime, cohort))
+              for regime in ("federated_dp", "central")}
+    holdout = load_site(cohort / HOLDOUT, spec)
+    ids, params = read_truth(cohort / "truth" / f"{HOLDOUT}.csv")
+    row_of = {pid: i for i, pid in enumerate(ids)}
+    s_count, k = len(spec.states), spec.horizon_steps
+    chosen = sorted(set(np.linspace(0, holdout.n_patients - 1, min(sizes.whatif_patients, holdout.n_patients))
+                        .round().astype(int).tolist()))
+
+    cases = []  # one per (patient, decision time) with every scenario's forecasts and controls
+    skipped = 0
+    for p in chosen:
+        pid = holdout.patient_ids[p]
+        sl = holdout.patient_slice(p)
+        first = int(holdout.steps[sl][0])
+        for day in sizes.whatif_days:
+            for clock in DECISION_CLOCK[twin]:
+                at = float(day * 1440 + clock)
+                try:
+                    runs = {r: run_whatif(m, holdout, pid, at, scenarios) for r, m in models.items()}
+                except ScenarioError:
+                    skipped += 1
+                    continue
+                any_run = next(iter(runs.values()))
+                if not any_run.recorded_future_known:
+                    skipped += 1
+                    continue
+                h = int(round(at / spec.step_minutes)) - first
+                cases.append({"patient": p, "pid": pid, "at": at, "h": h, "slice": sl,
+                              "history": any_run.history, "history_minutes": any_run.history_minutes,
+                              "minutes": any_run.minutes, "controls": any_run.controls,
+                              "forecasts": {r: run.forecasts for r, run in runs.items()}})
+    if not cases:
+        raise RuntimeError(f"what-if ({twin}): no decision time fits the held-out records; "
+                           "use more days")
+
+    # The truth: the simulator replays every (case, scenario) at once, noise-free, up to the
+    # end of each case's horizon (what comes later cannot change the past).
+    rows = [(c, n) for c in cases for n in names]
+    t_max = max(c["h"] + k + 1 for c in cases)
+    controls = {col: np.zeros((len(rows), t_max)) for col in spec.control_columns}
+    for i, (c, n) in enumerate(rows):
+        recorded = holdout.series[c["slice"], s_count:].astype(np.float64)
+        full = recorded[: c["h"] + k + 1].copy()
+        full[c["h"] + 1: c["h"] + 1 + k] = c["controls"][n]
+        for j, col in enumerate(spec.control_columns):
+            controls[col][i, : len(full)] = full[:, j]
+    prow = np.array([row_of[c["pid"]] for c, _ in rows])
+    states = simulator(twin).simulate({name: v[prow] for name, v in params.items()}, controls,
+                                      step_minutes=spec.step_minutes)
+    truth = {}
+    for i, (c, n) in enumerate(rows):
+        truth[(id(c), n)] = np.stack([states[col][i, c["h"] + 1: c["h"] + 1 + k]
+                                      for col in spec.state_columns], axis=1)
+
+    band_col, lo, hi = BANDS[twin]
+    b = spec.state_columns.index(band_col)
+    base = {"twin": twin, "cases": len(cases), "patients": len(chosen), "skipped_decision_times": skipped,
+            "decision_clock_minutes": list(DECISION_CLOCK[twin]), "days": list(sizes.whatif_days),
+            "scenarios": list(SCENARIOS[twin]), "horizon_minutes": spec.horizon_minutes,
+            "truth": "the simulator replayed for the same patient and treatment, without sensor noise",
+            "target_range": [lo, hi], "range_state": band_col}
+    out: dict = {}
+    for regime in models:
+        cond = base | {"model": regime if regime == "central" else
+                       f"federated DP, epsilon {reference_epsilon():g} per site"}
+        pred = {(id(c), n): c["forecasts"][regime][n] for c in cases for n in names}
+        for j, col in enumerate(spec.state_columns):
+            unit = spec.states[j].unit
+            for n in names:
+                err = np.concatenate([pred[(id(c), n)][:, j] - truth[(id(c), n)][:, j] for c in cases])
+                out[f"{twin}.{regime}.counterfactual_rmse.{col}.{n}"] = figure(_rms(err), unit, conditions=cond)
+            alts = [n for n in names if n != "recorded"]
+            err = np.concatenate([pred[(id(c), n)][:, j] - truth[(id(c), n)][:, j] for c in cases for n in alts])
+            out[f"{twin}.{regime}.counterfactual_rmse.{col}.all_alternatives"] = figure(_rms(err), unit, conditions=cond)
+            eff = np.concatenate([(pred[(id(c), n)][:, j] - pred[(id(c), "recorded")][:, j])
+                                  - (truth[(id(c), n)][:, j] - truth[(id(c), "recorded")][:, j])
+                                  for c in cases for n in alts])
+            out[f"{twin}.{regime}.effect_rmse.{col}.all_alternatives"] = figure(
+                _rms(eff), unit, conditions=cond | {"meaning": "error of (scenario - recorded), twin vs truth"})
+        tir = _agreement(cases, names, pred, truth, b, lambda g: np.mean((g >= lo) & (g <= hi)), 0.5 / k)
+        dist = _agreement(cases, names, pred, truth, b,
+                          lambda g: np.mean(np.maximum(lo - g, 0) + np.maximum(g - hi, 0)), TIE)
+        direction = _direction(cases, names, pred, truth, b)
+        for label, (value, n_pairs) in {"ranking_agreement.time_in_range": tir,
+                                        "ranking_agreement.range_distance": dist,
+                                        "effect_direction_agreement": direction}.items():
+            out[f"{twin}.{regime}.{label}"] = figure(value, "fraction", conditions=cond | {"pairs": n_pairs})
+
+    case = _plot_case(cases, twin)
+    plot = ws.results / f"whatif_{twin}.png"
+    plot_whatif_case({
+        "history_minutes": case["history_minutes"], "history": case["history"][:, b].tolist(),
+        "minutes": case["minutes"], "state": band_col, "unit": spec.states[b].unit, "band": (lo, hi),
+        "title": f"{twin}: held-out patient, {_clock(case['at'])}; federated DP twin "
+                 f"(epsilon {reference_epsilon():g}) vs simulator truth",
+        "scenarios": {n: {"twin": case["forecasts"]["federated_dp"][n][:, b].tolist(),
+                          "truth": truth[(id(case), n)][:, b].tolist()} for n in names},
+    }, plot)
+    ws.progress(f"  plot: {plot}")
+    return out
+
+
+def _rms(err: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(err)))) if err.size else math.nan
+
+
+def _agreement(cases, names, pred, truth, j, score, tie) -> tuple[float, int]:
+    """Share of treatment pairs the twin orders as the truth does, over pairs the truth does not
+    tie; a twin tie where the truth has an order counts as disagreement."""
+    agree = total = 0
+    for c in cases:
+        for a, b in itertools.combinations(names, 2):
+            dt = score(truth[(id(c), a)][:, j]) - score(truth[(id(c), b)][:, j])
+            if abs(dt) < tie:
+                continue
+            dp = score(pred[(id(c), a)][:, j]) - score(pred[(id(c), b)][:, j])
+            total += 1
+            agree += int(np.sign(dp) == np.sign(dt))
+    return (agree / total if total else math.nan), total
+
+
+def _direction(cases, names, pred, truth, j) -> tuple[float, int]:
+    agree = total = 0
+    for c in cases:
+        for n in names:
+            if n == "recorded":
+                continue
+            dt = float(np.mean(truth[(id(c), n)][:, j] - truth[(id(c), "recorded")][:, j]))
+            if abs(dt) < TIE:
+                continue
+            dp = float(np.mean(pred[(id(c), n)][:, j] - pred[(id(c), "recorded")][:, j]))
+            total += 1
+            agree += int(np.sign(dp) == np.sign(dt))
+    return (agree / total if total else math.nan), total
+
+
+def _plot_case(cases: list[dict], twin: str) -> dict:
+    """The first midday decision (the clearest meal-and-dose hour), else the first case."""
+    midday = DECISION_CLOCK[twin][1]
+    return next((c for c in cases if int(c["at"]) % 1440 == midday), cases[0])
+
+
+def _clock(minutes: float) -> str:
+    day, rem = divmod(int(minutes), 1440)
+    return f"day {day + 1}, {rem // 60:02d}:{rem % 60:02d}"

@@ -1,0 +1,105 @@
+"""The benchmark's results format and table, on synthetic figures (no study is run)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
+
+from bench.report import figure, format_table, merge, missed, read_json, write_json  # noqa: E402
+from bench.sizes import FULL, QUICK  # noqa: E402
+
+
+def _results() -> dict:
+    return {
+        "run": {"sections": {"cost": {"status": "ok"}}},
+        "accuracy": {"glucose.rmse60.central": figure(20.0, "mg/dL", conditions={"steps": 3000}),
+                     "glucose.ratio.federated_dp_vs_central": figure(1.73, "x", target=1.15)},
+        "cost": {"dp_step.ratio": figure(1.46, "x", target=1.5)},
+        "audit": {"verify_seconds": figure(5.0, "s", target=5.0)},
+    }
+
+
+def test_a_figure_with_a_target_meets_it_only_at_or_below_the_target():
+    assert figure(1.15, "x", target=1.15)["meets_target"] is True
+    assert figure(1.1501, "x", target=1.15)["meets_target"] is False
+    assert figure(0.2, "x", target=0.8)["meets_target"] is True
+
+
+def test_a_failed_measurement_never_meets_its_target():
+    assert figure(math.nan, "x", target=1.5)["meets_target"] is False
+
+
+def test_a_figure_without_a_target_has_no_target_keys():
+    fig = figure(61.5, "mg/dL", conditions={"horizon_minutes": 60})
+    assert set(fig) == {"value", "unit", "conditions"}
+    assert fig["conditions"] == {"horizon_minutes": 60}
+
+
+def test_a_figure_with_a_target_has_exactly_the_documented_keys():
+    fig = figure(3, "s", target=5)
+    assert set(fig) == {"value", "unit", "target", "meets_target", "conditions"}
+    assert isinstance(fig["value"], float) and fig["target"] == 5.0
+
+
+@pytest.mark.parametrize("value", [True, "1.2", None])
+def test_a_figure_value_must_be_a_number(value):
+    with pytest.raises(TypeError):
+        figure(value, "x")
+
+
+def test_the_table_shows_each_figure_against_its_target_in_section_order():
+    lines = format_table(_results()).splitlines()
+    body = lines[2:]
+    assert [line.split()[0] for line in body] == ["accuracy", "accuracy", "cost", "audit"]
+    central = next(line for line in body if "rmse60.central" in line)
+    assert "20.00" in central and "mg/dL" in central and "<=" not in central
+    assert "ok" not in central.split() and "MISSED" not in central
+    ratio = next(line for line in body if "federated_dp_vs_central" in line)
+    assert ratio.split()[-2:] == ["1.15", "MISSED"] and "<= 1.15" in ratio
+    assert body[-1].split()[-1] == "ok"  # 5.0 s against "under 5 s" is on the line: met
+
+
+def test_only_targets_leaves_out_figures_without_one():
+    table = format_table(_results(), only_targets=True)
+    assert "rmse60.central" not in table and "verify_seconds" in table
+
+
+def test_missed_lists_only_figures_that_miss_their_target():
+    assert [(s, n) for s, n, _ in missed(_results())] == [("accuracy", "glucose.ratio.federated_dp_vs_central")]
+
+
+def test_an_only_run_replaces_its_sections_and_keeps_the_others():
+    fresh = {"cost": {"dp_step.ratio": figure(1.9, "x", target=1.5)},
+             "run": {"started_at": "later", "sections": {"cost": {"status": "ok", "started_at": "later"}}}}
+    merged = merge(_results(), fresh)
+    assert merged["cost"]["dp_step.ratio"]["value"] == 1.9
+    assert merged["accuracy"] == _results()["accuracy"]
+    assert merged["run"]["started_at"] == "later"
+    assert merged["run"]["sections"]["cost"]["started_at"] == "later"
+
+
+def test_results_round_trip_through_the_json_file(tmp_path):
+    path = tmp_path / "results" / "latest.json"
+    write_json(_results(), path)
+    assert read_json(path) == json.loads(json.dumps(_results()))
+    assert read_json(tmp_path / "missing.json") == {}
+
+
+def test_the_quick_sizes_are_no_bigger_than_the_full_run():
+    amounts = ("patients", "holdout", "days", "rounds", "central_steps", "whatif_patients", "step_repeats",
+               "secagg_sites", "secagg_patients", "secagg_rounds", "scale_patients", "scale_rounds",
+               "memory_patients", "memory_days", "audit_entries")
+    quick, full = QUICK.conditions(), FULL.conditions()
+    for name in amounts:
+        if isinstance(quick[name], dict):
+            assert all(quick[name][k] <= full[name][k] for k in quick[name]), name
+        else:
+            assert quick[name] <= full[name], name
+    assert max(QUICK.scale_sites) <= max(FULL.scale_sites)
+    assert FULL.memory_patients == 10_000 and FULL.audit_entries == 100_000  # DESIGN.md section 6
