@@ -20,7 +20,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.report import SECTIONS, format_table, merge, missed, read_json, write_json
+from bench.report import SECTIONS, format_table, markdown_table, merge, missed, read_json, write_json
 from bench.sizes import FULL, QUICK
 from bench.studies import Workspace
 
@@ -69,13 +69,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"run only this section (repeatable): {', '.join(SECTIONS)}")
     p.add_argument("--out", type=Path, help="results directory (default bench/results, "
                                             "bench/results/quick with --quick)")
+    p.add_argument("--show", action="store_true",
+                   help="only print the table of the last results (nothing is measured)")
+    p.add_argument("--markdown", action="store_true",
+                   help="with --show: the figures with targets as a Markdown table")
     return p.parse_args(argv)
+
+
+def show(path: Path, markdown: bool) -> int:
+    results = read_json(path)
+    if not results:
+        print(f"no results in {path}; run python -m bench first")
+        return 1
+    print(markdown_table(results) if markdown else format_table(results))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = QUICK if args.quick else FULL
     out_dir = args.out or (HERE / "results" / ("quick" if args.quick else ""))
+    if args.show:
+        return show(out_dir / "latest.json", args.markdown)
     sections = [s for s in SECTIONS if not args.only or s in args.only]
     ws = Workspace(root=HERE / "results" / "work" / sizes.name, results=out_dir, progress=_progress)
     ws.reset_runs()

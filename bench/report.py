@@ -87,6 +87,17 @@ def format_table(results: dict, *, only_targets: bool = False) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
+def markdown_table(results: dict) -> str:
+    """The figures that have a target, as a Markdown table (for the README's Results)."""
+    lines = ["| section | figure | value | target | met |", "| --- | --- | ---: | ---: | :---: |"]
+    for section, name, fig in figures(results):
+        if "target" in fig:
+            suffix = "x" if fig["unit"] == "x" else f" {fig['unit']}"
+            lines.append(f"| {section} | `{name}` | {format_value(fig['value'])}{suffix} | "
+                         f"<= {format_value(fig['target'])}{suffix} | {'yes' if fig['meets_target'] else '**no**'} |")
+    return "\n".join(lines)
+
+
 def merge(previous: dict, fresh: dict) -> dict:
     """``fresh`` sections replace ``previous`` ones (an ``--only`` run updates its sections)."""
     out = {k: v for k, v in previous.items() if k != "run"}

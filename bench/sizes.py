@@ -16,7 +16,7 @@ class Sizes:
     # accuracy vs privacy (per twin): sites x patients x days, held-out patients, rounds
     twins: tuple[str, ...] = ("glucose", "cardio")
     sites: int = 3
-    patients: dict[str, int] = field(default_factory=lambda: {"glucose": 1000, "cardio": 500})
+    patients: dict[str, int] = field(default_factory=lambda: {"glucose": 1000, "cardio": 600})
     days: float = 7.0
     holdout: dict[str, int] = field(default_factory=lambda: {"glucose": 300, "cardio": 150})
     rounds: int = 20

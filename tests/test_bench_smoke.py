@@ -11,7 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
 
-from bench.report import figure, format_table, merge, missed, read_json, write_json  # noqa: E402
+from bench.report import (figure, format_table, markdown_table, merge, missed, read_json,  # noqa: E402
+                          write_json)
 from bench.sizes import FULL, QUICK  # noqa: E402
 
 
@@ -68,6 +69,13 @@ def test_the_table_shows_each_figure_against_its_target_in_section_order():
 def test_only_targets_leaves_out_figures_without_one():
     table = format_table(_results(), only_targets=True)
     assert "rmse60.central" not in table and "verify_seconds" in table
+
+
+def test_the_markdown_table_has_one_row_per_target_and_marks_misses():
+    rows = markdown_table(_results()).splitlines()[2:]
+    assert len(rows) == 3
+    assert rows[0].endswith("| 1.73x | <= 1.15x | **no** |")
+    assert rows[2].endswith("| 5.00 s | <= 5.00 s | yes |")
 
 
 def test_missed_lists_only_figures_that_miss_their_target():
