@@ -27,7 +27,37 @@ TARGET_MEMORY_GIB = 1.5
 
 def run(ws: Workspace, sizes: Sizes) -> dict:
     out = rounds_per_site(ws, sizes)
+    out.update(secret_sharing(sizes))
     out.update(node_memory(ws, sizes))
+    return out
+
+
+def secret_sharing(sizes: Sizes) -> dict:
+    """SecAgg+'s Shamir secret sharing as twinfed configures it (every node shares with all
+    others, threshold a majority), per site and round: each node splits its two secrets into n
+    shares, the coordinator rebuilds one secret per node from a threshold of shares. Flower's
+    own functions, timed alone: the part of a round that grows with the number of sites."""
+    import os
+    import time
+
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+
+    from twinfed.privacy.secagg import threshold
+
+    out = {}
+    for n in sizes.scale_sites:
+        t = threshold(n)
+        c0 = time.process_time()
+        shares = [create_shares(os.urandom(32), t, n) for _ in range(2)]
+        created = time.process_time() - c0
+        c0 = time.process_time()
+        combine_shares(shares[1][:t])
+        combined = time.process_time() - c0
+        out[f"secagg_secret_sharing_cpu_seconds_per_site.{n}_sites"] = figure(
+            created + combined, "s", conditions={
+                "sites": n, "num_shares": n, "reconstruction_threshold": t,
+                "create_two_secrets_s": created, "combine_one_secret_s": combined,
+                "library": "flwr.common.secure_aggregation.crypto.shamir (pycryptodome GF(2^128))"})
     return out
 
 
