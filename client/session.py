@@ -55,14 +55,13 @@ def train_round(node: NodeConfig, plan: TrainingPlan, weights: list[np.ndarray],
     # Heavy imports stay here: a deployed ClientApp starts a fresh process per message.
     import torch
 
+    from twinfed.governance.consent_registry import granted_patients
     from twinfed.models.site_data import load_site
     from twinfed.models.surrogate import build_surrogate, get_weights, set_weights
 
     torch.set_num_threads(1)
     node.ensure_state_dir()
     site = load_site(node.site_data, plan.spec)
-    from twinfed.governance.consent_registry import granted_patients
-
     used = site.subset(granted_patients(node.state_dir, plan.purpose))
     excluded = site.n_patients - used.n_patients
     if used.n_patients == 0:
