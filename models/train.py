@@ -85,24 +85,28 @@ def make_loader(data: PatientWindows, batch_size: int, *, seed: int) -> DataLoad
 
 def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
               steps: int) -> TrainResult:
-    """``steps`` batch draws from ``loader`` (cycled), mean MSE loss over the updates made.
+    """``steps`` batch draws from ``loader`` (cycled), mean MSE loss over the non-empty ones.
 
     Every draw counts as a step, also an empty one (Poisson sampling can draw no patient): that is
-    what a privacy accountant must count.
+    what a privacy accountant counts. Under DP (an Opacus optimiser) an empty draw still takes
+    its noise-only step, as the DP-SGD mechanism the accountant analyses does; without DP there is
+    nothing to learn from it.
     """
-    loss_fn = nn.MSELoss()
+    private = hasattr(optimizer, "noise_multiplier")
     model.train()
     losses: list[float] = []
     draws = 0
     while draws < steps:
         for x, y in loader:
             draws += 1
-            if len(x):
+            if len(x) or private:
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
+                # The mean over every element, written out so an empty batch gives 0, not NaN.
+                loss = ((model(x) - y) ** 2).sum() / max(1, y.numel())
                 loss.backward()
                 optimizer.step()
-                losses.append(float(loss.detach()))
+                if len(x):
+                    losses.append(float(loss.detach()))
             if draws >= steps:
                 break
     return TrainResult(steps=draws, mean_loss=float(np.mean(losses)) if losses else float("nan"))
