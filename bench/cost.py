@@ -7,8 +7,9 @@
   per-sample-gradient mode that handles the surrogate is timed, after a check that one step of it
   (noise off) moves the weights exactly as the default mode does. The figure with the target is
   the mode privacy/dp.py uses; the others show what switching would give.
-- Round time with SecAgg+ vs the same study without it, 10 sites, median over rounds after the
-  first (the first adds engine start-up and each node's noise calibration).
+- Round time with SecAgg+ vs the same study without it, 10 sites as large as the accuracy
+  study's, median over rounds after the first (the first adds engine start-up). With tiny sites
+  the round is mostly overhead; the scale section reports that case.
 - Quantisation error of the securely aggregated update against the DP noise in it: each site's
   real round update goes through Flower's own SecAgg+ quantiser (the plan's clipping range,
   2^22 levels); the DP noise is the spread of the same update across independent DP runs.

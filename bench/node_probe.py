@@ -5,7 +5,8 @@
 approval, audit), load and validate the site, keep consented patients, calibrate the noise, check
 the ledger, DP-train, record the spend. ``load``: only load and validate the site, to tell how
 much of the peak is the data. Prints one JSON line; the peak is the process's maximum resident
-set size (``getrusage``), the interpreter and libraries included.
+set size (Linux ``VmHWM``: this process's own high-water mark; ``getrusage``'s ``ru_maxrss``
+would also count the parent's memory copied at fork), the interpreter and libraries included.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ GIB = 2**30
 
 
 def _peak_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 

@@ -111,7 +111,7 @@ def node_memory(ws: Workspace, sizes: Sizes) -> dict:
             "rows": load["rows"], "export": "CSV", "export_megabytes": round(size / 1e6, 1),
             "round": "governance gate, load + validate, consent, calibrate, ledger, DP training "
                      "(default plan), audit; SecAgg+ masking of the small update not included",
-            "measure": "peak resident set size of the node's process (getrusage), interpreter "
+            "measure": "peak resident set size of the node's own process (VmHWM), interpreter "
                        "and libraries included",
             "baseline_gib_after_imports": round(round_["baseline_gib"], 3),
             "peak_gib_loading_the_site_only": round(load["peak_gib"], 3),

@@ -1,5 +1,6 @@
-"""How big each benchmark is: the full run (``make bench``, ~25 minutes on 2 cores) and
-``--quick`` (tiny, a smoke test of every code path in a few minutes).
+"""How big each benchmark is: the full run (``make bench``; meant for ~25 minutes on 2 cores,
+37 minutes on 2026-11-25, most of the excess in the privacy ledger's per-round accounting, see
+bench/RESULTS.md) and ``--quick`` (tiny, a smoke test of every code path in ~4 minutes).
 
 Only the benchmark's own choices live here (cohort sizes, rounds, repetitions); the model and its
 training and privacy settings are the training plan's defaults, read when the benchmark runs.
@@ -30,11 +31,12 @@ class Sizes:
     # what-if: held-out patients and decision days (each day gives one time per meal)
     whatif_patients: int = 60
     whatif_days: tuple[int, ...] = (1, 2)
-    # cost: interleaved step repetitions; SecAgg+ study at 10 sites
+    # cost: interleaved step repetitions; SecAgg+ study at 10 sites the size of the accuracy
+    # study's (tiny sites, where the round is mostly overhead, are in the scale section)
     step_repeats: int = 40
     secagg_sites: int = 10
-    secagg_patients: int = 100
-    secagg_days: float = 2.0
+    secagg_patients: int = 1000
+    secagg_days: float = 7.0
     secagg_rounds: int = 5
     # scale: simulated sites (tiny cohorts), rounds; one node's memory at 10,000 patients
     scale_sites: tuple[int, ...] = (10, 30, 100)
