@@ -62,8 +62,14 @@ def epsilon_of(segments: list[Segment], delta: float, accountant: Accountant = "
 
     if not segments:
         return 0.0
+    # Segments at the same (noise, rate) compose like one segment of their summed steps (the
+    # accountants compose step by step), so merge them: one accountant term per distinct pair,
+    # not per round, keeps a long study's accounting from growing with its length.
+    steps: dict[tuple[float, float], int] = {}
+    for s in segments:
+        steps[(s.noise_multiplier, s.sample_rate)] = steps.get((s.noise_multiplier, s.sample_rate), 0) + s.steps
     acc = create_accountant(mechanism=accountant)
-    acc.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in segments]
+    acc.history = [(sigma, q, n) for (sigma, q), n in steps.items()]
     return float(acc.get_epsilon(delta=delta))
 
 
