@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-SECTIONS = ("accuracy", "whatif", "cost", "scale", "audit")
+SECTIONS = ("accuracy", "whatif", "cost", "scale", "audit", "soak")
 
 
 def figure(value: float, unit: str, *, conditions: dict | None = None,

@@ -134,9 +134,11 @@ def _leftover_processes(flwr_root: Path) -> list[int]:
     return found
 
 
-def run(*, rounds: int = 20, kill_every: int = 4, quick: bool = False,
+def run(ws=None, sizes=None, *, rounds: int = 20, kill_every: int = 4, quick: bool = False,
         workdir: Path | None = None) -> dict:
-    """Run the soak; figures as described in the module docstring."""
+    """Run the soak; figures as described in the module docstring. ``ws, sizes``: as
+    ``python -m bench`` calls every section (quick sizes mean ``quick``)."""
+    quick = quick or getattr(sizes, "name", "") == "quick"
     from twinfed.deploy.launcher import LocalConsortium, plan_run_config, sigterm_as_interrupt
     from twinfed.models.cohort import generate_cohort
     from twinfed.server.settings import StudySettings
