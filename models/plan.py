@@ -66,6 +66,21 @@ class PrivacyConfig(BaseModel):
     # of one round, far smaller than this (checked and reported as update_clip_fraction).
     update_clip: Annotated[float, Field(gt=0)] = 0.5
 
+    def label(self) -> dict:
+        """How a study or a twin was trained, with a warning for every protection turned off,
+        so no output of a baseline goes unlabelled (summary.json, evaluate, whatif)."""
+        label = {"differential_privacy": self.enabled, "secure_aggregation": self.secure_aggregation,
+                 "epsilon_per_site": self.epsilon if self.enabled else None,
+                 "delta_max": self.delta if self.enabled else None,
+                 "clipping_norm": self.clipping_norm, "accountant": self.accountant}
+        warnings = []
+        if not self.enabled:
+            warnings.append("NO DIFFERENTIAL PRIVACY: a baseline only; this model must not leave "
+                            "the study")
+        if not self.secure_aggregation:
+            warnings.append("NO SECURE AGGREGATION: the coordinator saw every site's update")
+        return label | ({"warning": "; ".join(warnings)} if warnings else {})
+
 
 class TrainingPlan(BaseModel):
     """What a study trains, how, for how long, and for which consent purpose."""

@@ -53,7 +53,7 @@ def run_study(grid: Grid, context: Context, plan: TrainingPlan, *, out_dir: Path
         "rounds": plan.rounds,
         "rounds_with_update": sum(1 for h in strategy.history if h["sites_trained"]),
         "strategy": plan.strategy,
-        "privacy": _privacy_label(plan),
+        "privacy": plan.privacy.label(),
         "sites": {name: asdict(rec) for name, rec in sorted(strategy.sites.items())},
         "history": strategy.history,
         "model_dir": "model",
@@ -76,20 +76,6 @@ def coordinator_audit(state_dir: Path):
 
     init_coordinator(state_dir, exist_ok=True)
     return open_audit(state_dir)
-
-
-def _privacy_label(plan: TrainingPlan) -> dict:
-    p = plan.privacy
-    label = {"differential_privacy": p.enabled, "secure_aggregation": p.secure_aggregation,
-             "epsilon_per_site": p.epsilon if p.enabled else None,
-             "delta_max": p.delta if p.enabled else None, "clipping_norm": p.clipping_norm,
-             "accountant": p.accountant}
-    warnings = []
-    if not p.enabled:
-        warnings.append("NO DIFFERENTIAL PRIVACY: a baseline only; this model must not leave the study")
-    if not p.secure_aggregation:
-        warnings.append("NO SECURE AGGREGATION: the coordinator saw every site's update")
-    return label | ({"warning": "; ".join(warnings)} if warnings else {})
 
 
 def make_server_app(plan: TrainingPlan, *, out_dir: Path, min_nodes: int,

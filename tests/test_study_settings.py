@@ -36,3 +36,12 @@ def test_the_pyproject_defaults_are_valid_settings():
     defaults = cfg["tool"]["flwr"]["app"]["config"]
     settings = StudySettings.from_run_config(defaults)
     assert settings.plan().privacy.enabled
+
+
+def test_every_protection_turned_off_is_named_in_the_privacy_label():
+    from twinfed.models.plan import PrivacyConfig
+
+    assert "warning" not in PrivacyConfig().label()
+    label = PrivacyConfig(enabled=False, secure_aggregation=False).label()
+    assert "NO DIFFERENTIAL PRIVACY" in label["warning"] and "NO SECURE AGGREGATION" in label["warning"]
+    assert label["epsilon_per_site"] is None and label["differential_privacy"] is False

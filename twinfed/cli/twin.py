@@ -49,18 +49,7 @@ def evaluate(model_dir: Path, spec_arg: str, data_dir: Path, *, stride: int = 1,
     site = load_site(data_dir, spec)
     fns = {"model": lambda b: twin.forecast(b.history, b.future_controls, b.covariates)}
     fns |= extra_forecasters or {}
-    return evaluate_site(site, fns, stride=max(1, stride)) | {"privacy": privacy_label(twin)}
-
-
-def privacy_label(twin) -> dict:
-    """How the twin was trained, so no output of a non-private baseline goes unlabelled."""
-    p = twin.plan.privacy
-    label = {"differential_privacy": p.enabled, "epsilon_per_site": p.epsilon if p.enabled else None,
-             "secure_aggregation": p.secure_aggregation}
-    if not p.enabled:
-        label["warning"] = ("NO DIFFERENTIAL PRIVACY: this twin is a baseline; it must not leave "
-                            "the study")
-    return label
+    return evaluate_site(site, fns, stride=max(1, stride)) | {"privacy": twin.plan.privacy.label()}
 
 
 def _warn_if_not_private(label: dict) -> None:
@@ -93,7 +82,7 @@ def cmd_whatif(args) -> int:
 
     twin = Twin.load(args.model)
     spec = twin.spec
-    _warn_if_not_private(privacy_label(twin))
+    _warn_if_not_private(twin.plan.privacy.label())
     scenarios = [parse_scenario(s, spec) for s in args.scenario] or default_scenarios(spec)
     site = load_site(args.data, spec)
     res = run_whatif(twin, site, args.patient, args.at, scenarios)
@@ -109,7 +98,7 @@ def cmd_whatif(args) -> int:
                                  "states": {c: res.forecasts[name][:, j].tolist()
                                             for j, c in enumerate(spec.state_columns)}}
                           for name, fc in res.controls.items()},
-            "privacy": privacy_label(twin),
+            "privacy": twin.plan.privacy.label(),
             "observed": None if res.observed is None else
             {c: res.observed[:, j].tolist() for j, c in enumerate(spec.state_columns)},
         }))
