@@ -53,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from twinfed.atomic import fsync_dir
 from twinfed.errors import AuditError
+from twinfed.events import EVENTS, AuditEvent
 from twinfed.governance.keys import Signer, public_key_fingerprint, signature_ok
 
 FORMAT = "twinfed-audit-v1"
@@ -196,12 +197,26 @@ class AuditLog:
             os.close(fd)
         return last.head if last else None
 
-    def append(self, event: str, details: dict | None = None, *, at: datetime | None = None,
-               actor: str | None = None) -> AuditEntry:
-        """Sign and durably append one event; returns the entry as written."""
+    def append(self, event: str | AuditEvent, details: dict | None = None, *,
+               at: datetime | None = None, actor: str | None = None) -> AuditEntry:
+        """Sign and durably append one event; returns the entry as written.
+
+        ``event`` is a typed payload (:mod:`twinfed.events`), or a name and ``details``. Details
+        of a name in :data:`twinfed.events.EVENTS` must validate against its model: the models
+        are the allow-list of what each event may carry.
+        """
+        if isinstance(event, AuditEvent):
+            event, details = event.EVENT, event.model_dump(mode="json")
         details = dict(details or {})
         if not re.match(EVENT_PATTERN, event):
             raise AuditError(f"audit event name {event!r} must be snake_case")
+        if event in EVENTS:
+            try:
+                details = EVENTS[event].model_validate(details).model_dump(mode="json")
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                loc = ".".join(str(x) for x in err.get("loc", ())) or "(details)"
+                raise AuditError(f"audit event {event}: {loc}: {err['msg']}") from None
         _check_details(details, event)
         try:  # refuse bad details before the file is touched
             _canonical(details)

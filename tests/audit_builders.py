@@ -9,9 +9,12 @@ from twinfed.governance.audit_log import GENESIS, AuditEntry, encode_entry, line
 from twinfed.governance.keys import Signer
 from twinfed.governance.layout import open_audit, read_info, state_paths
 from twinfed.governance.node_state import init_coordinator, init_node
+from twinfed import events as ev
+from twinfed.wire import LogHead, Refusal, RefusalCode
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=timezone.utc)
 PLAN_SHA = "5e" * 32
+WEIGHTS_SHA = "7a" * 32
 
 
 class Clock:
@@ -30,8 +33,8 @@ def node_with_log(root: Path, n: int, *, name: str = "a") -> Path:
     init_node(root, site_name=name, at=T0)
     log = open_audit(root, clock=Clock())
     for i in range(1, n):
-        log.append("round_joined", {"round": i, "plan_sha256": PLAN_SHA, "epsilon_spent": 0.25 * i,
-                                    "epsilon_budget": 3.0, "patients_used": 5, "patients_excluded": 1})
+        log.append("test_round", {"round": i, "plan_sha256": PLAN_SHA, "epsilon_spent": 0.25 * i,
+                                  "epsilon_budget": 3.0, "patients_used": 5, "patients_excluded": 1})
     return state_paths(root).audit
 
 
@@ -56,7 +59,8 @@ def resign(entries: list[AuditEntry], signer: Signer, start_prev: str = GENESIS)
 
 def make_run(root: Path, sites: tuple[str, ...] = ("a", "b"), rounds: int = 2, *,
              refuse: dict[str, int] | None = None) -> Path:
-    """A run directory as client/server will write it: ``refuse`` maps a site to the round it refuses."""
+    """A run directory as client/server write it: ``refuse`` maps a site to the round it refuses
+    (budget exhausted). The study starts and finishes in the coordinator's log."""
     refuse = refuse or {}
     clock = Clock()
     init_coordinator(root / "coordinator", at=T0)
@@ -65,22 +69,31 @@ def make_run(root: Path, sites: tuple[str, ...] = ("a", "b"), rounds: int = 2, *
     for s in sites:
         init_node(root / "nodes" / s, site_name=s, at=T0)
         nodes[s] = open_audit(root / "nodes" / s, clock=clock)
+    coord.append(ev.StudyStarted(plan_sha256=PLAN_SHA, purpose="twin-training", rounds=rounds,
+                                 min_nodes=len(sites), differential_privacy=True, epsilon_per_site=3.0,
+                                 secure_aggregation=False))
     for s in sites:
-        coord.append("node_seen", {"site": s, "key_fingerprint": read_info(root / "nodes" / s).key_fingerprint})
+        coord.append(ev.NodeSeen(site=s, key_fingerprint=read_info(root / "nodes" / s).key_fingerprint))
     for r in range(1, rounds + 1):
-        started = coord.append("round_started", {"round": r, "plan_sha256": PLAN_SHA, "sites": len(sites)})
-        anchor = {"seq": started.seq, "hash": started.hash}
-        heads = {}
+        started = coord.append(ev.RoundStarted(round=r, plan_sha256=PLAN_SHA))
+        anchor = LogHead(seq=started.seq, hash=started.hash)
+        heads, refused = {}, {}
         for s in sites:
             if refuse.get(s) == r:
-                nodes[s].append("budget_exhausted", {"round": r, "reason": "round would exceed epsilon 3.0",
-                                                     "epsilon_spent": 2.9, "epsilon_budget": 3.0})
-                e = nodes[s].append("round_refused", {"round": r, "plan_sha256": PLAN_SHA,
-                                                      "reason": "budget_exhausted", "coordinator": anchor})
+                refusal = Refusal(code=RefusalCode.BUDGET_EXHAUSTED)
+                nodes[s].append(ev.BudgetExhausted(round=r, plan_sha256=PLAN_SHA, refusal=refusal))
+                e = nodes[s].append(ev.RoundRefused(round=r, plan_sha256=PLAN_SHA, refusal=refusal,
+                                                    coordinator=anchor))
+                refused[s] = refusal
             else:
-                e = nodes[s].append("round_joined", {"round": r, "plan_sha256": PLAN_SHA, "coordinator": anchor,
-                                                     "epsilon_spent": round(0.75 * r, 3), "epsilon_budget": 3.0,
-                                                     "patients_used": 4, "patients_excluded": 1})
-            heads[s] = {"seq": e.seq, "hash": e.hash}
-        coord.append("round_aggregated", {"round": r, "plan_sha256": PLAN_SHA, "node_heads": heads})
+                e = nodes[s].append(ev.RoundJoined(
+                    round=r, plan_sha256=PLAN_SHA, coordinator=anchor, epsilon_spent=round(0.75 * r, 3),
+                    epsilon_budget=3.0, patients_used=4, patients_excluded=1, steps=2,
+                    differential_privacy=True, update_clip_fraction=0.0))
+            heads[s] = LogHead(seq=e.seq, hash=e.hash)
+        coord.append(ev.RoundAggregated(round=r, plan_sha256=PLAN_SHA, node_heads=heads,
+                                        sites_replied=len(sites), sites_trained=len(sites) - len(refused),
+                                        sites_refused=refused, failures=0, weights_sha256=WEIGHTS_SHA))
+    coord.append(ev.StudyFinished(plan_sha256=PLAN_SHA, rounds=rounds, rounds_with_update=rounds,
+                                  weights_sha256=WEIGHTS_SHA, weights_file_sha256=WEIGHTS_SHA))
     return root

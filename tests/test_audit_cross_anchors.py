@@ -57,7 +57,7 @@ def test_a_coordinator_log_rewritten_with_its_own_key_is_caught_by_the_nodes_anc
     report = verify_path(run)
     assert not report.ok
     first = report.issues[0]
-    assert first.file == str(p.audit) and first.seq == 3  # round 1's round_started was seq 3
+    assert first.file == str(p.audit) and first.seq == 4  # round 1's round_started was seq 4
     assert "rewritten" in first.reason and "nodes/a/audit.jsonl" in first.reason
 
 

@@ -46,8 +46,8 @@ def test_a_fresh_log_verifies_and_its_head_is_the_newest_entry(tmp_path):
 def test_entries_chain_from_genesis_with_0_based_seq_and_the_injected_time(tmp_path):
     signer = generate_signing_key(tmp_path / "keys" / "k")
     log = AuditLog(tmp_path / "audit.jsonl", signer, actor="coordinator")
-    first = log.append("coordinator_initialised", {}, at=datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc))
-    second = log.append("round_started", {"round": 1}, at=T0)
+    first = log.append("test_started", {}, at=datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc))
+    second = log.append("test_round", {"round": 1}, at=T0)
     assert (first.seq, first.prev, first.time) == (0, GENESIS, "2026-01-02T03:04:05.000006Z")
     assert second.seq == 1 and second.prev == line_hash(lines(log.path)[0])
     assert log.head() == Head(seq=1, hash=second.hash)
@@ -136,7 +136,7 @@ def test_a_torn_last_line_is_reported_and_everything_before_it_verifies(tmp_path
     result = verify_log(log, _key(tmp_path))
     assert not result.ok and result.n_entries == 4 and result.first_bad_seq == 4 and "torn" in result.reason
     with pytest.raises(AuditError, match=r"audit.jsonl: entry seq 4 \(line 5\) is torn"):
-        AuditLog(log, load_signer(state_paths(tmp_path).key), actor="node:a").append("round_joined", {})
+        AuditLog(log, load_signer(state_paths(tmp_path).key), actor="node:a").append("test_event", {})
     assert lines(log) == whole  # the torn bytes are kept, not dropped, and nothing was appended
 
 
@@ -144,7 +144,7 @@ def test_a_forged_entry_is_named_by_its_signature(tmp_path):
     log = node_with_log(tmp_path, 4)
     forger = generate_signing_key(tmp_path / "other" / "k")
     with pytest.raises(AuditError, match="not signed by this state's key"):
-        AuditLog(log, forger, actor="node:a").append("plan_approved", {})
+        AuditLog(log, forger, actor="node:a").append("test_event", {})
     fake = encode_entry(forger, seq=4, prev=line_hash(lines(log)[-1]), actor="node:a", event="plan_approved",
                         details={"plan_sha256": "ff" * 32}, time="2026-03-01T10:00:00.000000Z")
     with log.open("ab") as fh:
@@ -173,9 +173,9 @@ def test_a_changed_signature_on_an_older_entry_is_named(tmp_path):
 def test_details_that_look_like_patient_identifiers_are_refused(tmp_path):
     log = AuditLog(tmp_path / "audit.jsonl", generate_signing_key(tmp_path / "k"), actor="node:a")
     with pytest.raises(AuditError, match="patient identifier"):
-        log.append("consent_changed", {"counts": {"patient_id": "p7"}})
+        log.append("test_event", {"counts": {"patient_id": "p7"}})
     with pytest.raises(AuditError, match="finite JSON"):
-        log.append("round_joined", {"epsilon_spent": float("nan")})
+        log.append("test_event", {"epsilon_spent": float("nan")})
     assert not log.path.exists()
 
 
@@ -187,7 +187,7 @@ _details = st.dictionaries(st.from_regex(r"[a-z][a-z_]{0,10}", fullmatch=True),
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(events=st.lists(st.tuples(st.sampled_from(["round_joined", "model_sent", "consent_changed"]), _details),
+@given(events=st.lists(st.tuples(st.sampled_from(["test_joined", "test_sent", "test_changed"]), _details),
                        min_size=1, max_size=4))
 def test_verify_accepts_every_untampered_log(tmp_path_factory, events):
     d = tmp_path_factory.mktemp("log")
@@ -245,7 +245,7 @@ _CHILD = textwrap.dedent("""
     for i in range(10**9):
         if i == stall_after:
             audit_log.os.write = stalling_write
-        e = log.append("round_joined", {"round": i, "epsilon_spent": i * 0.01})
+        e = log.append("test_event", {"round": i, "epsilon_spent": i * 0.01})
         print(e.seq, flush=True)
 """)
 
@@ -280,4 +280,4 @@ def test_a_process_killed_mid_write_leaves_a_torn_entry_that_is_reported(tmp_pat
     assert (result.ok, result.n_entries, result.first_bad_seq) == (False, 6, 6)
     assert "torn" in result.reason
     with pytest.raises(AuditError, match=r"entry seq 6 \(line 7\) is torn"):
-        AuditLog(paths.audit, load_signer(paths.key), actor="node:a").append("round_joined", {})
+        AuditLog(paths.audit, load_signer(paths.key), actor="node:a").append("test_event", {})

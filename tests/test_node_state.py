@@ -52,7 +52,7 @@ def test_a_half_initialised_directory_is_an_error_that_says_what_to_do(tmp_path)
 def test_the_coordinator_state_has_the_same_key_and_audit_layout(tmp_path):
     info = init_coordinator(tmp_path / "c", at=T0)
     assert read_info(tmp_path / "c") == info and info.kind == "coordinator"
-    e = open_audit(tmp_path / "c").append("round_started", {"round": 1}, at=T0)
+    e = open_audit(tmp_path / "c").append("test_event", {"round": 1}, at=T0)
     assert e.seq == 1 and e.actor == "coordinator"
 
 

@@ -14,7 +14,17 @@ class SpecError(TwinfedError):
 
 
 class DataError(TwinfedError):
-    """A site's export breaks the data contract."""
+    """A site's export breaks the data contract.
+
+    ``file``, ``row`` (1-based data row) and ``column`` say where, apart from the message, so a
+    node can report *where* to the coordinator without the message's value (see
+    :mod:`twinfed.wire`); the message itself is for the node's own console.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
+                 column: str | None = None) -> None:
+        super().__init__(message)
+        self.file, self.row, self.column = file, row, column
 
 
 class ConsentError(TwinfedError):
