@@ -110,3 +110,23 @@ def open_audit(state_dir: str | Path, *, actor: str | None = None,
                              f"state was initialised with ({info.key_fingerprint[:16]}...); restore the "
                              "original key")
     return AuditLog(p.audit, signer, actor=actor or info.actor, clock=clock)
+
+
+def verified_entries(state_dir: str | Path) -> list:
+    """The state's own audit entries, verified against its own key, for a decision that reads
+    them (a gate, a ledger check). :class:`AuditError` without a path if they do not verify:
+    such messages can end in refusals."""
+    from twinfed.errors import AuditError, TwinfedError
+    from twinfed.governance.audit_log import verify_log_entries
+    from twinfed.governance.keys import load_public_key
+
+    p = state_paths(state_dir)
+    try:
+        result, entries = verify_log_entries(p.audit, load_public_key(p.public_key))
+    except TwinfedError:
+        raise AuditError("this state's audit log or its public key cannot be read; run 'twinfed "
+                         "audit verify' on the state directory") from None
+    if not result.ok:
+        raise AuditError(f"this state's audit log does not verify ({result.reason}); run 'twinfed "
+                         "audit verify' on the state directory and restore it")
+    return entries

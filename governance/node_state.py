@@ -18,6 +18,7 @@ from pathlib import Path
 
 from twinfed.atomic import write_json_atomic
 from twinfed.errors import NodeStateError
+from twinfed.events import CoordinatorInitialised, NodeInitialised
 from twinfed.governance.audit_log import FORMAT, AuditLog, format_time
 from twinfed.governance.keys import generate_signing_key
 from twinfed.governance.layout import StateInfo, read_info, state_paths
@@ -74,8 +75,9 @@ def _init(state_dir, *, kind, name, actor, at, exist_ok) -> StateInfo | None:
     info = StateInfo(kind=kind, name=name, key_fingerprint=signer.fingerprint,
                      created_at=format_time(when))
     log = AuditLog(p.audit, signer, actor=actor or info.actor)
-    log.append(f"{kind}_initialised", {"format": FORMAT, kind if kind == "coordinator" else "site": name,
-                                       "key_fingerprint": signer.fingerprint}, at=when)
+    log.append(CoordinatorInitialised(format=FORMAT, coordinator=name, key_fingerprint=signer.fingerprint)
+               if kind == "coordinator" else
+               NodeInitialised(format=FORMAT, site=name, key_fingerprint=signer.fingerprint), at=when)
     return info
 
 

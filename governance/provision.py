@@ -2,17 +2,21 @@
 
 On a deployed node, hospital IT runs ``twinfed node init`` and the privacy officer runs
 ``twinfed plan approve``. A simulated node has neither, so the simulation's operator does both,
-under their own name: every approval and consent import so made is in the node's audit log with
+under their own name, from the simulation's entry point (``twinfed simulate``, ``twinfed deploy
+local``, ``flwr run`` on the simulation engine) before the study starts, never from the node's
+round: every approval and consent import so made is in the node's audit log with
 ``actor = operator:...``, never passed off as an officer's.
 """
 
 from __future__ import annotations
 
-from twinfed.client.node import NodeConfig
+from pathlib import Path
+
 from twinfed.models.plan import TrainingPlan
 
 
-def provision_simulated_node(node: NodeConfig, plan: TrainingPlan | None, *, operator: str,
+def provision_simulated_node(state_dir: Path, *, site_name: str, site_data: Path,
+                             plan: TrainingPlan | None, operator: str,
                              reimport_consent: bool = False) -> None:
     """Initialise the node's state if new (importing the site's consent.csv), approve ``plan``
     if it is not approved yet; ``reimport_consent`` merges the site's current consent.csv into
@@ -22,11 +26,44 @@ def provision_simulated_node(node: NodeConfig, plan: TrainingPlan | None, *, ope
     from twinfed.governance.layout import is_state_dir
     from twinfed.governance.node_state import init_node
 
-    node.ensure_state_dir()
-    has_consent = (node.site_data / "consent.csv").is_file()
-    if not is_state_dir(node.state_dir):
-        init_node(node.state_dir, site_name=node.site_name, site_data=node.site_data, actor=operator)
+    Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    has_consent = (Path(site_data) / "consent.csv").is_file()
+    if not is_state_dir(state_dir):
+        init_node(state_dir, site_name=site_name, site_data=site_data, actor=operator)
     elif reimport_consent and has_consent:
-        import_consent(node.state_dir, node.site_data, actor=operator)
-    if plan is not None and not is_approved(node.state_dir, plan.sha256()):
-        approve_plan(node.state_dir, plan, actor=operator)
+        import_consent(state_dir, site_data, actor=operator)
+    if plan is not None and not is_approved(state_dir, plan.sha256()):
+        approve_plan(state_dir, plan, actor=operator)
+
+
+FLWR_RUN_OPERATOR = "operator:flwr-run-simulation"
+
+
+def run_config_sites(sites: str) -> list[tuple[str, Path]]:
+    """``flwr run`` on the simulation engine names its simulated nodes in the run config's
+    ``sites``: ``"name=dir,name=dir"``, in partition order; names must be plain names."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from twinfed.errors import TwinfedError
+    from twinfed.wire import SiteName
+
+    out = []
+    for entry in (e.strip() for e in sites.split(",") if e.strip()):
+        name, sep, data = entry.partition("=")
+        try:
+            TypeAdapter(SiteName).validate_python(name.strip())
+        except ValidationError:
+            raise TwinfedError(f"run config 'sites': {name.strip()!r} is not a plain site name "
+                               "(letters, digits, '.', '_' or '-')") from None
+        if not sep or not data.strip():
+            raise TwinfedError(f"run config 'sites': write name=dir for every site, got {entry!r}")
+        out.append((name.strip(), Path(data.strip())))
+    return out
+
+
+def provision_run_config_sites(out_dir: Path, sites: str, plan: TrainingPlan) -> None:
+    """Set up the simulated nodes a ``flwr run`` simulation names (state in OUT/nodes/<name>),
+    from its ServerApp before the first round, as ``twinfed simulate`` does for its sites."""
+    for name, data in run_config_sites(sites):
+        provision_simulated_node(Path(out_dir) / "nodes" / name, site_name=name, site_data=data,
+                                 plan=plan, operator=FLWR_RUN_OPERATOR, reimport_consent=True)

@@ -10,6 +10,7 @@ import pytest
 from audit_builders import lines, make_run, write_lines
 from builders import write_site
 from twinfed.cli.main import main
+from twinfed.governance.consent_registry import patient_status
 from twinfed.governance.layout import state_paths
 from twinfed.models.plan import TrainingPlan
 from twinfed.models.spec import load_spec
@@ -118,3 +119,60 @@ def test_audit_report_writes_html_and_json(tmp_path, capsys):
     assert "2 site(s), verified" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "report.json").read_text())["verification"]["ok"]
     assert (tmp_path / "out" / "report.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+@pytest.mark.parametrize("patient, purpose", [("p99", "twin-training"), ("p1", "twin-trainng")])
+def test_withdrawing_an_unknown_patient_or_purpose_is_a_one_line_error(tmp_path, capsys, patient, purpose):
+    state = _node(tmp_path, capsys)
+    assert main(["consent", "withdraw", "--state", str(state), "--patient", patient, "--purpose", purpose,
+                 "--actor", "officer:test"]) == 1
+    assert _error_line(capsys) == (f"twinfed: error: no consent record for this patient and purpose "
+                                   f"{purpose!r}; check the id and the purpose ('twinfed consent status' "
+                                   "lists the purposes)")
+
+
+def test_importing_consent_dated_in_the_future_is_a_one_line_error_naming_row_and_column(tmp_path, capsys):
+    state = _node(tmp_path, capsys)
+    (tmp_path / "late.csv").write_text("patient_id,status,purpose,recorded_at\n"
+                                       "p-secret,granted,twin-training,2099-01-01T00:00:00Z\n")
+    assert main(["consent", "import", "--state", str(state), "--site-data", str(tmp_path / "late.csv"),
+                 "--actor", "officer:test"]) == 1
+    line = _error_line(capsys)
+    assert line.startswith("twinfed: error: late.csv row 1, column recorded_at: dated after ")
+    assert "more than 5 minutes ahead of this node's clock" in line and "p-secret" not in line
+
+
+def test_patient_file_carries_an_id_with_a_comma_a_quote_and_a_line_break(tmp_path, capsys):
+    state = _node(tmp_path, capsys)
+    odd = 'site-a,"7"\nward 3'
+    (tmp_path / "id.txt").write_text(odd + "\n")  # one final newline is not part of the id
+    by_file = ["--patient-file", str(tmp_path / "id.txt"), "--purpose", "twin-training"]
+    assert main(["consent", "grant", "--state", str(state), *by_file, "--actor", "officer:test"]) == 0
+    assert main(["consent", "status", "--state", str(state), "--patient-file", str(tmp_path / "id.txt")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "twin-training: granted"
+    assert main(["consent", "withdraw", "--state", str(state), *by_file, "--actor", "officer:test"]) == 0
+    assert main(["consent", "status", "--state", str(state), "--patient-file", str(tmp_path / "id.txt")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "twin-training: withdrawn" and "site-a" not in out
+    assert patient_status(state, odd) == {"twin-training": "withdrawn"}
+
+
+def test_patient_and_patient_file_are_mutually_exclusive(tmp_path, capsys):
+    (tmp_path / "id.txt").write_text("p1")
+    with pytest.raises(SystemExit) as exc:
+        main(["consent", "withdraw", "--state", str(tmp_path), "--patient", "p1",
+              "--patient-file", str(tmp_path / "id.txt"), "--purpose", "twin-training"])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_missing_patient_file_is_a_one_line_error(tmp_path, capsys):
+    state = _node(tmp_path, capsys)
+    assert main(["consent", "withdraw", "--state", str(state), "--patient-file", str(tmp_path / "none.txt"),
+                 "--purpose", "twin-training"]) == 1
+    assert "none.txt: no such file" in _error_line(capsys)

@@ -59,18 +59,31 @@ def _register_consent(sub) -> None:
                                        "consent for a purpose, from now on",
                             description=f"Add a '{verb}' record for the patient and purpose at the current "
                                         "time; it takes effect from the next round. The audit log records "
-                                        "the counts, never the patient.")
+                                        "the counts, never the patient." + (
+                                            " A patient and purpose the registry has no record of is an "
+                                            "error: check the id and the purpose." if verb == "withdraw"
+                                            else ""))
         p.add_argument("--state", type=Path, required=True, help="the node's state directory")
-        p.add_argument("--patient", required=True, help="the patient's id as in the site export")
+        _patient_args(p, required=True)
         p.add_argument("--purpose", required=True, help="the consent purpose, e.g. twin-training")
         _actor_arg(p)
         p.set_defaults(func=cmd_consent_record, status="granted" if verb == "grant" else "withdrawn")
     st = csub.add_parser("status", help="patients granted and withdrawn per purpose (counts)",
-                         description="Counts per purpose. With --patient, that one patient's status.")
+                         description="Counts per purpose. With --patient or --patient-file, that one "
+                                     "patient's status.")
     st.add_argument("--state", type=Path, required=True, help="the node's state directory")
     st.add_argument("--purpose", help="only this purpose")
-    st.add_argument("--patient", help="show this one patient's status")
+    _patient_args(st, required=False)
     st.set_defaults(func=cmd_consent_status)
+
+
+def _patient_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    who = p.add_mutually_exclusive_group(required=required)
+    who.add_argument("--patient", help="the patient's id as in the site export")
+    who.add_argument("--patient-file", type=Path, metavar="FILE",
+                     help="the patient's id read from FILE, for ids awkward on a command line (a line "
+                          "break, quotes, a comma): the file's whole content is the id, UTF-8, exactly "
+                          "as in the site export; one final newline is ignored")
 
 
 def _register_plan(sub) -> None:
@@ -187,12 +200,28 @@ def cmd_consent_import(args) -> int:
     return 0
 
 
+def _patient_id(args) -> str | None:
+    """The id from --patient, or the whole content of --patient-file less one final newline."""
+    if args.patient_file is None:
+        return args.patient
+    try:
+        text = args.patient_file.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise TwinfedError(f"{args.patient_file}: no such file; --patient-file names a file holding "
+                           "one patient id") from None
+    except OSError as exc:
+        raise TwinfedError(f"{args.patient_file}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise TwinfedError(f"{args.patient_file}: not UTF-8 text; save the patient id as UTF-8") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
 def cmd_consent_record(args) -> int:
     from twinfed.governance.consent_registry import record_consent
     from twinfed.governance.layout import read_info
 
     read_info(args.state)
-    c = record_consent(args.state, args.patient, args.purpose, args.status, actor=_officer(args))
+    c = record_consent(args.state, _patient_id(args), args.purpose, args.status, actor=_officer(args))
     print(f"recorded {args.status} for {args.purpose!r}, effective from the next round; "
           f"{args.purpose}: {c['granted']} granted, {c['withdrawn']} withdrawn")
     return 0
@@ -204,8 +233,9 @@ def cmd_consent_status(args) -> int:
     from twinfed.governance.layout import read_info
 
     read_info(args.state)
-    if args.patient is not None:
-        status = patient_status(args.state, args.patient, args.purpose)
+    patient = _patient_id(args)
+    if patient is not None:
+        status = patient_status(args.state, patient, args.purpose)
         if not status:
             print(f"no consent record for that patient{f' and {args.purpose!r}' if args.purpose else ''}: "
                   "not used")
@@ -248,18 +278,46 @@ def cmd_plan_show(args) -> int:
           f"DP {'on' if plan.privacy.enabled else 'OFF'}, secure aggregation "
           f"{'on' if plan.privacy.secure_aggregation else 'OFF'}")
     print(f"model:       {plan.model.kind}, {plan.model.layers} x {plan.model.hidden}")
-    print(f"metrics:     {', '.join(plan.metrics)}")
+    print(f"secure sum:  never unmasked over fewer than {plan.privacy.secagg.min_sites} sites")
+    print(f"counts:      released once per study with Gaussian noise of std {plan.privacy.count_noise:g} "
+          f"patients ({', '.join(plan.metrics) or 'kept at the node'})")
+    for warning in _plan_warnings(plan):
+        print(f"WARNING:     {warning}")
+    print("leaves each node, besides its masked update (field: kind):")
+    from twinfed.wire import reply_field_table
+
+    for name, kind in reply_field_table():
+        print(f"  {name}: {kind}")
     print(json.dumps(json.loads(plan.canonical_json()), indent=2, sort_keys=True))
     return 0
+
+
+def _plan_warnings(plan) -> list[str]:
+    """What an officer must not miss before approving a plan."""
+    out = []
+    if not plan.privacy.enabled:
+        out.append("DIFFERENTIAL PRIVACY IS OFF: deployed nodes refuse this plan (simulated baselines only)")
+    if not plan.privacy.secure_aggregation:
+        out.append("SECURE AGGREGATION IS OFF: the coordinator would see each site's update")
+    if plan.unsupported_metrics():
+        out.append(f"asks nodes to release {', '.join(plan.unsupported_metrics())}, which no node "
+                   "releases: every node will refuse it")
+    return out
 
 
 def cmd_plan_approve(args) -> int:
     from twinfed.governance.approvals import approve_plan, load_plan_file
 
     plan = load_plan_file(args.plan)
+    if plan.unsupported_metrics():
+        raise TwinfedError(f"the plan asks nodes to release {', '.join(plan.unsupported_metrics())}; "
+                           "nodes release only DP figures (patients_used, patients_excluded): fix "
+                           "the plan's metrics")
     a = approve_plan(args.state, plan, actor=_officer(args))
-    print(f"approved plan {a.sha256} ({plan.purpose!r}, {plan.rounds} rounds, epsilon "
-          f"{plan.privacy.epsilon}) at {args.state}")
+    dp = f"epsilon {plan.privacy.epsilon:g}" if plan.privacy.enabled else "NO differential privacy"
+    print(f"approved plan {a.sha256} ({plan.purpose!r}, {plan.rounds} rounds, {dp}) at {args.state}")
+    for warning in _plan_warnings(plan):
+        print(f"WARNING: {warning}")
     return 0
 
 
