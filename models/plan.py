@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from twinfed.models.spec import TwinSpec
 
+# Figures a node may release when a plan names them: noisy counts, charged to its ledger.
+RELEASABLE_METRICS = ("patients_used", "patients_excluded")
+
 
 class ModelConfig(BaseModel):
     """The surrogate's architecture."""
@@ -51,6 +54,15 @@ class TrainingConfig(BaseModel):
         return self.model_copy(update={"learning_rate": self.learning_rate * scale})
 
 
+class SecAggConfig(BaseModel):
+    """What nodes require of a SecAgg+ round before they take part (checked on both sides)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The coordinator never unmasks, and nodes never help unmask, a sum of fewer sites.
+    min_sites: Annotated[int, Field(ge=2, le=100_000)] = 3
+
+
 class PrivacyConfig(BaseModel):
     """Patient-level DP-SGD at every node, and secure aggregation of the nodes' updates."""
 
@@ -65,6 +77,10 @@ class PrivacyConfig(BaseModel):
     # SecAgg+ quantises each update into [-update_clip, update_clip]; updates are weight changes
     # of one round, far smaller than this (checked and reported as update_clip_fraction).
     update_clip: Annotated[float, Field(gt=0)] = 0.5
+    # Std of the Gaussian noise on the patient counts each node releases once per study
+    # (sensitivity 1 patient); the sample rate and delta are derived from the noisy count.
+    count_noise: Annotated[float, Field(gt=0, le=1e6)] = 20.0
+    secagg: SecAggConfig = SecAggConfig()
 
     def label(self) -> dict:
         """How a study or a twin was trained, with a warning for every protection turned off,
@@ -94,7 +110,12 @@ class TrainingPlan(BaseModel):
     seed: int = 0
     privacy: PrivacyConfig = PrivacyConfig()
     strategy: str = "fedavg"
-    metrics: tuple[str, ...] = ("patients_used", "patients_excluded", "train_loss")
+    # The DP-released figures the nodes report (see twinfed.wire); nothing else can be asked for.
+    metrics: tuple[str, ...] = ("patients_used", "patients_excluded")
+
+    def unsupported_metrics(self) -> list[str]:
+        """Metrics this plan asks for that no node ever releases (e.g. a training loss)."""
+        return [m for m in self.metrics if m not in RELEASABLE_METRICS]
 
     @property
     def purpose(self) -> str:

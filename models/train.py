@@ -54,7 +54,7 @@ class PatientWindows(Dataset):
                 torch.from_numpy(y.reshape(n, self.k, self.scaler.n_outputs)))
 
 
-class _BatchOfPatients(Dataset):
+class BatchOfPatients(Dataset):
     """Adapter that lets a DataLoader's batch sampler hand whole index lists to ``draw``."""
 
     def __init__(self, data: PatientWindows):
@@ -79,7 +79,7 @@ class TrainResult:
 
 def make_loader(data: PatientWindows, batch_size: int, *, seed: int) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(_BatchOfPatients(data), batch_size=min(batch_size, len(data)), shuffle=True,
+    return DataLoader(BatchOfPatients(data), batch_size=min(batch_size, len(data)), shuffle=True,
                       drop_last=False, generator=gen)
 
 

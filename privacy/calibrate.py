@@ -7,16 +7,16 @@ the whole planned study stay within the target. The maths is Opacus's accountant
 
 from __future__ import annotations
 
-import math
-
-from twinfed.privacy.ledger import Accountant, BudgetExhausted, Segment, epsilon_of
+from twinfed.ledger_file import Accountant, Segment
+from twinfed.privacy.ledger import BudgetExhausted, epsilon_of
 
 MAX_SIGMA = 1e4
 
 
-def sample_rate(n_patients: int, expected_batch: int) -> float:
-    """Poisson rate over patients; the same formula Opacus's DP loader uses (1 / batches)."""
-    return 1.0 / math.ceil(n_patients / min(expected_batch, n_patients))
+def sample_rate(n_released: int, expected_batch: int) -> float:
+    """Poisson rate over patients: the plan's expected batch over the site's *released* (noisy)
+    patient count, never the exact one, so the rate reveals nothing the release did not."""
+    return min(1.0, expected_batch / max(1, n_released))
 
 
 def noise_for_budget(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,

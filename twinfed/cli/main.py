@@ -18,7 +18,7 @@ hospital IT:       data validate, cohort generate (virtual data for trials),
                    deploy node-key (the node's authentication key for a real consortium),
                    node init, consent import (a node's governance state)
 privacy officers:  plan show|approve|revoke|list, consent grant|withdraw|status,
-                   audit verify|show|report
+                   audit verify|show|report, ledger show|rebuild|set-budget
 coordinators:      simulate (a whole study on one machine), demo,
                    deploy certs (TLS for a real consortium), deploy local (real Flower processes)
 everyone:          evaluate, whatif (use a trained twin)
@@ -26,7 +26,7 @@ everyone:          evaluate, whatif (use a trained twin)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from twinfed.cli import data, deploy, governance, study, twin
+    from twinfed.cli import data, deploy, governance, ledger, study, twin
 
     parser = argparse.ArgumentParser(prog="twinfed", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.register(sub)
     twin.register(sub)
     governance.register(sub)
+    ledger.register(sub)
     deploy.register(sub)
     return parser
 
