@@ -1,19 +1,17 @@
 """The hospital node's Flower ClientApp.
 
 Imports stay light (no torch, no Opacus at module level): in deployment every message starts a
-fresh ``flwr-clientapp`` process. Every round goes through the governance gate
-(``twinfed.client.gate``). A refused round is answered, not raised: the reply carries
-``status="refused"``, a one-line reason and a zero update; every reply carries the node's audit
-head and key fingerprint for the coordinator's log.
+fresh ``flwr-clientapp`` process. Every round goes through the node's gate
+(:mod:`twinfed.client.gate`), and every message through the boundary mod
+(:mod:`twinfed.client.boundary`): what leaves the node is the (masked) update and one
+:class:`twinfed.wire.NodeReply`, or a coded error, never an exception's text.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 from flwr.client import ClientApp, NumPyClient
 from flwr.common import Context
 
@@ -24,7 +22,7 @@ class TwinClient(NumPyClient):
     """Replies with the round's weight change, weight 1 (see ``twinfed.privacy.secagg``).
 
     A refusal still replies with a zero change of the right shape, so a SecAgg+ round keeps its
-    shape and the coordinator's sum is untouched; ``status`` tells the strategy to leave it out.
+    shape and the coordinator's sum is untouched; the reply's status tells the strategy.
     """
 
     def __init__(self, node: NodeConfig, context: Context):
@@ -33,29 +31,13 @@ class TwinClient(NumPyClient):
 
     def fit(self, parameters, config):
         from twinfed.client.gate import serve_round
-        from twinfed.privacy.secagg import round_is_masked
+        from twinfed.privacy.secagg import min_sum, remember_round, secagg_view
 
-        coordinator = ({"seq": int(config["coordinator_seq"]), "hash": str(config["coordinator_hash"])}
-                       if "coordinator_hash" in config else None)
-        reply = serve_round(self.node, str(config["plan"]), parameters, int(config["round"]),
-                            masked=round_is_masked(self.ctx), coordinator=coordinator)
-        base = {"site": self.node.site_name, "key_fingerprint": reply.key_fingerprint}
-        if reply.audit_head is not None:
-            base |= {"audit_seq": reply.audit_head["seq"], "audit_hash": reply.audit_head["hash"]}
-        out = reply.outcome
-        if out is None:
-            zeros = [np.zeros_like(p, dtype=np.float32) for p in parameters]
-            return zeros, 1, base | {"status": "refused", "reason": reply.reason}
-        metrics = base | {
-            "status": "ok",
-            "patients_used": out.patients_used,
-            "patients_excluded": out.patients_excluded,
-            "train_loss": out.train_loss,
-            "steps": out.steps,
-            "update_clip_fraction": out.update_clip_fraction,
-            "privacy": json.dumps(out.privacy) if out.privacy is not None else "",
-        }
-        return out.update, 1, metrics
+        result = serve_round(self.node, dict(config), list(parameters), secagg=secagg_view(self.ctx))
+        if result.plan is not None:
+            remember_round(self.ctx, plan_sha256=result.plan.sha256(), server_round=result.round,
+                           min_required=min_sum(result.plan))
+        return result.update, 1, result.reply.to_metrics()
 
 
 NodeResolver = Callable[[Context], NodeConfig]
@@ -64,15 +46,17 @@ NodeResolver = Callable[[Context], NodeConfig]
 def node_from_context(context: Context) -> NodeConfig:
     """A deployed node names its site in its node config; under ``flwr run`` on the simulation
     engine, node ``partition-id`` takes the matching entry of the run config's ``sites``
-    (``"name=dir,name=dir"``) and keeps its state under ``<out-dir>/nodes/<name>``."""
+    (``"name=dir,name=dir"``) and keeps its state under ``<out-dir>/nodes/<name>`` (set up by
+    the ServerApp before the first round, see ``twinfed.governance.provision``)."""
     cfg = dict(context.node_config)
     if "site-data" not in cfg and "partition-id" in cfg and context.run_config.get("sites"):
-        entries = [e.strip() for e in str(context.run_config["sites"]).split(",") if e.strip()]
-        name, _, data = entries[int(cfg["partition-id"]) % len(entries)].partition("=")
+        from twinfed.governance.provision import run_config_sites
+
+        entries = run_config_sites(str(context.run_config["sites"]))
+        name, data = entries[int(cfg["partition-id"]) % len(entries)]
         out = Path(str(context.run_config.get("out-dir", "runs/flwr")))
-        cfg = {"site-name": name, "site-data": data, "state-dir": str(out / "nodes" / name)}
-        node = NodeConfig.from_node_config(cfg)
-        return node.model_copy(update={"simulation_operator": "operator:flwr-run-simulation"})
+        return NodeConfig(site_name=name, site_data=data, state_dir=out / "nodes" / name,
+                          simulated=True)
     return NodeConfig.from_node_config(cfg)
 
 
@@ -80,12 +64,14 @@ def make_client_app(resolve: NodeResolver = node_from_context, *, outer_mods: Se
                     inner_mods: Sequence = ()) -> ClientApp:
     """``outer_mods`` see what leaves the node (masked under SecAgg+); ``inner_mods`` see the
     training function's own reply (for tests and probes)."""
+    from twinfed.client.boundary import make_boundary_mod
     from twinfed.privacy.secagg import secagg_when_asked
 
     def client_fn(context: Context):
         return TwinClient(resolve(context), context).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[*outer_mods, secagg_when_asked, *inner_mods])
+    return ClientApp(client_fn=client_fn,
+                     mods=[make_boundary_mod(resolve), *outer_mods, secagg_when_asked, *inner_mods])
 
 
 class SimulatedNodes:

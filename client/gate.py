@@ -1,101 +1,221 @@
-"""The node's governance gate: every round the coordinator asks for passes here, and is audited.
+"""The node's boundary for one training round: admit, train, reply. One place, always audited.
 
-In order, before any patient data is read:
-1. the node's state is initialised (keys, audit log) — without it nothing could be audited;
-2. the round is masked by SecAgg+ if the plan requires secure aggregation;
-3. the plan's hash is approved at this node by its privacy officer;
-then :func:`twinfed.client.session.train_round` checks consent and the privacy budget.
-
-Every outcome goes into the node's signed audit log (model received, plan refused, budget
-exhausted, round joined or refused with the coordinator's round commitment, model sent), and the
-reply carries the node's audit head, so the coordinator's log anchors the node's and the other
-way round. Details are counts, hashes and budgets, never patient data.
+Admission, in order (each failure is a coded refusal, audited at the node, see
+:mod:`twinfed.client.refusals`):
+1. the instruction parses and its plan hashes to the hash it names; the node's state is
+   initialised and its own audit log verifies (nothing could be audited otherwise);
+2. the plan asks for nothing nodes never release; a deployed node refuses a plan without DP;
+   a plan requiring SecAgg+ is refused in an unmasked round or one whose set-up (nodes sampled,
+   shares, threshold) is weaker than the plan's minimums;
+3. the plan is approved at this node: in ``approvals.json`` *and* by a standing, signed
+   ``plan_approved`` event in its log; checked before any patient data is read;
+4. the consented patients are loaded (the registry, read now: a withdrawal counts from the next
+   round);
+5. under the node's state lock (the same check again, then the ledger cross-checked against the
+   log, the study's counts released and noise calibrated on its first round, this round's spend
+   reserved: audited, then written) - so two studies on one node can never both spend the last
+   of a budget.
+Then :func:`twinfed.client.session.train_admitted` trains, and the reply is built from
+:class:`twinfed.wire.NodeReply` only: the masked update travels beside it, nothing else.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from twinfed.client.node import NodeConfig
-from twinfed.client.session import RoundOutcome, RoundRefused, parse_plan, train_round
-from twinfed.errors import PlanNotApproved, TwinfedError
+from twinfed.client.refusals import RoundRefused, refusal_for, tell_node_console
+from twinfed.client.session import Admission, parse_plan, train_admitted
+from twinfed.errors import ConsentError, TwinfedError
+from twinfed.events import (BudgetExhausted, ModelReceived, ModelSent, PlanRefused, RoundJoined,
+                            RoundRefused as RoundRefusedEvent, RoundSkipped)
+from twinfed.locking import state_lock
 from twinfed.models.digest import weights_sha256
+from twinfed.models.plan import TrainingPlan
+from twinfed.privacy.secagg import SecAggView
+from twinfed.wire import (DPCounts, LogHead, NodeReply, Refusal, RefusalCode, Released,
+                          RoundInstruction)
 
 
-@dataclass
-class RoundReply:
-    outcome: RoundOutcome | None  # None: refused
-    reason: str
-    audit_head: dict | None  # {"seq", "hash"}; None only when the node has no audit log to write
-    key_fingerprint: str
+@dataclass(frozen=True)
+class RoundResult:
+    update: list[np.ndarray]
+    reply: NodeReply
+    plan: TrainingPlan | None  # None when the instruction's plan did not parse
+    round: int
 
 
-def serve_round(node: NodeConfig, plan_text: str, weights: list[np.ndarray], server_round: int, *,
-                masked: bool, coordinator: dict | None) -> RoundReply:
-    """Decide, audit and (if admitted) train one round. Never raises a :class:`TwinfedError`:
-    a refusal is a reply whose one-line reason goes back to the coordinator."""
-    from twinfed.governance.layout import open_audit, read_info
-
-    plan_sha = hashlib.sha256(plan_text.encode()).hexdigest()
+def serve_round(node: NodeConfig, config: dict, weights: list[np.ndarray], *,
+                secagg: SecAggView) -> RoundResult:
+    """Decide, audit and (if admitted) train one round. Never raises: anything that stops the
+    round becomes a coded refusal with a zero update (a SecAgg+ round keeps its shape)."""
+    zeros = [np.zeros_like(w, dtype=np.float32) for w in weights]
+    site = node.site_name
     try:
-        plan = parse_plan(plan_text)
-        plan_sha = plan.sha256()
-        if node.simulation_operator:
-            from twinfed.client.provision import provision_simulated_node
+        instruction = RoundInstruction.from_config(config)
+    except (KeyError, ValueError) as exc:
+        tell_node_console(site, "round refused", exc)
+        return RoundResult(zeros, _reply(node, Refusal(code=RefusalCode.PLAN_MALFORMED)), None, 0)
+    try:
+        from twinfed.governance.layout import open_audit, read_info
 
-            provision_simulated_node(node, plan, operator=node.simulation_operator)
         audit = open_audit(node.state_dir)
         fingerprint = read_info(node.state_dir).key_fingerprint
     except TwinfedError as exc:
-        return RoundReply(None, str(exc), None, "")
+        tell_node_console(site, f"round {instruction.round} refused", exc)
+        return RoundResult(zeros, _reply(node, refusal_for(exc)), None, instruction.round)
 
-    anchor = dict(coordinator) if coordinator else {}
-    base = {"round": server_round, "plan_sha256": plan_sha}
+    base = {"round": instruction.round, "plan_sha256": instruction.plan_sha256}
+    plan: TrainingPlan | None = None
     try:
-        audit.append("model_received", base | {"weights_sha256": weights_sha256(weights),
-                                               "coordinator": anchor})
-        outcome = _admitted(node, plan, weights, server_round, masked=masked)
-    except TwinfedError as exc:
-        return _refuse(audit, base, anchor, exc, fingerprint)
-    privacy = outcome.privacy or {}
-    audit.append("round_joined", base | {
-        "coordinator": anchor, "patients_used": outcome.patients_used,
-        "patients_excluded": outcome.patients_excluded, "steps": outcome.steps,
-        "differential_privacy": outcome.privacy is not None,
-        "epsilon_study": privacy.get("epsilon"),
-        "epsilon_spent": privacy.get("site_epsilon_spent"),
-        "epsilon_budget": privacy.get("site_epsilon_budget"),
-        "delta": privacy.get("delta"), "noise_multiplier": privacy.get("noise_multiplier"),
-    })
-    sent = audit.append("model_sent", base | {"update_sha256": weights_sha256(outcome.update),
-                                              "secure_aggregation": masked})
-    return RoundReply(outcome, "", {"seq": sent.seq, "hash": sent.hash}, fingerprint)
+        audit.append(ModelReceived(**base, weights_sha256=weights_sha256(weights),
+                                   coordinator=instruction.coordinator))
+        plan = parse_plan(instruction.plan_json)
+        admission, released = _admit(node, plan, instruction, secagg, audit)
+        outcome = train_admitted(admission, weights)
+    except Exception as exc:  # the boundary: nothing but a coded refusal leaves the node
+        columns = set(plan.spec.state_columns + plan.spec.control_columns + plan.spec.covariate_columns) \
+            if plan is not None else set()
+        return RoundResult(zeros, _refuse(node, audit, base, instruction, exc, fingerprint, columns),
+                           plan, instruction.round)
+    try:
+        study = admission.study
+        audit.append(RoundJoined(
+            **base, coordinator=instruction.coordinator, patients_used=admission.patients_used,
+            patients_excluded=admission.patients_excluded, steps=outcome.steps,
+            differential_privacy=study is not None,
+            epsilon_study=released.privacy.epsilon if released.privacy else None,
+            epsilon_spent=released.privacy.site_epsilon_spent if released.privacy else None,
+            epsilon_budget=released.privacy.site_epsilon_budget if released.privacy else None,
+            delta=study.delta if study else None,
+            noise_multiplier=study.noise_multiplier if study else None,
+            update_clip_fraction=outcome.update_clip_fraction))
+        sent = audit.append(ModelSent(**base, update_sha256=weights_sha256(outcome.update),
+                                      secure_aggregation=secagg.masked))
+    except TwinfedError as exc:  # trained, but the outcome cannot be audited: send nothing
+        return RoundResult(zeros, _refuse(node, audit, base, instruction, exc, fingerprint, set()),
+                           plan, instruction.round)
+    reply = NodeReply(site=site, status="ok", audit_head=LogHead(seq=sent.seq, hash=sent.hash),
+                      key_fingerprint=fingerprint, released=released)
+    return RoundResult(outcome.update, reply, plan, instruction.round)
 
 
-def _admitted(node: NodeConfig, plan, weights, server_round: int, *, masked: bool) -> RoundOutcome:
+def _admit(node: NodeConfig, plan: TrainingPlan, instruction: RoundInstruction, secagg: SecAggView,
+           audit) -> tuple[Admission, Released]:
     from twinfed.governance.approvals import require_approved
 
-    if plan.privacy.secure_aggregation and not masked:
-        raise RoundRefused("the plan requires secure aggregation but this round is not SecAgg+; "
-                           "an unmasked update never leaves this node")
-    require_approved(node.state_dir, plan.sha256())
-    return train_round(node, plan, weights, server_round)
+    _check_plan(node, plan, secagg)
+    entries = _own_entries(node)
+    require_approved(node.state_dir, plan.sha256(), entries=entries)  # before any data is read
+    _acknowledge_skips(audit, entries, instruction)
+    site, used, excluded = _consented_site(node, plan)
+    study = None
+    with state_lock(node.state_dir):
+        if plan.privacy.enabled:
+            entries = _own_entries(node)
+            require_approved(node.state_dir, plan.sha256(), entries=entries)
+            study, privacy = _reserve_privacy(node, plan, instruction.round, audit, entries,
+                                              used=used, excluded=excluded)
+    if study is None:
+        released = Released(steps=plan.training.local_steps)
+    else:
+        released = Released(steps=plan.training.local_steps, privacy=privacy,
+                            counts=_named_counts(study.counts(), plan))
+    return Admission(node=node, plan=plan, round=instruction.round, site=site, patients_used=used,
+                     patients_excluded=excluded, study=study), released
 
 
-def _refuse(audit, base: dict, anchor: dict, exc: TwinfedError, fingerprint: str) -> RoundReply:
-    from twinfed.privacy.ledger import BudgetExhausted
+def _check_plan(node: NodeConfig, plan: TrainingPlan, secagg: SecAggView) -> None:
+    from twinfed.privacy.secagg import weaker_than_plan
 
-    reason = str(exc)
+    if plan.unsupported_metrics():
+        raise RoundRefused(RefusalCode.PLAN_UNSUPPORTED,
+                           f"the plan asks nodes to release {', '.join(plan.unsupported_metrics())}, "
+                           "which no twinfed node releases")
+    if not plan.privacy.enabled and not node.simulated:
+        raise RoundRefused(RefusalCode.DP_REQUIRED,
+                           "this node trains only differentially private plans; a plan without DP "
+                           "is for simulated baselines")
+    if plan.privacy.secure_aggregation:
+        if not secagg.masked:
+            raise RoundRefused(RefusalCode.NOT_MASKED,
+                               "the plan requires secure aggregation but this round is not SecAgg+; "
+                               "an unmasked update never leaves this node")
+        why = weaker_than_plan(plan, sampled=secagg.sampled, shares=secagg.shares,
+                               threshold=secagg.threshold)
+        if why:
+            raise RoundRefused(RefusalCode.SECAGG_SETUP_WEAK, why)
+
+
+def _own_entries(node: NodeConfig) -> list:
+    """The node's own audit entries, verified against its own key (a few ms per 10,000)."""
+    from twinfed.governance.layout import verified_entries
+
+    return verified_entries(node.state_dir)
+
+
+def _acknowledge_skips(audit, entries: list, instruction: RoundInstruction) -> None:
+    """Record, once, each earlier round the coordinator says it did not unmask."""
+    known = {e.details.get("round") for e in entries
+             if e.event == "round_skipped" and e.details.get("plan_sha256") == instruction.plan_sha256}
+    for r in sorted(set(instruction.skipped_rounds) - known):
+        audit.append(RoundSkipped(round=r, plan_sha256=instruction.plan_sha256, code="not_unmasked",
+                                  coordinator=instruction.coordinator))
+
+
+def _consented_site(node: NodeConfig, plan: TrainingPlan):
+    from twinfed.governance.consent_registry import granted_patients
+    from twinfed.models.site_data import load_site
+    from twinfed.models.windows import WindowIndex
+
+    site = load_site(node.site_data, plan.spec)
+    used = site.subset(granted_patients(node.state_dir, plan.purpose))
+    if used.n_patients == 0 or WindowIndex.build(used).patients_with_windows().size == 0:
+        raise ConsentError(f"site {node.site_name}: no patient has granted consent for purpose "
+                           f"{plan.purpose!r} and a full window of {plan.spec.window_steps} steps; "
+                           "import consent records with 'twinfed consent import' before joining")
+    return used, used.n_patients, site.n_patients - used.n_patients
+
+
+def _reserve_privacy(node: NodeConfig, plan: TrainingPlan, server_round: int, audit, entries, *,
+                     used: int, excluded: int):
+    from twinfed.privacy.ledger import PrivacyLedger
+    from twinfed.privacy.study import calibrate_study, released_privacy
+
+    ledger = PrivacyLedger.open(node.state_dir, audit, entries, epsilon_budget=plan.privacy.epsilon,
+                                accountant=plan.privacy.accountant)
+    study = calibrate_study(node.state_dir, plan, ledger, audit, patients_used=used,
+                            patients_excluded=excluded)
+    ledger.reserve(study.round_segment(plan, server_round), study.delta, audit)
+    return study, released_privacy(ledger, study, plan)
+
+
+def _named_counts(counts: DPCounts, plan: TrainingPlan) -> DPCounts | None:
+    """The released counts if the plan names them (a plan may keep them at the node)."""
+    return counts if {"patients_used", "patients_excluded"} & set(plan.metrics) else None
+
+
+def _refuse(node: NodeConfig, audit, base: dict, instruction: RoundInstruction, exc: BaseException,
+            fingerprint: str, columns: set[str]) -> NodeReply:
+    refusal = refusal_for(exc, columns=columns)
+    tell_node_console(node.site_name, f"round {instruction.round} refused ({refusal})", exc)
+    head = None
     try:
-        if isinstance(exc, PlanNotApproved):
-            audit.append("plan_refused", base | {"reason": reason})
-        elif isinstance(exc, BudgetExhausted):
-            audit.append("budget_exhausted", base | {"reason": reason})
-        entry = audit.append("round_refused", base | {"reason": reason, "coordinator": anchor})
-    except TwinfedError as audit_exc:  # e.g. a torn audit log: refuse, and say why it is not logged
-        return RoundReply(None, f"{reason}; and the refusal could not be audited: {audit_exc}", None,
-                          fingerprint)
-    return RoundReply(None, reason, {"seq": entry.seq, "hash": entry.hash}, fingerprint)
+        if refusal.code == RefusalCode.PLAN_NOT_APPROVED:
+            audit.append(PlanRefused(**base, refusal=refusal))
+        elif refusal.code == RefusalCode.BUDGET_EXHAUSTED:
+            audit.append(BudgetExhausted(**base, refusal=refusal))
+        entry = audit.append(RoundRefusedEvent(**base, refusal=refusal,
+                                               coordinator=instruction.coordinator))
+        head = LogHead(seq=entry.seq, hash=entry.hash)
+    except TwinfedError as audit_exc:  # e.g. a torn audit log: refuse, and say so locally
+        tell_node_console(node.site_name, "the refusal could not be audited", audit_exc)
+    return _reply(node, refusal, head, fingerprint)
+
+
+def _reply(node: NodeConfig, refusal: Refusal, head: LogHead | None = None,
+           fingerprint: str | None = None) -> NodeReply:
+    return NodeReply(site=node.site_name, status="refused", refusal=refusal, audit_head=head,
+                     key_fingerprint=fingerprint or None)

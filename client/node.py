@@ -12,17 +12,18 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from twinfed.errors import TwinfedError
+from twinfed.wire import SiteName
 
 
 class NodeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    site_name: str
+    site_name: SiteName
     site_data: Path
     state_dir: Path
-    # Simulation only: who sets up the node's state and approves plans in the officer's stead
-    # (see ``twinfed.client.provision``). A deployed node never has one.
-    simulation_operator: str | None = None
+    # A simulated node (``twinfed simulate``, ``flwr run`` on the simulation engine) may train
+    # plans without DP, for labelled baselines; a deployed node never does.
+    simulated: bool = False
 
     @classmethod
     def from_node_config(cls, cfg: dict) -> NodeConfig:
@@ -30,8 +31,12 @@ class NodeConfig(BaseModel):
         if missing:
             raise TwinfedError(f"node config lacks {', '.join(missing)}; start the SuperNode with "
                                "--node-config 'site-name=... site-data=... state-dir=...'")
-        return cls(site_name=str(cfg["site-name"]), site_data=Path(str(cfg["site-data"])),
-                   state_dir=Path(str(cfg["state-dir"])))
+        try:
+            return cls(site_name=str(cfg["site-name"]), site_data=Path(str(cfg["site-data"])),
+                       state_dir=Path(str(cfg["state-dir"])))
+        except ValueError:
+            raise TwinfedError("node config: site-name must be a plain name (letters, digits, '.', "
+                               "'_' or '-', at most 64 characters)") from None
 
     def ensure_state_dir(self) -> Path:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -77,25 +77,18 @@ def app_run_config_keys(app_dir: Path) -> set[str]:
     return set(tomllib.loads(p.read_text())["tool"]["flwr"]["app"].get("config", {}))
 
 
-def plan_run_config(plan, *, spec: str, out_dir: Path, min_nodes: int) -> dict:
-    """The run config that makes the coordinator's ServerApp run exactly ``plan``.
-
-    Checked by rebuilding the plan the way the ServerApp will (``StudySettings``): the nodes
-    approve ``plan``'s hash, so a setting lost on the way would make every node refuse."""
+def plan_run_config(plan, *, out_dir: Path, min_nodes: int) -> dict:
+    """The run config that makes the coordinator's ServerApp run exactly ``plan``: the plan
+    travels whole, as its canonical JSON and hash (the nodes approve that hash, so a setting lost
+    on the way would make every node refuse). Checked by reading it back the way the ServerApp
+    will (``StudySettings``)."""
     from twinfed.server.settings import StudySettings
 
-    t, p = plan.training, plan.privacy
-    cfg = {"spec": spec, "out-dir": str(Path(out_dir).resolve()), "min-nodes": min_nodes,
-           "rounds": plan.rounds, "seed": plan.seed, "hidden": plan.model.hidden,
-           "layers": plan.model.layers, "local-steps": t.local_steps, "batch-size": t.batch_size,
-           "learning-rate": t.learning_rate, "windows-per-patient": t.windows_per_patient,
-           "differential-privacy": p.enabled, "epsilon": p.epsilon, "delta": p.delta,
-           "clipping-norm": p.clipping_norm, "accountant": p.accountant,
-           "secure-aggregation": p.secure_aggregation}
-    again = StudySettings.from_run_config(cfg).plan()
-    if again.sha256() != plan.sha256():
-        raise DeployError("the run config does not reproduce the study plan (twinfed's "
-                          "StudySettings and TrainingPlan disagree); update twinfed.deploy.launcher")
+    cfg = {"plan": plan.canonical_json(), "plan-sha256": plan.sha256(),
+           "out-dir": str(Path(out_dir).resolve()), "min-nodes": min_nodes}
+    if StudySettings.from_run_config(cfg).plan().sha256() != plan.sha256():
+        raise DeployError("the run config does not reproduce the study plan; update "
+                          "twinfed.deploy.launcher")
     return cfg
 
 
@@ -164,11 +157,12 @@ class LocalConsortium:
     def provision(self, plan, *, operator: str = DEPLOY_OPERATOR) -> None:
         """Initialise each node's state (importing its site's consent.csv) and approve ``plan``,
         audited under ``operator``: what hospital IT and the privacy officer do on real nodes."""
-        from twinfed.client.provision import provision_simulated_node
+        from twinfed.governance.provision import provision_simulated_node
 
         for name in self.sites:
-            provision_simulated_node(self.node_state(name), plan, operator=operator,
-                                     reimport_consent=True)
+            node = self.node_state(name)
+            provision_simulated_node(node.state_dir, site_name=name, site_data=node.site_data,
+                                     plan=plan, operator=operator, reimport_consent=True)
 
     def node_key(self, name: str) -> tuple[Path, Path]:
         d = self.deploy_dir / "keys" / name
@@ -406,20 +400,19 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_deployed_study(sites: dict[str, Path], run_dir: str | Path, plan, *, spec: str,
+def run_deployed_study(sites: dict[str, Path], run_dir: str | Path, plan, *,
                        app_dir: Path | None = None, state_root: Path | None = None,
                        approve_as: str | None = DEPLOY_OPERATOR, timeout: float = STUDY_TIMEOUT_S,
                        progress: Progress | None = None) -> dict:
     """Run ``plan`` on a consortium of ``sites`` on loopback, then stop everything; the summary.
 
-    ``spec``: how the coordinator names the spec (a file path or a built-in twin).
     ``approve_as``: who initialises the node states and approves the plan (audited); ``None``
     leaves the node states as their officers left them (a node without approval refuses)."""
     from twinfed.privacy.secagg import check_secagg
 
     check_secagg(plan, len(sites))
     app_dir = Path(app_dir or default_app_dir())
-    run_config = plan_run_config(plan, spec=spec, out_dir=Path(run_dir), min_nodes=len(sites))
+    run_config = plan_run_config(plan, out_dir=Path(run_dir), min_nodes=len(sites))
     check_run_config_keys(run_config, app_run_config_keys(app_dir), app_dir)
     with sigterm_as_interrupt(), LocalConsortium(run_dir, sites, state_root=state_root,
                                                  progress=progress) as consortium:

@@ -1,4 +1,12 @@
-"""The coordinator's Flower ServerApp: run the plan's rounds, then save the twin and summary."""
+"""The coordinator's Flower ServerApp: run the plan's rounds, save the twin, close the study.
+
+A study is anchored at both ends in both kinds of log: ``study_started`` in the coordinator's
+log, each round's commitment in every node's, and at the end the coordinator's
+``study_finished`` (the weights' digest and the hash of ``model/weights.npz``) whose head is
+sent to every node in a last message; each node records it in its own ``study_finished``, and
+the coordinator records the nodes' heads in ``study_closed``. Removing the last round from every
+log, or swapping the weights file, is then caught by ``twinfed audit verify``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,6 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from flwr.common import Context
@@ -14,10 +21,15 @@ from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid
 
+from twinfed.errors import TwinfedError
+from twinfed.events import StudyAborted, StudyFinished, StudyStarted
 from twinfed.models.plan import TrainingPlan
-from twinfed.privacy.secagg import check_secagg, server_workflow
+from twinfed.privacy.secagg import check_secagg
 from twinfed.server.settings import StudySettings
 from twinfed.server.strategy import Progress, TwinStrategy
+
+COORDINATOR_DIRNAME = "coordinator"
+FINISH_TIMEOUT_S = 120.0
 
 
 def _stderr(msg: str) -> None:
@@ -27,46 +39,65 @@ def _stderr(msg: str) -> None:
 def run_study(grid: Grid, context: Context, plan: TrainingPlan, *, out_dir: Path, min_nodes: int,
               progress: Progress = _stderr, extra: dict | None = None) -> dict:
     from twinfed.models.surrogate import build_surrogate, get_weights
-    from twinfed.models.twin import Twin, write_text_atomic
 
     started = time.perf_counter()
     init = get_weights(build_surrogate(plan.spec, plan.model, seed=plan.seed))
     masked = plan.privacy.secure_aggregation
     check_secagg(plan, min_nodes)
     audit = coordinator_audit(out_dir / COORDINATOR_DIRNAME)
-    audit.append("study_started", {
-        "plan_sha256": plan.sha256(), "purpose": plan.purpose, "rounds": plan.rounds,
-        "min_nodes": min_nodes, "differential_privacy": plan.privacy.enabled,
-        "epsilon_per_site": plan.privacy.epsilon, "secure_aggregation": masked})
-    strategy = TwinStrategy(plan, init, min_nodes=min_nodes, progress=progress, masked=masked,
-                            audit=audit)
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=plan.rounds),
-                           strategy=strategy)
-    fit = server_workflow(min_nodes, plan.privacy.update_clip) if masked else None
-    DefaultWorkflow(fit_workflow=fit)(grid, legacy)
+    audit.append(StudyStarted(
+        plan_sha256=plan.sha256(), purpose=plan.purpose, rounds=plan.rounds, min_nodes=min_nodes,
+        differential_privacy=plan.privacy.enabled, epsilon_per_site=plan.privacy.epsilon,
+        secure_aggregation=masked, secagg_min_sites=plan.privacy.secagg.min_sites if masked else None))
+    try:
+        fit = None
+        if masked:
+            from twinfed.server.secagg_workflow import TwinSecAggPlusWorkflow
+
+            fit = TwinSecAggPlusWorkflow(plan)
+        strategy = TwinStrategy(plan, init, min_nodes=min_nodes, progress=progress, masked=masked,
+                                audit=audit, on_sampled=fit.sampled if fit else None)
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=plan.rounds),
+                               strategy=strategy)
+        DefaultWorkflow(fit_workflow=fit)(grid, legacy)
+        summary = _finish(grid, plan, strategy, audit, out_dir, started, extra)
+    except BaseException as exc:
+        audit.append(StudyAborted(plan_sha256=plan.sha256(),
+                                  code="interrupted" if isinstance(exc, KeyboardInterrupt) else "error"))
+        raise
+    return summary
+
+
+def _finish(grid: Grid, plan: TrainingPlan, strategy: TwinStrategy, audit, out_dir: Path,
+            started: float, extra: dict | None) -> dict:
+    from twinfed.models.digest import weights_sha256
+    from twinfed.models.twin import Twin, write_text_atomic
+    from twinfed.server.closing import close_study
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    Twin.from_weights(plan, strategy.final_weights).save(out_dir)
+    model_dir = Twin.from_weights(plan, strategy.final_weights).save(out_dir)
+    rounds_with_update = sum(1 for h in strategy.history if h["sites_trained"] and not h["skipped"])
     summary = {
         "twin": plan.spec.name,
         "plan_sha256": plan.sha256(),
         "rounds": plan.rounds,
-        "rounds_with_update": sum(1 for h in strategy.history if h["sites_trained"]),
+        "rounds_with_update": rounds_with_update,
+        "skipped_rounds": list(strategy.skipped_rounds),
         "strategy": plan.strategy,
         "privacy": plan.privacy.label(),
-        "sites": {name: asdict(rec) for name, rec in sorted(strategy.sites.items())},
+        "sites": {name: rec.summary() for name, rec in sorted(strategy.sites.items())},
         "history": strategy.history,
         "model_dir": "model",
         "seconds": round(time.perf_counter() - started, 3),
     } | (extra or {})
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    audit.append("study_finished", {
-        "plan_sha256": plan.sha256(), "rounds_with_update": summary["rounds_with_update"],
-        "model_sha256": hashlib.sha256((out_dir / "model" / "weights.npz").read_bytes()).hexdigest()})
+    finished = audit.append(StudyFinished(
+        plan_sha256=plan.sha256(), rounds=plan.rounds, rounds_with_update=rounds_with_update,
+        skipped_rounds=tuple(strategy.skipped_rounds),
+        weights_sha256=weights_sha256(strategy.final_weights),
+        weights_file_sha256=hashlib.sha256((model_dir / "weights.npz").read_bytes()).hexdigest()))
+    close_study(grid, audit, finished, timeout=FINISH_TIMEOUT_S)
     return summary
-
-
-COORDINATOR_DIRNAME = "coordinator"
 
 
 def coordinator_audit(state_dir: Path):
@@ -95,6 +126,15 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    settings = StudySettings.from_run_config(dict(context.run_config))
-    run_study(grid, context, settings.plan(), out_dir=settings.out_dir, min_nodes=settings.min_nodes,
+    try:
+        settings = StudySettings.from_run_config(dict(context.run_config))
+        plan = settings.plan()
+        if settings.sites:  # flwr run on the simulation engine: this process set up the nodes
+            from twinfed.governance.provision import provision_run_config_sites
+
+            provision_run_config_sites(settings.out_dir, settings.sites, plan)
+    except TwinfedError as exc:
+        _stderr(f"twinfed: error: {exc}")
+        raise
+    run_study(grid, context, plan, out_dir=settings.out_dir, min_nodes=settings.min_nodes,
               extra={"engine": "flwr-run"})

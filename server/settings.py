@@ -1,18 +1,27 @@
-"""The coordinator's study settings, from Flower's run config (``--run-config`` / pyproject)."""
+"""The coordinator's study settings, from Flower's run config (``--run-config`` / pyproject).
+
+The plan travels whole: the run-config key ``plan`` holds its canonical JSON (and ``plan-sha256``
+its hash, checked), so every field of :class:`TrainingPlan` deploys exactly as approved. The
+other study keys are conveniences that build a plan when ``plan`` is empty (``flwr run`` by hand).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from twinfed.models.plan import ModelConfig, PrivacyConfig, TrainingConfig, TrainingPlan
+from twinfed.errors import PlanError
+from twinfed.models.plan import ModelConfig, PrivacyConfig, SecAggConfig, TrainingConfig, TrainingPlan
 from twinfed.models.spec import load_spec
 
 
 class StudySettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    plan_json: str = Field("", alias="plan")  # a whole plan's canonical JSON; wins over the rest
+    plan_sha256: str = ""
 
     spec: str = "glucose"  # a spec file or a built-in twin name
     rounds: Annotated[int, Field(gt=0)] = 5
@@ -33,12 +42,29 @@ class StudySettings(BaseModel):
     clipping_norm: Annotated[float, Field(gt=0)] = PrivacyConfig().clipping_norm
     accountant: Literal["rdp", "prv"] = PrivacyConfig().accountant
     secure_aggregation: bool = PrivacyConfig().secure_aggregation
+    secagg_min_sites: Annotated[int, Field(ge=2)] = SecAggConfig().min_sites
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> StudySettings:
-        return cls.model_validate({k.replace("-", "_"): v for k, v in cfg.items()})
+        try:
+            return cls.model_validate({("plan" if k == "plan" else k.replace("-", "_")): v
+                                       for k, v in cfg.items()})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(x) for x in err["loc"]).replace("_", "-")
+            raise PlanError(f"run config key {key}: {err['msg']}") from None
 
     def plan(self) -> TrainingPlan:
+        if self.plan_json:
+            try:
+                plan = TrainingPlan.model_validate_json(self.plan_json)
+            except ValidationError as exc:
+                raise PlanError(f"run config key plan: not a valid training plan "
+                                f"({exc.errors()[0]['msg']})") from None
+            if self.plan_sha256 and plan.sha256() != self.plan_sha256:
+                raise PlanError("run config key plan does not hash to plan-sha256; pass the plan "
+                                "as written by twinfed (its canonical JSON)")
+            return plan
         return TrainingPlan(
             spec=load_spec(self.spec),
             model=ModelConfig(hidden=self.hidden, layers=self.layers),
@@ -49,5 +75,6 @@ class StudySettings(BaseModel):
             privacy=PrivacyConfig(enabled=self.differential_privacy, epsilon=self.epsilon,
                                   delta=self.delta, clipping_norm=self.clipping_norm,
                                   accountant=self.accountant,
-                                  secure_aggregation=self.secure_aggregation),
+                                  secure_aggregation=self.secure_aggregation,
+                                  secagg=SecAggConfig(min_sites=self.secagg_min_sites)),
         )

@@ -50,3 +50,10 @@ def edit_csv(path: Path, row: int, column: str, value: str) -> None:
     cells[header.index(column)] = value
     lines[row] = ",".join(cells)
     path.write_text("\n".join(lines) + "\n")
+
+
+def own_entries(state_dir: Path) -> list:
+    """A state's audit entries, verified against its own key."""
+    from twinfed.governance.layout import verified_entries
+
+    return verified_entries(state_dir)

@@ -28,19 +28,32 @@ def study(tmp_path_factory):
     return root
 
 
-def test_simulate_writes_a_summary_with_rounds_and_per_site_counts(study):
-    summary = json.loads((study / "run" / "summary.json").read_text())
-    assert summary["rounds"] == 2
-    assert summary["engine"] == "simulation"
-    assert summary["sites"]["a"] == summary["sites"]["a"] | {"patients_used": 8, "patients_excluded": 0,
-                                                              "rounds_joined": 2}
-    assert summary["sites"]["b"]["patients_used"] == 4
-    assert summary["sites"]["b"]["patients_excluded"] == 2
+def _joined(run, site, capsys) -> list[dict]:
+    """A node's round_joined entries as its officer reads them: exact counts stay at the node."""
+    capsys.readouterr()
+    assert main(["audit", "show", str(run / "nodes" / site), "--event", "round_joined", "--json"]) == 0
+    return [json.loads(line)["details"] for line in capsys.readouterr().out.splitlines()]
+
+
+def test_exact_counts_stay_in_each_nodes_log_and_the_summary_holds_only_released_figures(study, capsys):
+    run = study / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["engine"] == "simulation"
+    assert [(d["patients_used"], d["patients_excluded"]) for d in _joined(run, "a", capsys)] == [(8, 0)] * 2
+    assert [(d["patients_used"], d["patients_excluded"]) for d in _joined(run, "b", capsys)] == [(4, 2)] * 2
+    for name in ("a", "b"):
+        site = summary["sites"][name]
+        assert site["rounds_joined"] == 2
+        assert site["release"] == {"patients_used": "dp-released", "patients_excluded": "dp-released",
+                                   "privacy": "dp-released"}
+        assert isinstance(site["patients_used"], int) and site["patients_used"] >= 0
+        assert site["privacy"]["epsilon"] <= 3.0
     assert [h["round"] for h in summary["history"]] == [1, 2]
+    text = (run / "summary.json").read_text() + (run / "coordinator" / "audit.jsonl").read_text()
+    assert "loss" not in text
     # Privacy is on by default; turning secure aggregation off is labelled in the output.
     assert summary["privacy"]["differential_privacy"] is True
     assert "NO SECURE AGGREGATION" in summary["privacy"]["warning"]
-    assert summary["sites"]["a"]["privacy"]["epsilon"] <= 3.0
 
 
 def test_simulate_writes_the_model_with_its_spec_and_plan(study):
@@ -76,15 +89,15 @@ def test_a_site_without_consented_patients_is_refused_and_the_study_goes_on(tmp_
     assert summary["sites"]["ok"]["rounds_joined"] == 1
     refused = summary["sites"]["none"]
     assert refused["rounds_refused"] == 1 and refused["rounds_joined"] == 0
-    assert "no patient has granted consent" in refused["refusals"][0]["reason"]
+    assert refused["refusals"] == [{"round": 1, "code": "no_eligible_patients"}]
 
 
-def test_simulate_without_sites_generates_and_uses_the_builtin_glucose_cohort(tmp_path):
+def test_simulate_without_sites_generates_and_uses_the_builtin_glucose_cohort(tmp_path, capsys):
     code = main(["simulate", "--rounds", "1", "--local-steps", "2", "--hidden", "8",
                  "--out", str(tmp_path / "run")])
     assert code == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["twin"] == "t1d-glucose"
     assert set(summary["sites"]) == {"site-a", "site-b", "site-c"}
-    assert all(s["patients_used"] == 200 for s in summary["sites"].values())
+    assert all(_joined(tmp_path / "run", site, capsys)[0]["patients_used"] == 200 for site in summary["sites"])
     assert (tmp_path / "run" / "cohort" / "truth" / "site-a.csv").is_file()

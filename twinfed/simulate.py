@@ -14,7 +14,7 @@ from pathlib import Path
 
 from twinfed.client.app import SimulatedNodes, make_client_app
 from twinfed.client.node import NodeConfig
-from twinfed.client.provision import provision_simulated_node
+from twinfed.governance.provision import provision_simulated_node
 from twinfed.errors import TwinfedError
 from twinfed.models.plan import TrainingPlan
 from twinfed.privacy.secagg import check_secagg
@@ -52,14 +52,20 @@ def run_simulated_study(plan: TrainingPlan, sites: list[SiteRef], out_dir: str |
     for s in sites:
         if not s.data_dir.is_dir():
             raise TwinfedError(f"site {s.name}: {s.data_dir} is not a directory")
-    nodes = [NodeConfig(site_name=s.name, site_data=s.data_dir.resolve(),
-                        state_dir=(Path(state_root or out_dir / "nodes") / s.name).resolve())
-             for s in sites]
+    try:
+        nodes = [NodeConfig(site_name=s.name, site_data=s.data_dir.resolve(),
+                            state_dir=(Path(state_root or out_dir / "nodes") / s.name).resolve(),
+                            simulated=True)
+                 for s in sites]
+    except ValueError:
+        raise TwinfedError("site names must be plain names (letters, digits, '.', '_' or '-', "
+                           "starting with a letter or digit, at most 64 characters)") from None
     check_secagg(plan, len(sites))
     out_dir.mkdir(parents=True, exist_ok=True)
     if approve_as is not None:
         for node in nodes:
-            provision_simulated_node(node, plan, operator=approve_as, reimport_consent=True)
+            provision_simulated_node(node.state_dir, site_name=node.site_name, site_data=node.site_data,
+                                     plan=plan, operator=approve_as, reimport_consent=True)
     cpus = cpus or min(2, os.cpu_count() or 1)
     server_app = make_server_app(plan, out_dir=out_dir, min_nodes=len(sites), progress=progress,
                                  extra={"engine": "simulation"})

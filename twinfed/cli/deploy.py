@@ -92,22 +92,19 @@ def cmd_node_key(args) -> int:
 
 
 def cmd_local(args) -> int:
-    from twinfed.cli.study import _plan, _print_sites, parse_sites
+    from twinfed.cli.study import NO_UPDATE, _plan, _print_sites, parse_sites
     from twinfed.deploy.launcher import DEPLOY_OPERATOR, run_deployed_study, site_map
     from twinfed.models.spec import load_spec
 
     sites = site_map(parse_sites(args.site))
-    spec_path = Path(args.spec)
-    spec_ref = str(spec_path.resolve()) if spec_path.is_file() else args.spec
-    plan = _plan(load_spec(spec_ref), args)  # the same checks as `simulate`, before any process
+    plan = _plan(load_spec(args.spec), args)  # the same checks as `simulate`, before any process
     t0 = time.perf_counter()
-    summary = run_deployed_study(sites, args.out, plan, spec=spec_ref, app_dir=args.app,
+    summary = run_deployed_study(sites, args.out, plan, app_dir=args.app,
                                  state_root=args.state, timeout=args.timeout, progress=_progress,
                                  approve_as=None if args.approved_only else DEPLOY_OPERATOR)
     _print_sites(summary)
     print(f"wrote {args.out}/summary.json and {args.out}/model/ in {time.perf_counter() - t0:.0f} s; "
           f"process logs in {args.out}/deploy/logs/")
     if not summary.get("rounds_with_update"):
-        raise TwinfedError("no site trained in any round (see the refusals above and in "
-                           "summary.json); the model is unchanged")
+        raise TwinfedError(NO_UPDATE)
     return 0

@@ -9,7 +9,11 @@ from pathlib import Path
 
 from twinfed.cli.table import format_table
 from twinfed.errors import TwinfedError
-from twinfed.models.plan import ModelConfig, PrivacyConfig, TrainingConfig
+from twinfed.models.plan import ModelConfig, PrivacyConfig, SecAggConfig, TrainingConfig
+
+
+NO_UPDATE = ("no round updated the model: every round was refused by the sites or skipped (fewer "
+             "sites trained than the plan's minimum sum); see the refusals above and summary.json")
 
 
 def register(sub) -> None:
@@ -64,6 +68,9 @@ def _study_flags(p, rounds: int = 5) -> None:
                    help="BASELINES ONLY: train without differential privacy (labelled in every output)")
     p.add_argument("--no-secagg", action="store_true",
                    help="BENCHMARKS ONLY: send updates without secure aggregation")
+    p.add_argument("--secagg-min-sites", type=int, default=SecAggConfig().min_sites, metavar="N",
+                   help="never unmask a sum of fewer than N sites that trained (default "
+                        f"{SecAggConfig().min_sites}; at least 2): such a round is skipped")
 
 
 def _progress(msg: str) -> None:
@@ -84,7 +91,8 @@ def _plan(spec, args):
                                     windows_per_patient=args.windows_per_patient),
             privacy=PrivacyConfig(enabled=not args.no_dp, epsilon=args.epsilon, delta=args.delta,
                                   clipping_norm=args.clip, accountant=args.accountant,
-                                  secure_aggregation=not args.no_secagg),
+                                  secure_aggregation=not args.no_secagg,
+                                  secagg=SecAggConfig(min_sites=args.secagg_min_sites)),
         )
     except ValidationError as exc:
         err = exc.errors()[0]
@@ -127,8 +135,7 @@ def cmd_simulate(args) -> int:
     _print_sites(summary)
     print(f"wrote {args.out}/summary.json and {args.out}/model/")
     if not summary["rounds_with_update"]:
-        raise TwinfedError("no site trained in any round (see the refusals above and in "
-                           "summary.json); the model is unchanged")
+        raise TwinfedError(NO_UPDATE)
     return 0
 
 
@@ -144,7 +151,20 @@ def _print_sites(summary: dict) -> None:
         print(f"WARNING: {summary['privacy']['warning']}")
     for name, s in summary["sites"].items():
         for r in s["refusals"][:1]:
-            print(f"{name} refused round {r['round']}: {r['reason']}")
+            print(f"{name} refused round {r['round']}: {_refusal_text(r)} (the node's own console "
+                  "and audit log say more)")
+
+
+def _refusal_text(r: dict) -> str:
+    """A coded refusal as summary.json holds it; older summaries kept a reason text."""
+    if "code" not in r:
+        return str(r.get("reason", ""))
+    where = r.get("file", "")
+    if where:
+        where += f" row {r['row']}" if r.get("row") else ""
+        where += f", column {r['column']}" if r.get("column") else ""
+        where += ": "
+    return where + r["code"]
 
 
 def cmd_demo(args) -> int:

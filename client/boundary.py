@@ -1,0 +1,101 @@
+"""The outermost Flower mod of a node: nothing leaves it but the typed contract.
+
+- Every message passes here first. Whatever raises inside the ClientApp (the gate never does,
+  but SecAgg+, Flower or a bug might) is reported at the node's console in full and re-raised as
+  :class:`NodeFailure` carrying only a code: Flower forwards an exception's text to the
+  coordinator, so the text must be ours.
+- At SecAgg+'s unmask stage the node withholds its shares when fewer than the plan's
+  ``secagg.min_sites`` of its neighbours contributed a masked vector (audited as
+  ``unmask_refused``): with the shares, the coordinator could unmask a sum of too few sites.
+- The end-of-study message (:class:`twinfed.wire.StudyFinish`) is answered here: the node logs
+  its own ``study_finished`` anchored to the coordinator's and replies with its audit head.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+
+from twinfed.client.refusals import refusal_for, tell_node_console
+from twinfed.errors import TwinfedError
+from twinfed.events import StudyFinished, UnmaskRefused
+from twinfed.wire import FINISH_RECORD, LogHead, NodeReply, Refusal, RefusalCode, StudyFinish
+
+
+class NodeFailure(RuntimeError):
+    """What the coordinator may learn of a node's failure: a code, nothing else."""
+
+    def __init__(self, code: RefusalCode):
+        super().__init__(f"twinfed node: {code.value}")
+        self.code = code
+
+
+def make_boundary_mod(resolve):
+    """The boundary mod for nodes resolved by ``resolve(context) -> NodeConfig``."""
+
+    def boundary(msg: Message, ctxt: Context, call_next) -> Message:
+        try:
+            if msg.metadata.message_type == MessageType.QUERY and FINISH_RECORD in msg.content.config_records:
+                return _finish(resolve(ctxt), msg)
+            _check_unmask(resolve, msg, ctxt)
+            return call_next(msg, ctxt)
+        except NodeFailure:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the boundary: report locally, send a code
+            site = _site(resolve, ctxt)
+            tell_node_console(site, "message failed", exc)
+            raise NodeFailure(refusal_for(exc).code) from None
+
+    return boundary
+
+
+def _site(resolve, ctxt) -> str:
+    try:
+        return resolve(ctxt).site_name
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def _check_unmask(resolve, msg: Message, ctxt: Context) -> None:
+    from twinfed.models.plan import SecAggConfig
+    from twinfed.privacy.secagg import remembered_round, unmask_contributors
+
+    contributors = unmask_contributors(msg)
+    if contributors is None:
+        return
+    remembered = remembered_round(ctxt)
+    # A node that could not read the round's plan holds to the default minimum.
+    need = int(remembered.get("min_sites", SecAggConfig().min_sites))
+    if contributors >= need:
+        return
+    node = resolve(ctxt)
+    refusal = Refusal(code=RefusalCode.TOO_FEW_CONTRIBUTORS)
+    tell_node_console(node.site_name, "unmasking refused",
+                      TwinfedError(f"only {contributors} of this node's SecAgg+ neighbours "
+                                   f"contributed; the plan requires {need}"))
+    try:
+        from twinfed.governance.layout import open_audit
+
+        open_audit(node.state_dir).append(UnmaskRefused(
+            round=int(remembered.get("round", 0)),
+            plan_sha256=str(remembered.get("plan_sha256", "0" * 64)), refusal=refusal,
+            contributors=contributors, min_sites=need))
+    except TwinfedError as exc:
+        tell_node_console(node.site_name, "the refusal could not be audited", exc)
+    raise NodeFailure(refusal.code)
+
+
+def _finish(node, msg: Message) -> Message:
+    from twinfed.governance.layout import open_audit, read_info
+
+    finish = StudyFinish.model_validate_json(str(msg.content.config_records[FINISH_RECORD]["finish"]))
+    audit = open_audit(node.state_dir)
+    entry = audit.append(StudyFinished(
+        plan_sha256=finish.plan_sha256, rounds=finish.rounds,
+        rounds_with_update=finish.rounds_with_update, skipped_rounds=finish.skipped_rounds,
+        weights_sha256=finish.weights_sha256, weights_file_sha256=finish.weights_file_sha256,
+        coordinator=finish.coordinator))
+    reply = NodeReply(site=node.site_name, status="ok", audit_head=LogHead(seq=entry.seq, hash=entry.hash),
+                      key_fingerprint=read_info(node.state_dir).key_fingerprint)
+    return Message(RecordDict({FINISH_RECORD: ConfigRecord({"reply": reply.model_dump_json()})}),
+                   reply_to=msg)
