@@ -10,7 +10,8 @@ Guarantees:
 It reads these node events (detail names are the emitters' contract): ``round_joined``
 (``round``, ``epsilon_spent`` = the site's total after the round, ``epsilon_budget``,
 ``patients_used``, ``patients_excluded``), ``round_refused`` / ``plan_refused`` (``round``,
-``reason``), ``budget_exhausted`` (``round``, ``reason``), ``consent_imported`` /
+``refusal``: a code and where; logs written before codes have a ``reason`` text),
+``budget_exhausted`` (``round``, ``refusal``), ``consent_imported`` /
 ``consent_changed`` (``purposes``: counts per status); and the coordinator's
 ``round_aggregated`` (``round``).
 """
@@ -125,6 +126,17 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _reason(details: dict) -> str:
+    """A refusal as the officer reads it: the code and where (file, row, column), or the text
+    older logs kept."""
+    from twinfed.wire import Refusal as CodedRefusal
+
+    try:
+        return str(CodedRefusal.model_validate(details["refusal"]))
+    except (KeyError, ValueError):
+        return str(details.get("reason", ""))
+
+
 def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
@@ -146,9 +158,9 @@ def _site_summary(site: str, log: str, entries: list[AuditEntry]) -> SiteSummary
                                           patients_excluded=d.get("patients_excluded")
                                           if _is_int(d.get("patients_excluded")) else None, time=e.time))
         elif e.event in ("round_refused", "plan_refused"):
-            refused.append(Refusal(round=rnd, event=e.event, reason=str(d.get("reason", "")), time=e.time))
+            refused.append(Refusal(round=rnd, event=e.event, reason=_reason(d), time=e.time))
         elif e.event == "budget_exhausted":
-            exhausted.append(Refusal(round=rnd, event=e.event, reason=str(d.get("reason", "")), time=e.time))
+            exhausted.append(Refusal(round=rnd, event=e.event, reason=_reason(d), time=e.time))
         elif e.event in ("consent_imported", "consent_changed"):
             for purpose, counts in (d.get("purposes") or {}).items():
                 if isinstance(counts, dict):

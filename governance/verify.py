@@ -157,24 +157,90 @@ def _verify_state(root: Path) -> _State:
                                 f"with {fp[:16]}...: the key was replaced"))
     if kind == "node" and p.approvals.is_file() and result.ok:
         issues.extend(_check_approvals(root, entries))
+    if kind == "node" and result.ok:
+        issues.extend(_check_ledger(root, entries))
+    if kind == "coordinator" and result.ok:
+        issues.extend(_study_ends(str(p.audit), entries))
     return _State(root, kind, name, result, entries, issues)
 
 
 def _check_approvals(root: Path, entries: list[AuditEntry]) -> list[Issue]:
-    from twinfed.governance.approvals import list_approvals
+    from twinfed.governance.approvals import list_approvals, standing_approvals
 
     try:
         approvals = list_approvals(root)
     except TwinfedError as exc:
         return [Issue(file=str(state_paths(root).approvals), reason=str(exc))]
-    audited: dict[str, bool] = {}
-    for e in entries:
-        if e.event in ("plan_approved", "plan_revoked"):
-            audited[str(e.details.get("plan_sha256"))] = e.event == "plan_approved"
+    standing = standing_approvals(entries)
     return [Issue(file=str(state_paths(root).approvals),
                   reason=f"plan {a.sha256[:16]}... is approved here but the audit log has no standing "
                          "plan_approved event for it: the approval was not made through twinfed")
-            for a in approvals if a.active and not audited.get(a.sha256, False)]
+            for a in approvals if a.active and a.sha256 not in standing]
+
+
+def _check_ledger(root: Path, entries: list[AuditEntry]) -> list[Issue]:
+    """The privacy ledger must be what the signed log's spending events say, and no spend may
+    have taken the site past the budget the log set."""
+    from twinfed.ledger_file import LEDGER_FILE, LedgerError, disagreement, ledger_from_log, read_ledger
+
+    issues: list[Issue] = []
+    budget = None
+    for e in entries:
+        if e.event == "privacy_budget_set":
+            budget = e.details.get("epsilon_budget")
+        elif e.event == "privacy_spent" and budget is not None and \
+                float(e.details.get("epsilon_after", 0)) > float(budget) * (1 + 1e-6):
+            issues.append(Issue(file=str(state_paths(root).audit), seq=e.seq,
+                                reason=f"a spend took the site to epsilon {e.details['epsilon_after']:.3f}, "
+                                       f"over its budget {budget:g}"))
+    try:
+        why = disagreement(read_ledger(root), ledger_from_log(entries))
+    except LedgerError as exc:
+        why = str(exc)
+    if why:
+        issues.append(Issue(file=str(root / LEDGER_FILE), reason=f"{why}: the ledger was edited, "
+                            "replaced or lost; rebuild it from the log ('twinfed ledger rebuild')"))
+    return issues
+
+
+def _what(e: AuditEntry) -> str:
+    return f"round {e.details.get('round')}" if "round" in e.details else e.event
+
+
+def _study_ends(file: str, entries: list[AuditEntry]) -> list[Issue]:
+    """Every study the coordinator started has an end in its log: finished or aborted."""
+    open_study: AuditEntry | None = None
+    for e in entries:
+        if e.event == "study_started":
+            open_study = e
+        elif e.event in ("study_finished", "study_aborted"):
+            open_study = None
+    if open_study is None:
+        return []
+    d = open_study.details
+    return [Issue(file=file, seq=open_study.seq,
+                  reason=f"the study started here (plan {str(d.get('plan_sha256'))[:16]}..., "
+                         f"{d.get('rounds')} rounds) has no study_finished or study_aborted: it was "
+                         "interrupted, or the end of the log was removed")]
+
+
+def _model_matches(path: Path, coord: _State) -> list[Issue]:
+    """``RUN/model/weights.npz`` is the file the coordinator's last ``study_finished`` recorded."""
+    import hashlib
+
+    weights = path / "model" / "weights.npz"
+    if not weights.is_file():
+        return []
+    last = next((e for e in reversed(coord.entries) if e.event == "study_finished"), None)
+    if last is None:
+        return [Issue(file=str(weights), reason="the coordinator's log records no finished study for "
+                                                "this model: its end was removed, or the file is foreign")]
+    # Logs written before field names were fixed used model_sha256 for the file's hash here.
+    expected = last.details.get("weights_file_sha256") or last.details.get("model_sha256")
+    if hashlib.sha256(weights.read_bytes()).hexdigest() != expected:
+        return [Issue(file=str(weights), reason=f"does not match the hash the coordinator recorded at "
+                                                f"study_finished (seq {last.seq}): the weights were replaced")]
+    return []
 
 
 def _cross_check(path: Path, coord: _State, nodes: list[_State], notes: list[str]) -> PathReport:
@@ -191,11 +257,11 @@ def _cross_check(path: Path, coord: _State, nodes: list[_State], notes: list[str
                 issues.append(Issue(file=coord_file, seq=e.seq, reason=f"site {site!r} shows key {fp[:16]}... "
                                     f"but was pinned with {pins[site][0][:16]}... at seq {pins[site][1]}"))
             pins.setdefault(site, (fp, e.seq))
-        elif e.event == "round_aggregated":
+        elif e.event in ("round_aggregated", "round_skipped", "study_closed"):
             for site, head in (d.get("node_heads") or {}).items():
                 try:
                     a = Anchor(seq=head["seq"], hash=head["hash"],
-                               source=f"{coord_file} seq {e.seq} (round {d.get('round')})")
+                               source=f"{coord_file} seq {e.seq} ({_what(e)})")
                 except (TypeError, KeyError, ValidationError):
                     issues.append(Issue(file=coord_file, seq=e.seq, reason=f"malformed node head for {site!r}"))
                     continue
@@ -213,18 +279,19 @@ def _cross_check(path: Path, coord: _State, nodes: list[_State], notes: list[str
                                 f"{pin[0][:16]}... for site {n.name!r} at its seq {pin[1]}: the node's "
                                 "key was replaced and its log re-signed"))
         for e in n.entries:
-            if e.event in ("round_joined", "round_refused"):
+            if e.event in ("round_joined", "round_refused", "round_skipped", "study_finished"):
                 c = e.details.get("coordinator")
                 if c is None:
                     continue
                 try:
                     coord_anchors.append(Anchor(seq=c["seq"], hash=c["hash"],
-                                                source=f"{n.result.file} seq {e.seq} (round {e.details.get('round')})"))
+                                                source=f"{n.result.file} seq {e.seq} ({_what(e)})"))
                 except (TypeError, KeyError, ValidationError):
                     issues.append(Issue(file=n.result.file, seq=e.seq, reason="malformed coordinator head"))
     for site in sorted(set(pins) - set(by_site)):
         if f"no state for site {site!r}" not in " ".join(notes):
             notes.append(f"no state for site {site!r} under {path / 'nodes'}; its log was not cross-checked")
+    issues += _model_matches(path, coord)
     n_anchors = len(coord_anchors) + sum(len(v) for v in node_anchors.values())
     coord.result = apply_anchors(coord.result, coord.entries, coord_anchors)
     for n in nodes:

@@ -65,7 +65,7 @@ def test_report_json_has_budget_per_site_rounds_and_consent(tmp_path):
     assert [p["epsilon_spent"] for p in a["budget"]] == [0.75, 1.5, 2.25]
     assert a["rounds_joined"] == [1, 2, 3] and b["rounds_joined"] == [1, 2]
     assert [(r["round"], r["reason"]) for r in b["rounds_refused"]] == [(3, "budget_exhausted")]
-    assert b["budget_exhausted"][0]["reason"] == "round would exceed epsilon 3.0"
+    assert b["budget_exhausted"][0]["reason"] == "budget_exhausted"
     assert b["epsilon_spent"] == 1.5 and b["epsilon_budget"] == 3.0
 
 
