@@ -294,8 +294,6 @@ def secagg_round(ws: Workspace, sizes: Sizes) -> dict:
 # -- quantisation vs DP noise --------------------------------------------------------------------
 
 def quantisation(ws: Workspace, sizes: Sizes) -> dict:
-    import tempfile
-    from pathlib import Path
 
     import torch
     from flwr.common.secure_aggregation.quantization import dequantize, quantize
@@ -306,7 +304,7 @@ def quantisation(ws: Workspace, sizes: Sizes) -> dict:
     from twinfed.models.twin import Twin
     from twinfed.privacy.dp import DPSettings, patient_examples, train_private
     from twinfed.privacy.secagg import QUANTIZATION_RANGE
-    from twinfed.privacy.study import open_ledger, study_privacy
+    from twinfed.privacy.study import calibrate, count_segment
 
     torch.set_num_threads(1)
     eps = reference_epsilon()
@@ -335,10 +333,11 @@ def quantisation(ws: Workspace, sizes: Sizes) -> dict:
         site = load_site(cohort / name, spec)
         used = site.subset(granted(site_consent(cohort / name), spec.purpose))
         data = patient_examples(used, plan.training)
-        with tempfile.TemporaryDirectory() as tmp:
-            study = study_privacy(Path(tmp), plan, open_ledger(Path(tmp), plan, len(data)), len(data))
-        settings = DPSettings(study.noise_multiplier, plan.privacy.clipping_norm, study.sample_rate)
-        noise[name] = study.noise_multiplier
+        # As a node calibrates: from its count (here exact: no release), after the counts' release.
+        cal = calibrate(plan, len(data), history=[count_segment(plan)])
+        settings = DPSettings(cal.noise_multiplier, plan.privacy.clipping_norm, cal.sample_rate,
+                              cal.expected_batch)
+        noise[name] = cal.noise_multiplier
         for r in runs:
             r.append(update(data, settings))
     n = len(runs[0])

@@ -51,19 +51,24 @@ def main(argv: list[str]) -> dict:
         out |= {"patients": site.n_patients, "rows": site.n_rows}
     elif mode == "round":
         from twinfed.client.gate import serve_round
-        from twinfed.client.provision import provision_simulated_node
+        from twinfed.governance.provision import provision_simulated_node
         from twinfed.models.surrogate import build_surrogate, get_weights
+        from twinfed.privacy.secagg import SecAggView
+        from twinfed.wire import RoundInstruction
 
         plan = TrainingPlan(spec=spec, rounds=20)
         node = NodeConfig(site_name=Path(site_dir).name, site_data=Path(site_dir).resolve(),
                           state_dir=Path(state_dir).resolve())
-        provision_simulated_node(node, plan, operator="operator:twinfed-bench")
+        provision_simulated_node(node.state_dir, site_name=node.site_name, site_data=node.site_data,
+                                 plan=plan, operator="operator:twinfed-bench")
         weights = get_weights(build_surrogate(spec, plan.model, seed=plan.seed))
+        instruction = RoundInstruction(plan_json=plan.canonical_json(), plan_sha256=plan.sha256(), round=1)
         t0 = time.perf_counter()
-        reply = serve_round(node, plan.canonical_json(), weights, 1, masked=True, coordinator=None)
-        if reply.outcome is None:
-            raise SystemExit(f"the node refused the round: {reply.reason}")
-        out |= {"patients_used": reply.outcome.patients_used, "steps": reply.outcome.steps}
+        result = serve_round(node, instruction.to_config(), weights,
+                             secagg=SecAggView(masked=True, sampled=3, shares=3, threshold=2))
+        if result.reply.status != "ok":
+            raise SystemExit(f"the node refused the round: {result.reply.refusal}")
+        out |= {"steps": result.reply.released.steps}
     else:
         raise SystemExit(f"unknown probe {mode!r}")
     out |= {"seconds": round(time.perf_counter() - t0, 2), "baseline_gib": baseline / GIB,

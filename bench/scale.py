@@ -115,5 +115,5 @@ def node_memory(ws: Workspace, sizes: Sizes) -> dict:
                        "and libraries included",
             "baseline_gib_after_imports": round(round_["baseline_gib"], 3),
             "peak_gib_loading_the_site_only": round(load["peak_gib"], 3),
-            "round_seconds": round_["seconds"], "patients_used": round_["patients_used"]}
+            "round_seconds": round_["seconds"], "steps": round_["steps"]}
     return {"node_peak_memory": figure(round_["peak_gib"], "GiB", target=TARGET_MEMORY_GIB, conditions=cond)}
