@@ -67,7 +67,7 @@ def _model(ws: Workspace, sizes: Sizes, twin: str, regime: str, cohort):
 
 def run_twin(ws: Workspace, sizes: Sizes, twin: str) -> dict:
     from twinfed.errors import ScenarioError
-    from twinfed.models.cohort import read_truth, simulator
+    from twinfed.models.cohort import cohort_simulator, read_truth
     from twinfed.models.site_data import load_site
     from twinfed.models.twin import Twin
     from twinfed.models.whatif import parse_scenario, run_whatif
@@ -125,8 +125,8 @@ def run_twin(ws: Workspace, sizes: Sizes, twin: str) -> dict:
         for j, col in enumerate(spec.control_columns):
             controls[col][i, : len(full)] = full[:, j]
     prow = np.array([row_of[c["pid"]] for c, _ in rows])
-    states = simulator(twin).simulate({name: v[prow] for name, v in params.items()}, controls,
-                                      step_minutes=spec.step_minutes)
+    states = cohort_simulator(cohort).simulate({name: v[prow] for name, v in params.items()}, controls,
+                                               step_minutes=spec.step_minutes)
     truth = {}
     for i, (c, n) in enumerate(rows):
         truth[(id(c), n)] = np.stack([states[col][i, c["h"] + 1: c["h"] + 1 + k]

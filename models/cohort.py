@@ -4,6 +4,12 @@
 the spec's purpose), optionally ``DIR/holdout/`` (patients from every population, for testing
 only), and ``DIR/truth/<site>.csv`` with each patient's simulator parameters, outside the site
 directories, so what-if forecasts can be checked against the mechanistic truth.
+
+``DIR/cohort.json`` names the simulator that made the cohort (``simulator``, its module path, and
+``simulator_name``); whatever replays the truth asks :func:`cohort_simulator` for it, because a
+twin may have more than one (the glucose twin: ``bergman``, its default, and ``hovorka``, of a
+different structure from the twin's own core). Only the built-in simulators listed here are ever
+imported, whatever a cohort.json says.
 """
 
 from __future__ import annotations
@@ -18,16 +24,46 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from twinfed.errors import TwinfedError
 from twinfed.models.sim.base import SimCohort, SiteProfile
 from twinfed.models.spec import TwinSpec, load_spec
 
-SIMULATORS = {"glucose": "twinfed.models.sim.glucose_sim", "cardio": "twinfed.models.sim.cardio_sim"}
+# Each twin's built-in simulators by short name, the default first.
+SIMULATORS: dict[str, dict[str, str]] = {
+    "glucose": {"bergman": "twinfed.models.sim.glucose_sim", "hovorka": "twinfed.models.sim.hovorka_sim"},
+    "cardio": {"baroreflex": "twinfed.models.sim.cardio_sim"},
+}
 HOLDOUT = "holdout"
 CONSENT_TIME = "2026-01-05T09:00:00+00:00"
 
 
-def simulator(twin: str) -> ModuleType:
-    return import_module(SIMULATORS[twin])
+def simulator_name(twin: str, name: str | None = None) -> str:
+    """``name`` if it is one of the twin's simulators, the twin's default if ``name`` is None."""
+    choices = list(SIMULATORS[twin])
+    if name is None or name in choices:
+        return name or choices[0]
+    if len(choices) == 1:
+        raise TwinfedError(f"the {twin} twin has one built-in simulator, {choices[0]!r}; there is no "
+                           f"simulator {name!r} for it")
+    raise TwinfedError(f"unknown simulator {name!r} for the {twin} twin; choose one of "
+                       f"{', '.join(choices)} (default {choices[0]})")
+
+
+def simulator(twin: str, name: str | None = None) -> ModuleType:
+    return import_module(SIMULATORS[twin][simulator_name(twin, name)])
+
+
+def cohort_simulator(cohort_dir: str | Path) -> ModuleType:
+    """The simulator that made the cohort in ``cohort_dir``, as its cohort.json names it."""
+    manifest = json.loads((Path(cohort_dir) / "cohort.json").read_text())
+    twin = manifest["twin"]
+    name = manifest.get("simulator_name")
+    if name is None:  # written before cohorts named their simulator: known by module path
+        name = next((n for n, module in SIMULATORS[twin].items() if module == manifest.get("simulator")), None)
+        if name is None:
+            raise TwinfedError(f"{Path(cohort_dir) / 'cohort.json'}: simulator {manifest.get('simulator')!r} "
+                               f"is not one of the {twin} twin's built-in simulators; regenerate the cohort")
+    return simulator(twin, name)
 
 
 def site_names(n: int) -> list[str]:
@@ -38,12 +74,15 @@ def site_names(n: int) -> list[str]:
 class CohortSummary:
     out: Path
     sites: dict[str, dict]
+    simulator_name: str
 
 
 def generate_cohort(twin: str, *, sites: int, patients: int, days: float, seed: int,
-                    out: str | Path, holdout: int = 0) -> CohortSummary:
+                    out: str | Path, holdout: int = 0, simulator: str | None = None) -> CohortSummary:
+    """Write a cohort made by the twin's simulator named ``simulator`` (None: its default)."""
     spec = load_spec(twin)
-    sim = simulator(twin)
+    sim_name = simulator_name(twin, simulator)
+    sim = import_module(SIMULATORS[twin][sim_name])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n_steps = int(round(days * 24 * 60 / spec.step_minutes))
@@ -69,8 +108,9 @@ def generate_cohort(twin: str, *, sites: int, patients: int, days: float, seed: 
     (out / "spec.toml").write_text(spec.to_toml(), encoding="utf-8")
     (out / "cohort.json").write_text(json.dumps(
         {"twin": twin, "seed": seed, "days": days, "step_minutes": spec.step_minutes,
-         "sites": manifest, "simulator": SIMULATORS[twin]}, indent=2), encoding="utf-8")
-    return CohortSummary(out, manifest)
+         "sites": manifest, "simulator": SIMULATORS[twin][sim_name], "simulator_name": sim_name},
+        indent=2), encoding="utf-8")
+    return CohortSummary(out, manifest, sim_name)
 
 
 def _concat(parts: list[SimCohort]) -> SimCohort:
@@ -122,7 +162,7 @@ def read_truth(path: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
     return ids, {c: table.column(c).to_numpy() for c in table.column_names if c != "patient_id"}
 
 
-__all__ = ["generate_cohort", "read_truth", "simulator", "site_names", "SiteProfile", "HOLDOUT"]
+__all__ = ["generate_cohort", "read_truth", "simulator", "cohort_simulator", "site_names", "SiteProfile", "HOLDOUT"]
 
 
 def replay_truth(cohort_dir: str | Path, site: str, patient_id: str,
@@ -132,9 +172,8 @@ def replay_truth(cohort_dir: str | Path, site: str, patient_id: str,
     (full series, one array per control column): the mechanistic truth of a what-if.
     """
     cohort_dir = Path(cohort_dir)
-    twin = json.loads((cohort_dir / "cohort.json").read_text())["twin"]
     ids, params = read_truth(cohort_dir / "truth" / f"{site}.csv")
     i = ids.index(patient_id)
     one = {k: v[i: i + 1] for k, v in params.items()}
-    states = simulator(twin).simulate(one, {k: np.asarray(v)[None, :] for k, v in controls.items()})
+    states = cohort_simulator(cohort_dir).simulate(one, {k: np.asarray(v)[None, :] for k, v in controls.items()})
     return {k: v[0] for k, v in states.items()}

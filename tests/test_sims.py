@@ -3,14 +3,16 @@
 import numpy as np
 import pytest
 
-from twinfed.models.sim import cardio_sim, glucose_sim
+from twinfed.models.sim import cardio_sim, glucose_sim, hovorka_sim
 from twinfed.models.spec import load_spec
 
 T = 288  # one day of 5-minute steps
+# Both glucose simulators (the default, and the one of a different structure) obey the same physiology.
+GLUCOSE_SIMS = pytest.mark.parametrize("gsim", [glucose_sim, hovorka_sim], ids=["bergman", "hovorka"])
 
 
-def _glucose_patients(n=20, seed=0):
-    return glucose_sim.draw_params(glucose_sim.SITE_PROFILES[1], n, np.random.default_rng(seed))
+def _glucose_patients(gsim=glucose_sim, n=20, seed=0):
+    return gsim.draw_params(gsim.SITE_PROFILES[1], n, np.random.default_rng(seed))
 
 
 def _flat(params, n_steps=T):
@@ -19,54 +21,59 @@ def _flat(params, n_steps=T):
     return {"insulin_u": basal, "carbs_g": np.zeros((n, n_steps))}
 
 
-def test_glucose_rises_after_a_meal_without_insulin():
-    p = _glucose_patients()
+@GLUCOSE_SIMS
+def test_glucose_rises_after_a_meal_without_insulin(gsim):
+    p = _glucose_patients(gsim)
     base = _flat(p)
     meal = {k: v.copy() for k, v in base.items()}
     meal["carbs_g"][:, 100] = 60
-    g0 = glucose_sim.simulate(p, base)["glucose_mgdl"]
-    g1 = glucose_sim.simulate(p, meal)["glucose_mgdl"]
+    g0 = gsim.simulate(p, base)["glucose_mgdl"]
+    g1 = gsim.simulate(p, meal)["glucose_mgdl"]
     assert (g1[:, 124] - g0[:, 124] > 40).all()  # two hours later, clearly higher
 
 
-def test_glucose_falls_after_insulin_without_food():
-    p = _glucose_patients()
+@GLUCOSE_SIMS
+def test_glucose_falls_after_insulin_without_food(gsim):
+    p = _glucose_patients(gsim)
     base = _flat(p)
     bolus = {k: v.copy() for k, v in base.items()}
     bolus["insulin_u"][:, 100] += 3
-    g0 = glucose_sim.simulate(p, base)["glucose_mgdl"]
-    g1 = glucose_sim.simulate(p, bolus)["glucose_mgdl"]
+    g0 = gsim.simulate(p, base)["glucose_mgdl"]
+    g1 = gsim.simulate(p, bolus)["glucose_mgdl"]
     assert (g1[:, 136] < g0[:, 136] - 10).all()
 
 
-def test_more_insulin_never_gives_higher_glucose():
-    p = _glucose_patients(n=10)
+@GLUCOSE_SIMS
+def test_more_insulin_never_gives_higher_glucose(gsim):
+    p = _glucose_patients(gsim, n=10)
     ctrl = _flat(p)
     ctrl["carbs_g"][:, [90, 150, 220]] = 50
     ctrl["insulin_u"][:, [90, 150, 220]] += 4
-    lower = glucose_sim.simulate(p, ctrl)["glucose_mgdl"]
+    lower = gsim.simulate(p, ctrl)["glucose_mgdl"]
     ctrl["insulin_u"] = ctrl["insulin_u"] * 1.3
-    higher_dose = glucose_sim.simulate(p, ctrl)["glucose_mgdl"]
+    higher_dose = gsim.simulate(p, ctrl)["glucose_mgdl"]
     assert (higher_dose <= lower + 1e-9).all()
 
 
-def test_a_patient_at_basal_without_food_stays_at_steady_state():
-    p = _glucose_patients()
-    g = glucose_sim.simulate(p, _flat(p))["glucose_mgdl"]
+@GLUCOSE_SIMS
+def test_a_patient_at_basal_without_food_stays_at_steady_state(gsim):
+    p = _glucose_patients(gsim)
+    g = gsim.simulate(p, _flat(p))["glucose_mgdl"]
     assert np.abs(g[:, -1] - g[:, 0]).max() < 1.0
 
 
-def test_simulate_is_the_noise_free_replay_of_generate():
-    cohort = glucose_sim.generate(glucose_sim.SITE_PROFILES[0], 30, T, rng=np.random.default_rng(4))
-    truth = glucose_sim.simulate(cohort.params, cohort.controls)["glucose_mgdl"]
-    again = glucose_sim.simulate(cohort.params, cohort.controls)["glucose_mgdl"]
+@GLUCOSE_SIMS
+def test_simulate_is_the_noise_free_replay_of_generate(gsim):
+    cohort = gsim.generate(gsim.SITE_PROFILES[0], 30, T, rng=np.random.default_rng(4))
+    truth = gsim.simulate(cohort.params, cohort.controls)["glucose_mgdl"]
+    again = gsim.simulate(cohort.params, cohort.controls)["glucose_mgdl"]
     assert (truth == again).all()
     noise = cohort.states["glucose_mgdl"] - truth
     inside = (truth > 50) & (truth < 390)  # away from the sensor's clipping
     assert abs(noise[inside].mean()) < 2 and 3 < noise[inside].std() < 10
 
 
-@pytest.mark.parametrize("sim, twin", [(glucose_sim, "glucose"), (cardio_sim, "cardio")])
+@pytest.mark.parametrize("sim, twin", [(glucose_sim, "glucose"), (hovorka_sim, "glucose"), (cardio_sim, "cardio")])
 def test_generated_cohorts_match_the_spec_columns_and_ranges(sim, twin):
     spec = load_spec(twin)
     for profile in sim.SITE_PROFILES:
@@ -81,7 +88,7 @@ def test_generated_cohorts_match_the_spec_columns_and_ranges(sim, twin):
             assert col.min <= arr.min() and arr.max() <= col.max
 
 
-@pytest.mark.parametrize("sim", [glucose_sim, cardio_sim])
+@pytest.mark.parametrize("sim", [glucose_sim, hovorka_sim, cardio_sim])
 def test_sites_differ_like_hospitals(sim):
     paed, _, elderly = (sim.generate(p, 200, T, rng=np.random.default_rng(2)) for p in sim.SITE_PROFILES)
     assert paed.covariates["age_years"].max() < 18 <= 65 <= elderly.covariates["age_years"].min()
@@ -132,13 +139,14 @@ def test_drug_amounts_are_conserved():
     np.testing.assert_allclose(gut + central + eliminated, given, rtol=1e-9, atol=1e-9)
 
 
-def test_a_generated_cohort_can_be_replayed_to_its_mechanistic_truth(tmp_path):
+@pytest.mark.parametrize("simulator", ["bergman", "hovorka"])
+def test_a_generated_cohort_can_be_replayed_to_its_mechanistic_truth(tmp_path, simulator):
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     from twinfed.models.cohort import generate_cohort, replay_truth
 
-    generate_cohort("glucose", sites=1, patients=3, days=0.5, seed=3, out=tmp_path)
+    generate_cohort("glucose", sites=1, patients=3, days=0.5, seed=3, out=tmp_path, simulator=simulator)
     table = pacsv.read_csv(tmp_path / "site-a" / "timeseries.csv",
                            convert_options=pacsv.ConvertOptions(column_types={"patient_id": pa.string()}))
     ids = table.column("patient_id").to_pylist()

@@ -46,6 +46,11 @@ class SimCohort:
         return next(iter(self.states.values())).shape[1]
 
 
-def lognormal(rng: np.random.Generator, median: float, cv: float, n: int) -> np.ndarray:
-    """``n`` log-normal draws with the given median and log-scale spread (physiological rates)."""
-    return median * np.exp(rng.normal(0.0, cv, n))
+def lognormal(rng: np.random.Generator, median: float, cv: float, n: int, *,
+              within_sd: float | None = None) -> np.ndarray:
+    """``n`` log-normal draws with the given median and log-scale spread (physiological rates);
+    ``within_sd`` keeps every draw that many log-scale spreads of the median (no absurd patient)."""
+    z = rng.normal(0.0, cv, n)
+    if within_sd is not None:
+        z = np.clip(z, -within_sd * cv, within_sd * cv)
+    return median * np.exp(z)

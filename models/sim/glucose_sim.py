@@ -6,9 +6,16 @@ two-compartment gut (Q1, Q2, g) for carbohydrate (Hovorka et al. 2004 absorption
 glucose kinetics). Treatment is open loop (basal every step, meal boluses from a carb ratio with
 the patient's estimation errors, timing habits and missed doses), so replaying ``simulate`` with
 changed controls is the exact counterfactual. Only the CGM reading carries noise.
+
+The site profiles, the treatment policy (``treatment``, given each patient's basal rate and carb
+ratio), the CGM (``cgm_reading``) and the cohort assembly (``open_loop_cohort``) are shared with
+the other type 1 diabetes simulator (:mod:`twinfed.models.sim.hovorka_sim`), so two cohorts made
+with the same seed differ in physiology only.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -34,7 +41,6 @@ SITE_PROFILES: tuple[SiteProfile, ...] = (
 
 PARAM_NAMES: tuple[str, ...] = ("weight_kg", "p1", "p2", "si", "gb", "tau_i", "ke", "tau_m", "f_bio",
                                 "ib", "basal_u_per_h")
-
 
 
 def draw_params(profile: SiteProfile, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -67,16 +73,20 @@ def carb_ratio(params: dict[str, np.ndarray], g_ref: float = 140.0) -> np.ndarra
     return drop_per_unit * v_g / (params["f_bio"] * 1000.0)
 
 
-def treatment(profile: SiteProfile, params: dict[str, np.ndarray], n_steps: int, step_minutes: int,
+def treatment(profile: SiteProfile, *, weight_kg: np.ndarray, basal_u_per_h: np.ndarray,
+              carb_ratio_g_per_u: np.ndarray, n_steps: int, step_minutes: int,
               rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Open-loop meals and insulin for every patient: [P, T] amounts per step."""
+    """Open-loop meals and insulin for every patient: [P, T] amounts per step.
+
+    ``basal_u_per_h`` is the prescribed basal rate; ``carb_ratio_g_per_u`` the ratio that would
+    cover a meal for this patient's physiology (the prescribed one deviates from it)."""
     s = profile.settings
-    n = params["weight_kg"].size
+    n = weight_kg.size
     days = int(np.ceil(n_steps * step_minutes / 1440.0))
     carbs = np.zeros((n, n_steps))
-    insulin = np.repeat((params["basal_u_per_h"] * step_minutes / 60.0)[:, None], n_steps, axis=1)
-    size = np.sqrt(params["weight_kg"] / 70.0)  # smaller people eat smaller meals
-    icr = carb_ratio(params) * np.exp(rng.normal(0.0, 0.15, n))  # the prescribed ratio is imperfect
+    insulin = np.repeat((basal_u_per_h * step_minutes / 60.0)[:, None], n_steps, axis=1)
+    size = np.sqrt(weight_kg / 70.0)  # smaller people eat smaller meals
+    icr = carb_ratio_g_per_u * np.exp(rng.normal(0.0, 0.15, n))  # the prescribed ratio is imperfect
     meals = [(7.5 * 60, 55.0), (12.5 * 60, 70.0), (19.0 * 60, 80.0)]
     if profile.name == "elderly":
         meals = [(m, g * 0.75) for m, g in meals]
@@ -146,9 +156,15 @@ def simulate(params: dict[str, np.ndarray], controls: dict[str, np.ndarray], *,
             q1 = q1 + dt * dq1
             q2 = q2 + dt * dq2
         out[:, t] = g
+    return {"glucose_mgdl": cgm_reading(out, rng)}
+
+
+def cgm_reading(glucose_mgdl: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+    """What the sensor exports for true glucose [P, T]: with noise when ``rng`` is given (the
+    noise-free replay passes none), always within the sensor's range."""
     if rng is not None:
-        out = out + _cgm_noise(rng, n, n_steps)
-    return {"glucose_mgdl": np.clip(out, *CGM_RANGE)}
+        glucose_mgdl = glucose_mgdl + _cgm_noise(rng, *glucose_mgdl.shape)
+    return np.clip(glucose_mgdl, *CGM_RANGE)
 
 
 def _cgm_noise(rng: np.random.Generator, n: int, n_steps: int) -> np.ndarray:
@@ -164,11 +180,24 @@ def _cgm_noise(rng: np.random.Generator, n: int, n_steps: int) -> np.ndarray:
 
 def generate(profile: SiteProfile, n_patients: int, n_steps: int, *, step_minutes: int = 5,
              rng: np.random.Generator, id_prefix: str = "p") -> SimCohort:
-    s = profile.settings
     params = draw_params(profile, n_patients, rng)
+    return open_loop_cohort(profile, params, carb_ratio(params), simulate, n_steps,
+                            step_minutes=step_minutes, rng=rng, id_prefix=id_prefix)
+
+
+def open_loop_cohort(profile: SiteProfile, params: dict[str, np.ndarray], carb_ratio_g_per_u: np.ndarray,
+                     simulate_fn: Callable[..., dict[str, np.ndarray]], n_steps: int, *, step_minutes: int,
+                     rng: np.random.Generator, id_prefix: str) -> SimCohort:
+    """A type 1 diabetes site once its patients' physiology is drawn: ages, the site's open-loop
+    care (``params`` holds ``weight_kg`` and the prescribed ``basal_u_per_h``) and the CGM
+    trace ``simulate_fn`` gives under it."""
+    s = profile.settings
+    n_patients = params["weight_kg"].size
     age = rng.uniform(s["age_lo"], s["age_hi"], n_patients).round()
-    controls = treatment(profile, params, n_steps, step_minutes, rng)
-    states = simulate(params, controls, step_minutes=step_minutes, rng=rng)
+    controls = treatment(profile, weight_kg=params["weight_kg"], basal_u_per_h=params["basal_u_per_h"],
+                         carb_ratio_g_per_u=carb_ratio_g_per_u, n_steps=n_steps,
+                         step_minutes=step_minutes, rng=rng)
+    states = simulate_fn(params, controls, step_minutes=step_minutes, rng=rng)
     return SimCohort(
         patient_ids=[f"{id_prefix}{i:05d}" for i in range(n_patients)],
         covariates={"weight_kg": params["weight_kg"], "age_years": age},

@@ -14,8 +14,14 @@ def register(sub) -> None:
     gen = csub.add_parser("generate", help="write a virtual multi-hospital cohort in the data contract's layout",
                           description="Write DIR/spec.toml, one site directory per hospital "
                                       "(timeseries.csv, patients.csv, consent.csv), and the "
-                                      "simulator's per-patient parameters under DIR/truth/.")
+                                      "simulator's per-patient parameters under DIR/truth/; "
+                                      "DIR/cohort.json names the simulator, and replaying the "
+                                      "truth uses that one.")
     gen.add_argument("--twin", choices=["glucose", "cardio"], required=True)
+    gen.add_argument("--simulator", metavar="NAME",
+                     help="glucose twin: bergman (default; Bergman minimal model, the family of the "
+                          "twin's own core) or hovorka (Hovorka 2004, a different structure, to judge "
+                          "a twin under structural mismatch); cardio twin: baroreflex, its only one")
     gen.add_argument("--sites", type=_positive, default=3, help="hospitals (default 3)")
     gen.add_argument("--patients", type=_positive, default=200, help="patients per hospital (default 200)")
     gen.add_argument("--days", type=_positive_float, default=7.0, help="days of data per patient (default 7)")
@@ -55,10 +61,11 @@ def cmd_generate(args) -> int:
     if args.holdout < 0:
         raise TwinfedError("--holdout must be 0 or more")
     summary = generate_cohort(args.twin, sites=args.sites, patients=args.patients, days=args.days,
-                              seed=args.seed, out=args.out, holdout=args.holdout)
+                              seed=args.seed, out=args.out, holdout=args.holdout, simulator=args.simulator)
     for name, info in summary.sites.items():
         print(f"{name}: {info['patients']} patients ({', '.join(info['profiles'])}), {info['rows']} rows")
-    print(f"wrote {args.out}/spec.toml, {len(summary.sites)} site directories and {args.out}/truth/")
+    print(f"wrote {args.out}/spec.toml, {len(summary.sites)} site directories and {args.out}/truth/ "
+          f"(simulator {summary.simulator_name})")
     return 0
 
 
