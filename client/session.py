@@ -63,18 +63,19 @@ def train_admitted(adm: Admission, weights: list[np.ndarray]) -> TrainOutcome:
     # Heavy imports stay here: a deployed ClientApp starts a fresh process per message.
     import torch
 
-    from twinfed.models.surrogate import build_surrogate, get_weights, set_weights
+    from twinfed.models.surrogate import build_surrogate, get_weights, inputs_for, set_weights
 
     torch.set_num_threads(1)
     plan = adm.plan
     model = build_surrogate(plan.spec, plan.model, seed=plan.seed)
     set_weights(model, weights)
     config = plan.training.for_round(adm.round, plan.rounds)
+    inputs = inputs_for(plan.spec, plan.model)
     if adm.study is not None:
         from twinfed.privacy.dp import DPSettings, patient_examples, train_private
 
         s = adm.study
-        result = train_private(model, patient_examples(adm.site, plan.training), config,
+        result = train_private(model, patient_examples(adm.site, plan.training, inputs), config,
                                DPSettings(s.noise_multiplier, plan.privacy.clipping_norm,
                                           s.sample_rate, s.expected_batch),
                                steps=plan.training.local_steps,
@@ -85,7 +86,7 @@ def train_admitted(adm: Admission, weights: list[np.ndarray]) -> TrainOutcome:
         seed = round_seed(plan, adm.node.site_name, adm.round)
         torch.manual_seed(seed)
         result = train_local(model, adm.site, config, seed=seed,
-                             optimizer_state=optimizer_state(adm.node, plan))
+                             optimizer_state=optimizer_state(adm.node, plan), inputs=inputs)
     clip = plan.privacy.update_clip
     update = [new - old for new, old in zip(get_weights(model), weights)]
     entries = sum(u.size for u in update)

@@ -24,6 +24,11 @@ CONTROL_KNEE = 1000.0
 
 
 class Scaler:
+    """The neural surrogate's inputs: the last ``history_steps`` of the window, the planned
+    controls and the covariates, scaled."""
+
+    with_context = False
+
     def __init__(self, spec: TwinSpec):
         self.spec = spec
         st = spec.states

@@ -25,20 +25,28 @@ class _Acc:
 
 
 def evaluate_site(site: SiteData, forecasters: dict[str, Forecaster], *,
-                  stride: int = 1, chunk: int = 50_000) -> dict:
-    """RMSE and MAE by horizon step for each forecaster, plus persistence, over every window.
+                  stride: int = 1, chunk: int = 50_000, with_context: bool = False,
+                  origin_from: np.ndarray | None = None) -> dict:
+    """RMSE and MAE by horizon step for each forecaster, plus persistence, over every window
+    (every ``stride``-th), or only those whose forecast origin is at or after ``origin_from``
+    (per patient, on the site's time grid).
 
     Returns ``{"n_patients", "n_windows", "states": {col: {"<name>_rmse_by_step": [...], ...}}}``.
     """
     spec = site.spec
     index = WindowIndex.build(site)
     patients_all = index.window_patients()
-    take = np.arange(0, index.n_windows, stride)
+    eligible = np.arange(index.n_windows)
+    if origin_from is not None:
+        origin = site.steps[index.starts + spec.history_steps - 1]
+        eligible = eligible[origin >= origin_from[patients_all]]
+    take = eligible[::stride]
     k, s = spec.horizon_steps, len(spec.states)
     accs = {name: _Acc(np.zeros((k, s)), np.zeros((k, s))) for name in [*forecasters, "persistence"]}
+    chunk = min(chunk, 8192) if with_context else chunk  # a context window is ~10x larger
     for lo in range(0, take.size, chunk):
         sel = take[lo: lo + chunk]
-        batch = gather(site, index.starts[sel], patients_all[sel])
+        batch = gather(site, index.starts[sel], patients_all[sel], with_context=with_context)
         truth = batch.future_states
         accs["persistence"].add(persistence(batch.history[:, -1, :s], k) - truth)
         for name, fn in forecasters.items():
@@ -52,6 +60,6 @@ def evaluate_site(site: SiteData, forecasters: dict[str, Forecaster], *,
             out[f"{prefix}rmse_by_step"] = [float(v) for v in np.sqrt(acc.sq[:, j] / n)]
             out[f"{prefix}mae_by_step"] = [float(v) for v in acc.ab[:, j] / n]
         states[col] = out
-    n_patients = int(np.unique(patients_all).size) if index.n_windows else 0
+    n_patients = int(np.unique(patients_all[take]).size) if take.size else 0
     return {"n_patients": n_patients, "n_windows": int(take.size),
             "horizon_minutes": spec.horizon_minutes, "states": states}

@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from twinfed.models.spec import TwinSpec
 
@@ -20,13 +20,31 @@ RELEASABLE_METRICS = ("patients_used", "patients_excluded")
 
 
 class ModelConfig(BaseModel):
-    """The surrogate's architecture."""
+    """The surrogate's architecture: ``hybrid`` (a mechanistic core from the spec's
+    ``[twin.core]``, an encoder of its parameters and a bounded correction; the default for specs
+    with a core) or ``mlp-residual`` (a neural network beside a linear path). ``auto`` picks."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: str = "mlp-residual"
-    hidden: Annotated[int, Field(gt=0, le=4096)] = 64
-    layers: Annotated[int, Field(ge=1, le=8)] = 2
+    kind: Literal["auto", "hybrid", "mlp-residual"] = "auto"
+    # Width and depth of the networks (None: the kind's default, see ``resolved``). The hybrid's
+    # encoder and correction are small on purpose: DP noise grows with the weight count.
+    hidden: Annotated[int, Field(gt=0, le=4096)] | None = None
+    layers: Annotated[int, Field(ge=1, le=8)] | None = None
+    # The study starts from weights pretrained on a public virtual cohort (twinfed.models.pretrain),
+    # named by their digest; None: from a fresh, seeded initialisation.
+    pretrained_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+    def resolved(self, spec: TwinSpec) -> ModelConfig:
+        """``auto`` and unset sizes made explicit: ``hybrid`` (32 wide, 1 layer) for a spec with a
+        ``[twin.core]``, else ``mlp-residual`` (64 wide, 2 layers)."""
+        kind = self.kind if self.kind != "auto" else ("hybrid" if spec.core is not None else "mlp-residual")
+        hidden, layers = DEFAULT_SIZES[kind]
+        return self.model_copy(update={"kind": kind, "hidden": self.hidden or hidden,
+                                       "layers": self.layers or layers})
+
+
+DEFAULT_SIZES = {"hybrid": (32, 1), "mlp-residual": (64, 2)}
 
 
 class TrainingConfig(BaseModel):
@@ -116,6 +134,15 @@ class TrainingPlan(BaseModel):
     def unsupported_metrics(self) -> list[str]:
         """Metrics this plan asks for that no node ever releases (e.g. a training loss)."""
         return [m for m in self.metrics if m not in RELEASABLE_METRICS]
+
+    @model_validator(mode="after")
+    def _resolve_model(self) -> TrainingPlan:
+        """The model's kind and sizes made explicit (``ModelConfig.resolved``), so a plan's
+        canonical JSON (and hash) names the architecture it trains."""
+        if self.model.kind == "hybrid" and self.spec.core is None:
+            raise ValueError("model kind 'hybrid' needs a [twin.core] in the spec")
+        object.__setattr__(self, "model", self.model.resolved(self.spec))
+        return self
 
     @property
     def purpose(self) -> str:

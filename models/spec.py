@@ -36,6 +36,39 @@ class Column(BaseModel):
         return self
 
 
+# The mechanistic cores a hybrid twin can use, and the roles each binds to spec columns
+# (role -> the kind of column it must be). The maths lives in twinfed.models.cores.
+CORE_ROLES: dict[str, dict[str, str]] = {
+    "glucose-insulin": {"glucose": "state", "insulin": "control", "carbs": "control",
+                        "weight": "covariate"},
+    "cardio": {"sbp": "state", "hr": "state", "dose": "control", "activity": "control",
+               "weight": "covariate", "age": "covariate"},
+}
+
+
+class CoreSpec(BaseModel):
+    """``[twin.core]``: which mechanistic core a hybrid twin uses, and which spec column plays
+    each of its roles (e.g. ``glucose = "glucose_mgdl"``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    roles: dict[str, str]
+
+    @model_validator(mode="after")
+    def _known_core_and_roles(self) -> CoreSpec:
+        if self.name not in CORE_ROLES:
+            raise ValueError(f"unknown core {self.name!r}; the cores are {', '.join(CORE_ROLES)}")
+        need = CORE_ROLES[self.name]
+        missing = sorted(set(need) - set(self.roles))
+        unknown = sorted(set(self.roles) - set(need))
+        if missing or unknown:
+            raise ValueError(f"core {self.name} binds the roles {', '.join(need)}"
+                             + (f"; missing {', '.join(missing)}" if missing else "")
+                             + (f"; unknown {', '.join(unknown)}" if unknown else ""))
+        return self
+
+
 class TwinSpec(BaseModel):
     """What one kind of twin sees and forecasts (DESIGN.md section 3)."""
 
@@ -46,9 +79,14 @@ class TwinSpec(BaseModel):
     history_steps: Annotated[int, Field(gt=0)]
     horizon_steps: Annotated[int, Field(gt=0)]
     purpose: Annotated[str, Field(min_length=1)]
+    # How far back a hybrid twin looks to identify the patient (insulin on board, habits): at
+    # least history_steps; windows still need only history_steps of contiguous record, and an
+    # earlier start is read as "nothing recorded" (the core assumes its steady state).
+    context_steps: Annotated[int, Field(gt=0)] | None = None
     states: Annotated[tuple[Column, ...], Field(min_length=1)]
     controls: tuple[Column, ...] = ()
     covariates: tuple[Column, ...] = ()
+    core: CoreSpec | None = None
 
     @model_validator(mode="after")
     def _columns_are_unique(self) -> TwinSpec:
@@ -59,6 +97,16 @@ class TwinSpec(BaseModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"column names must be unique, repeated: {', '.join(dupes)}")
+        if self.context_steps is not None and self.context_steps < self.history_steps:
+            raise ValueError(f"context_steps ({self.context_steps}) must be at least history_steps "
+                             f"({self.history_steps})")
+        if self.core is not None:
+            kinds = {"state": self.state_columns, "control": self.control_columns,
+                     "covariate": self.covariate_columns}
+            for role, kind in CORE_ROLES[self.core.name].items():
+                if self.core.roles[role] not in kinds[kind]:
+                    raise ValueError(f"core role {role} names {self.core.roles[role]!r}, which is not "
+                                     f"one of the spec's {kind} columns")
         return self
 
     @property
@@ -80,6 +128,11 @@ class TwinSpec(BaseModel):
     @property
     def window_steps(self) -> int:
         return self.history_steps + self.horizon_steps
+
+    @property
+    def context_length(self) -> int:
+        """Steps of record a hybrid twin reads before the forecast origin (history included)."""
+        return self.context_steps or self.history_steps
 
     @property
     def horizon_minutes(self) -> int:
@@ -105,10 +158,14 @@ class TwinSpec(BaseModel):
             f"[twin]\nname = {_q(self.name)}\nstep_minutes = {self.step_minutes}\n"
             f"history_steps = {self.history_steps}\nhorizon_steps = {self.horizon_steps}\n"
             f"purpose = {_q(self.purpose)}\n"
+            + (f"context_steps = {self.context_steps}\n" if self.context_steps is not None else "")
         )
+        core = ""
+        if self.core is not None:
+            core = f"\n[twin.core]\nname = {_q(self.core.name)}\n\n[twin.core.roles]\n" + "".join(
+                f"{role} = {_q(col)}\n" for role, col in self.core.roles.items())
         return head + table("states", self.states) + table("controls", self.controls) + table(
-            "covariates", self.covariates
-        )
+            "covariates", self.covariates) + core
 
 
 def _q(text: str) -> str:

@@ -35,13 +35,26 @@ class Surrogate(nn.Module):
         return self.mlp(x) + self.linear(x)
 
 
-def build_surrogate(spec: TwinSpec, config: ModelConfig, *, seed: int = 0) -> Surrogate:
-    if config.kind != "mlp-residual":
-        raise ValueError(f"unknown model kind {config.kind!r}")
-    scaler = Scaler(spec)
+def inputs_for(spec: TwinSpec, config: ModelConfig):
+    """How windows become this model's inputs and targets (``Scaler`` or ``HybridInputs``)."""
+    if config.resolved(spec).kind == "hybrid":
+        from twinfed.models.hybrid import HybridInputs
+
+        return HybridInputs(spec)
+    return Scaler(spec)
+
+
+def build_surrogate(spec: TwinSpec, config: ModelConfig, *, seed: int = 0) -> nn.Module:
+    config = config.resolved(spec)
+    kind = config.kind
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
+        if kind == "hybrid":
+            from twinfed.models.hybrid import HybridSurrogate
+
+            return HybridSurrogate(spec, config)
+        scaler = Scaler(spec)
         return Surrogate(scaler.n_features, scaler.n_outputs, config)
     finally:
         torch.random.set_rng_state(gen_state)

@@ -27,14 +27,14 @@ from twinfed.models.windows import WindowIndex, gather
 
 class PatientWindows(Dataset):
     """Item ``i``: features ``[k, F]`` and targets ``[k, O]`` of ``k`` random windows of the
-    ``i``-th eligible patient."""
+    ``i``-th eligible patient, as the model's ``inputs`` (``surrogate.inputs_for``) build them."""
 
-    def __init__(self, site: SiteData, *, seed: int, windows_per_patient: int = 1):
+    def __init__(self, site: SiteData, *, seed: int, windows_per_patient: int = 1, inputs=None):
         self.site = site
         self.k = windows_per_patient
         self.index = WindowIndex.build(site)
         self.patients = self.index.patients_with_windows()
-        self.scaler = Scaler(site.spec)
+        self.inputs = inputs or Scaler(site.spec)
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -47,11 +47,11 @@ class PatientWindows(Dataset):
     def draw(self, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         patients = self.patients[items]
         starts = self.index.per_patient(patients, self.rng, self.k).reshape(-1)
-        batch = gather(self.site, starts, np.repeat(patients, self.k))
-        x, y = self.scaler.batch_features(batch), self.scaler.targets(batch)
+        batch = gather(self.site, starts, np.repeat(patients, self.k), with_context=self.inputs.with_context)
+        x, y = self.inputs.batch_features(batch), self.inputs.targets(batch)
         n = len(patients)
-        return (torch.from_numpy(x.reshape(n, self.k, self.scaler.n_features)),
-                torch.from_numpy(y.reshape(n, self.k, self.scaler.n_outputs)))
+        return (torch.from_numpy(x.reshape(n, self.k, self.inputs.n_features)),
+                torch.from_numpy(y.reshape(n, self.k, self.inputs.n_outputs)))
 
 
 class BatchOfPatients(Dataset):
@@ -136,9 +136,10 @@ def save_adam(optimizer: torch.optim.Optimizer, state: Path | None) -> None:
 
 
 def train_local(model: nn.Module, site: SiteData, config: TrainingConfig, *, seed: int,
-                optimizer_state: Path | None = None) -> TrainResult:
+                optimizer_state: Path | None = None, inputs=None) -> TrainResult:
     """Non-private local training: ``config.local_steps`` Adam steps over patient batches."""
-    data = PatientWindows(site, seed=seed, windows_per_patient=config.windows_per_patient)
+    data = PatientWindows(site, seed=seed, windows_per_patient=config.windows_per_patient,
+                          inputs=inputs)
     if len(data) == 0:
         return TrainResult(steps=0, mean_loss=float("nan"))
     optimizer = make_adam(model, config, optimizer_state)

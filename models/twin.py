@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from twinfed.errors import ModelError
-from twinfed.models.features import Scaler
 from twinfed.models.plan import TrainingPlan
 from twinfed.models.spec import TwinSpec, parse_spec
-from twinfed.models.surrogate import Surrogate, build_surrogate, set_weights, weight_names
+from twinfed.models.surrogate import build_surrogate, set_weights, weight_names
+from twinfed.models.windows import Batch
 
 MODEL_DIRNAME = "model"
 
@@ -27,7 +27,7 @@ MODEL_DIRNAME = "model"
 @dataclass
 class Twin:
     plan: TrainingPlan
-    surrogate: Surrogate
+    surrogate: torch.nn.Module
 
     @property
     def spec(self) -> TwinSpec:
@@ -40,18 +40,30 @@ class Twin:
         net.eval()
         return cls(plan, net)
 
-    def forecast(self, history: np.ndarray, future_controls: np.ndarray,
-                 covariates: np.ndarray, *, chunk: int = 65536) -> np.ndarray:
-        """[B,H,S+C], [B,K,C], [B,V] -> forecast states [B,K,S] in the spec's units."""
-        scaler = Scaler(self.spec)
+    @property
+    def hybrid(self) -> bool:
+        return self.plan.model.kind == "hybrid"
+
+    @property
+    def inputs(self):
+        from twinfed.models.surrogate import inputs_for
+
+        return inputs_for(self.spec, self.plan.model)
+
+    def forecast(self, batch: Batch, *, offset: torch.Tensor | None = None, chunk: int = 8192) -> np.ndarray:
+        """Forecast states ``[B, K, S]`` in the spec's units for windows gathered with
+        ``with_context=self.inputs.with_context``; ``offset`` (hybrid only): each window's
+        patient's identification (``twinfed.models.personalise``), added to the encoder's output."""
+        inputs = self.inputs
+        s = len(self.spec.states)
         out = []
         with torch.no_grad():
-            for lo in range(0, len(history), chunk):
-                sl = slice(lo, lo + chunk)
-                x = scaler.features(history[sl], future_controls[sl], covariates[sl])
-                y = self.surrogate(torch.from_numpy(x)).numpy()
-                out.append(scaler.decode(history[sl, -1, : scaler.n_states], y))
-        pred = np.concatenate(out) if out else np.zeros((0, self.spec.horizon_steps, len(self.spec.states)))
+            for lo in range(0, len(batch), chunk):
+                part = batch.part(slice(lo, lo + chunk))
+                x = torch.from_numpy(inputs.batch_features(part))
+                y = (self.surrogate(x) if offset is None else self.surrogate(x, offset[lo: lo + chunk])).numpy()
+                out.append(inputs.decode(part.history[:, -1, :s], y))
+        pred = np.concatenate(out) if out else np.zeros((0, self.spec.horizon_steps, s))
         lo = np.array([c.min for c in self.spec.states], np.float32)
         hi = np.array([c.max for c in self.spec.states], np.float32)
         return np.clip(pred, lo, hi)
@@ -93,7 +105,7 @@ class Twin:
                 raise ModelError(f"the spec's {what.replace('_', ' ')} {getattr(spec, what)} differ "
                                  f"from the model's {getattr(mine, what)}; use the spec the model was "
                                  "trained with (model/spec.toml)")
-        for what in ("step_minutes", "history_steps", "horizon_steps"):
+        for what in ("step_minutes", "history_steps", "horizon_steps", "context_length"):
             if getattr(mine, what) != getattr(spec, what):
                 raise ModelError(f"the spec's {what} ({getattr(spec, what)}) differs from the model's "
                                  f"({getattr(mine, what)}); use the spec the model was trained with")

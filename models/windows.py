@@ -61,22 +61,62 @@ class WindowIndex:
 
 @dataclass
 class Batch:
-    """Raw (unscaled) windows: history of states and controls, future controls and truth."""
+    """Raw (unscaled) windows: history of states and controls, future controls and truth.
+
+    ``context`` (when asked for) is the record's last ``spec.context_length`` steps before the
+    forecast origin, history included, ``[B, Lc, S + C]``; ``context_mask`` ``[B, Lc]`` is 1 where
+    the patient's contiguous record reaches back that far and 0 before it (values there are 0).
+    """
 
     history: np.ndarray  # [B, H, S + C]
     future_controls: np.ndarray  # [B, K, C]
     future_states: np.ndarray  # [B, K, S]
     covariates: np.ndarray  # [B, V]
+    context: np.ndarray | None = None  # [B, Lc, S + C]
+    context_mask: np.ndarray | None = None  # [B, Lc]
+    patients: np.ndarray | None = None  # [B]: each window's patient (index into the site)
+
+    def __len__(self) -> int:
+        return len(self.history)
+
+    def part(self, sl: slice) -> Batch:
+        """Windows ``sl`` of this batch."""
+        cut = (lambda a: None if a is None else a[sl])  # noqa: E731
+        return Batch(self.history[sl], self.future_controls[sl], self.future_states[sl],
+                     self.covariates[sl], cut(self.context), cut(self.context_mask), cut(self.patients))
+
+    def with_future_controls(self, future_controls: np.ndarray) -> Batch:
+        """The same windows under other planned controls (a what-if)."""
+        return Batch(self.history, future_controls, self.future_states, self.covariates,
+                     self.context, self.context_mask, self.patients)
 
 
-def gather(site: SiteData, starts: np.ndarray, patients: np.ndarray) -> Batch:
+def gather(site: SiteData, starts: np.ndarray, patients: np.ndarray, *,
+           with_context: bool = False) -> Batch:
     spec = site.spec
     h, k, s = spec.history_steps, spec.horizon_steps, len(spec.states)
     rows = starts[:, None] + np.arange(h + k)[None, :]
     win = site.series[rows]  # [B, H+K, S+C]
+    context = mask = None
+    if with_context:
+        context, mask = context_at(site, starts + h - 1, patients)
     return Batch(
         history=win[:, :h, :],
         future_controls=win[:, h:, s:],
         future_states=win[:, h:, :s],
         covariates=site.covariates[patients],
+        context=context, context_mask=mask, patients=patients,
     )
+
+
+def context_at(site: SiteData, ends: np.ndarray, patients: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ``context_length`` rows ending at row ``ends`` (the forecast origin) of each window,
+    masked where they leave the patient's contiguous record."""
+    lc = site.spec.context_length
+    rows = ends[:, None] - np.arange(lc - 1, -1, -1)[None, :]  # [B, Lc], oldest first
+    first = site.offsets[patients][:, None]
+    safe = np.maximum(rows, first)
+    contiguous = site.steps[safe] == site.steps[ends][:, None] - (ends[:, None] - rows)
+    mask = (rows >= first) & contiguous
+    context = site.series[safe] * mask[:, :, None]
+    return context.astype(np.float32), mask.astype(np.float32)

@@ -41,9 +41,11 @@ def csprng_seed() -> int:
     return secrets.randbits(63)
 
 
-def patient_examples(site: SiteData, config: TrainingConfig) -> PatientWindows:
-    """The node's DP examples, one per patient with at least one window, CSPRNG-seeded."""
-    return PatientWindows(site, seed=csprng_seed(), windows_per_patient=config.windows_per_patient)
+def patient_examples(site: SiteData, config: TrainingConfig, inputs=None) -> PatientWindows:
+    """The node's DP examples, one per patient with at least one window, CSPRNG-seeded;
+    ``inputs``: how the model reads a window (``surrogate.inputs_for``)."""
+    return PatientWindows(site, seed=csprng_seed(), windows_per_patient=config.windows_per_patient,
+                          inputs=inputs)
 
 
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSettings):

@@ -52,7 +52,7 @@ def test_every_protection_turned_off_is_named_in_the_privacy_label():
 def _every_field_changed() -> TrainingPlan:
     return TrainingPlan(
         spec=load_spec("cardio"), rounds=6, seed=11, metrics=("patients_used",),
-        model=ModelConfig(hidden=12, layers=3),
+        model=ModelConfig(kind="mlp-residual", hidden=12, layers=3, pretrained_sha256="ab" * 32),
         training=TrainingConfig(local_steps=7, batch_size=33, learning_rate=0.0042,
                                 windows_per_patient=5, lr_schedule="constant"),
         privacy=PrivacyConfig(epsilon=2.5, delta=1e-7, clipping_norm=0.3, accountant="prv",
@@ -70,7 +70,7 @@ def test_the_round_trip_plan_changes_every_field_that_has_a_choice():
         TrainingPlan(spec=load_spec("glucose"), rounds=1).model_dump())
     same = {k for k in changed if not k.startswith("spec.") and changed[k] == default.get(k)}
     # Only fields with a single allowed value (or kept on: DP and SecAgg+ for deployment) remain.
-    assert same == {"model.kind", "strategy", "privacy.enabled", "privacy.secure_aggregation"}
+    assert same == {"strategy", "privacy.enabled", "privacy.secure_aggregation"}
 
 
 def test_every_plan_field_survives_deploy_and_flwr_run_configuration(tmp_path):

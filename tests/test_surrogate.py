@@ -9,7 +9,7 @@ from twinfed.models.features import Scaler
 from twinfed.models.plan import ModelConfig, TrainingConfig
 from twinfed.models.site_data import load_site
 from twinfed.models.spec import load_spec
-from twinfed.models.surrogate import build_surrogate, get_weights, set_weights
+from twinfed.models.surrogate import build_surrogate, get_weights, inputs_for, set_weights
 from twinfed.models.train import PatientWindows, train_local
 from twinfed.models.twin import Twin
 from twinfed.models.windows import WindowIndex, gather
@@ -24,20 +24,21 @@ def site(tmp_path):
 def test_surrogate_maps_features_to_the_whole_horizon_of_every_state(twin):
     spec = load_spec(twin)
     scaler = Scaler(spec)
-    net = build_surrogate(spec, ModelConfig(hidden=32, layers=2))
+    net = build_surrogate(spec, ModelConfig(kind="mlp-residual", hidden=32, layers=2))
     out = net(torch.zeros(7, scaler.n_features))
     assert out.shape == (7, spec.horizon_steps * len(spec.states))
 
 
-def test_a_fresh_surrogate_forecasts_persistence(site):
+def test_a_fresh_neural_surrogate_forecasts_persistence(site):
     plan_spec = site.spec
-    net = build_surrogate(plan_spec, ModelConfig(hidden=16))
+    config = ModelConfig(kind="mlp-residual", hidden=16)
+    net = build_surrogate(plan_spec, config)
     index = WindowIndex.build(site)
     batch = gather(site, index.starts[:5], index.window_patients()[:5])
     from twinfed.models.plan import TrainingPlan
 
-    twin = Twin(TrainingPlan(spec=plan_spec, rounds=1, model=ModelConfig(hidden=16)), net)
-    pred = twin.forecast(batch.history, batch.future_controls, batch.covariates)
+    twin = Twin(TrainingPlan(spec=plan_spec, rounds=1, model=config), net)
+    pred = twin.forecast(batch)
     last = batch.history[:, -1, :1]
     np.testing.assert_allclose(pred, np.repeat(last[:, None, :], plan_spec.horizon_steps, axis=1), atol=1e-4)
 
@@ -81,14 +82,18 @@ def test_an_example_of_k_windows_draws_them_all_from_its_own_patient(site):
         assert all(sl.start <= s < sl.stop for s in row)  # never a window of another patient
 
 
-def test_short_training_lowers_the_loss(site):
+@pytest.mark.parametrize("kind", ["mlp-residual", "hybrid"])
+def test_short_training_lowers_the_loss(site, kind):
     spec = site.spec
-    net = build_surrogate(spec, ModelConfig(hidden=32))
-    data = PatientWindows(site, seed=1)
+    config = ModelConfig(kind=kind, hidden=32)
+    net = build_surrogate(spec, config)
+    inputs = inputs_for(spec, config)
+    data = PatientWindows(site, seed=1, inputs=inputs)
     x, y = data.draw(np.arange(len(data)))
     with torch.no_grad():
         before = float(torch.nn.functional.mse_loss(net(x), y))
-    train_local(net, site, TrainingConfig(local_steps=60, batch_size=8, learning_rate=3e-3), seed=2)
+    train_local(net, site, TrainingConfig(local_steps=60, batch_size=8, learning_rate=3e-3), seed=2,
+                inputs=inputs)
     with torch.no_grad():
         after = float(torch.nn.functional.mse_loss(net(x), y))
     assert after < 0.7 * before

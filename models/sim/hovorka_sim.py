@@ -44,7 +44,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from twinfed.models.sim.base import SimCohort, SiteProfile, lognormal
-from twinfed.models.sim.glucose_sim import SITE_PROFILES, cgm_reading, open_loop_cohort
+from twinfed.models.sim.glucose_sim import SITE_PROFILES  # noqa: F401  (the same sites and care habits)
+from twinfed.models.sim.glucose_sim import cgm_reading, open_loop_cohort
 
 SUBSTEP_MIN = 1.0
 MGDL_PER_MMOL = 18.0

@@ -1,0 +1,152 @@
+"""Mechanistic cores for hybrid twins, bound to a spec's columns by its ``[twin.core]`` roles.
+
+A binding knows which spec column plays each role of its core, runs the core on a hybrid's
+unpacked inputs (``HybridSurrogate.unpack``) and reports its parameters in clinical terms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from twinfed.models.cores.base import Param, bounded, unbounded
+from twinfed.models.spec import CORE_ROLES, TwinSpec
+
+
+class CoreBinding:
+    """What every binding shares: each role's column, the bounded parameters (``z`` <-> theta),
+    the forecast of the bound states and the clinical report. A binding says how its core reads
+    the inputs: ``origin`` (the core's state at the forecast origin) and ``run`` (each bound
+    state's path over the horizon)."""
+
+    def __init__(self, spec: TwinSpec, core: torch.nn.Module):
+        self.core = core
+        columns = {"state": spec.state_columns, "control": spec.control_columns,
+                   "covariate": spec.covariate_columns}
+        roles = CORE_ROLES[spec.core.name]
+        self.index = {role: columns[kind].index(spec.core.roles[role]) for role, kind in roles.items()}
+        self.state_roles = {self.index[role]: role for role, kind in roles.items() if kind == "state"}
+        self.n_states = len(spec.states)
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        return self.core.PARAMS
+
+    # -- the inputs by role ---------------------------------------------------------------------
+
+    def last(self, u: dict, role: str) -> torch.Tensor:
+        """The state's last reading (the forecast origin)."""
+        return u["states"][..., -1, self.index[role]]
+
+    def recorded(self, u: dict, role: str, steps: int) -> torch.Tensor:
+        """The control over the last ``steps`` of the context (``u["mask"]`` says where the record
+        reaches)."""
+        return u["controls"][..., -steps:, self.index[role]]
+
+    def planned(self, u: dict, role: str) -> torch.Tensor:
+        return u["future"][..., self.index[role]]
+
+    def covariate(self, u: dict, role: str) -> torch.Tensor:
+        return u["covariates"][..., self.index[role]]
+
+    # -- parameters -----------------------------------------------------------------------------
+
+    def scales(self, u: dict) -> dict[str, torch.Tensor]:
+        """Factors on parameters whose range moves with a covariate other than weight."""
+        return {}
+
+    def _weight(self, u: dict) -> torch.Tensor | None:
+        return self.covariate(u, "weight") if "weight" in self.index else None
+
+    def theta(self, z: torch.Tensor, u: dict) -> dict[str, torch.Tensor]:
+        theta = bounded(z, self.params, self._weight(u))
+        for name, factor in self.scales(u).items():
+            theta[name] = theta[name] * factor
+        return theta
+
+    def z_of(self, theta: dict[str, torch.Tensor], u: dict) -> torch.Tensor:
+        scales = self.scales(u)
+        plain = {name: v / scales[name] if name in scales else v for name, v in theta.items()}
+        return unbounded(plain, self.params, self._weight(u))
+
+    # -- the core -------------------------------------------------------------------------------
+
+    def origin(self, theta: dict, u: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def run(self, theta: dict, state: dict, u: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forecast(self, z: torch.Tensor, u: dict) -> tuple[torch.Tensor, dict]:
+        """The bound states ``[..., K, S]`` (spec units; NaN for states the core does not bind)."""
+        theta = self.theta(z, u)
+        state = self.origin(theta, u)
+        paths = self.run(theta, state, u)
+        some = next(iter(paths.values()))
+        cols = [paths[self.state_roles[j]] if j in self.state_roles else torch.full_like(some, float("nan"))
+                for j in range(self.n_states)]
+        return torch.stack(cols, dim=-1), {"theta": theta, "state": state}
+
+    def clinical(self, z: torch.Tensor, u: dict) -> dict[str, torch.Tensor]:
+        theta = self.theta(z, u)
+        return self.core.clinical(theta, self.origin(theta, u))
+
+
+class GlucoseBinding(CoreBinding):
+    """The glucose-insulin core on a spec's glucose state, insulin and carbohydrate controls and
+    body-weight covariate."""
+
+    def __init__(self, spec: TwinSpec):
+        from twinfed.models.cores.glucose import WARMUP_STEPS, GlucoseInsulinCore
+
+        super().__init__(spec, GlucoseInsulinCore(spec.step_minutes))
+        self.warmup = min(WARMUP_STEPS, spec.context_length)
+
+    def origin(self, theta: dict, u: dict) -> dict[str, torch.Tensor]:
+        w = self.warmup
+        return self.core.warmup(theta, self.recorded(u, "insulin", w), self.recorded(u, "carbs", w),
+                                u["mask"][..., -w:])
+
+    def run(self, theta: dict, state: dict, u: dict) -> dict[str, torch.Tensor]:
+        g = self.core(theta, state, self.last(u, "glucose"), self.planned(u, "insulin"), self.planned(u, "carbs"))
+        return {"glucose": g}
+
+
+class CardioBinding(CoreBinding):
+    """The cardio core on a spec's SBP and heart-rate states, dose and activity controls, and
+    body-weight and age covariates. Doses reach the core per kg of body weight; age moves the
+    baroreflex gain's range."""
+
+    def __init__(self, spec: TwinSpec):
+        from twinfed.models.cores.cardio import CardioCore
+
+        super().__init__(spec, CardioCore(spec.step_minutes))
+        self.context = spec.context_length
+
+    def scales(self, u: dict) -> dict[str, torch.Tensor]:
+        from twinfed.models.cores.cardio import age_scales
+
+        return age_scales(self.covariate(u, "age"))
+
+    def _per_kg(self, dose: torch.Tensor, u: dict) -> torch.Tensor:
+        return dose / self.covariate(u, "weight").clamp(min=1.0).unsqueeze(-1)
+
+    def origin(self, theta: dict, u: dict) -> dict[str, torch.Tensor]:
+        w = self.context
+        return self.core.warmup(theta, self._per_kg(self.recorded(u, "dose", w), u),
+                                self.recorded(u, "activity", w), u["mask"][..., -w:])
+
+    def run(self, theta: dict, state: dict, u: dict) -> dict[str, torch.Tensor]:
+        sbp, hr = self.core(theta, state, self.last(u, "sbp"), self.last(u, "hr"),
+                            self._per_kg(self.planned(u, "dose"), u), self.planned(u, "activity"))
+        return {"sbp": sbp, "hr": hr}
+
+
+BINDINGS = {"glucose-insulin": GlucoseBinding, "cardio": CardioBinding}
+
+
+def core_for(spec: TwinSpec):
+    if spec.core is None:
+        raise ValueError("the spec has no [twin.core]")
+    if spec.core.name not in BINDINGS:
+        raise ValueError(f"the {spec.core.name} core is not available in this version of twinfed")
+    return BINDINGS[spec.core.name](spec)
