@@ -16,6 +16,7 @@ from twinfed.errors import ScenarioError
 from twinfed.models.site_data import SiteData
 from twinfed.models.spec import TwinSpec
 from twinfed.models.twin import Twin
+from twinfed.models.windows import Batch, context_at
 
 _OP = re.compile(r"^(?P<col>[A-Za-z_][A-Za-z0-9_]*)\s*(?P<op>[*=+])\s*(?P<val>[-+0-9.eE]+)"
                  r"(?:\s*@\s*(?P<at>[0-9]+))?$")
@@ -105,10 +106,30 @@ class WhatIf:
     forecasts: dict[str, np.ndarray]  # scenario -> [K, S]
     controls: dict[str, np.ndarray]  # scenario -> [K, C]
     recorded_future_known: bool
+    # Hybrid twins: the patient's core parameters in clinical terms at --at, and how they were
+    # obtained ("personalised" from the record before --at, or the "population" encoder's).
+    clinical: dict[str, float] | None = None
+    parameters_from: str | None = None
+    identification_windows: int = 0
+
+
+def origin_batch(site: SiteData, p: int, end: int, history: np.ndarray) -> Batch:
+    """One window at patient ``p``'s row ``end`` (relative to the patient's first row), with its
+    context and no planned controls yet (``Batch.with_future_controls`` sets them)."""
+    spec = site.spec
+    k, s, c = spec.horizon_steps, len(spec.states), len(spec.controls)
+    ends, patients = np.array([int(site.offsets[p]) + end]), np.array([p])
+    context, mask = context_at(site, ends, patients)
+    return Batch(history=history[None], future_controls=np.zeros((1, k, c), np.float32),
+                 future_states=np.zeros((1, k, s), np.float32), covariates=site.covariates[p: p + 1],
+                 context=context, context_mask=mask)
 
 
 def run_whatif(twin: Twin, site: SiteData, patient_id: str, at_min: float,
-               scenarios: list[Scenario]) -> WhatIf:
+               scenarios: list[Scenario], *, personalise: bool = True) -> WhatIf:
+    """Forecast the patient from ``at_min`` under each scenario. A hybrid twin identifies the
+    patient's core parameters from their record up to ``at_min`` (never after it) unless
+    ``personalise`` is off."""
     spec = twin.spec
     if patient_id not in site.patient_ids:
         raise ScenarioError("no such patient in the site data; check --patient")
@@ -131,15 +152,43 @@ def run_whatif(twin: Twin, site: SiteData, patient_id: str, at_min: float,
     future_known = end + k < len(steps) and steps[end + k] - steps[end] == k
     recorded = series[end + 1: end + 1 + k, s:] if future_known else np.zeros((k, len(spec.controls)), np.float32)
     observed = series[end + 1: end + 1 + k, :s] if future_known else None
-    cov = site.covariates[p: p + 1]
+    origin = origin_batch(site, p, end, history)
+    offset, clinical, source, n_fit = None, None, None, 0
+    if twin.hybrid:
+        offset, source, n_fit = _identification(twin, site, p, at, personalise)
+        clinical = _clinical(twin, origin, offset)
     forecasts, controls = {}, {}
     for sc in scenarios:
         fc = sc.apply(spec, recorded.astype(np.float32))
         controls[sc.name] = fc
-        forecasts[sc.name] = twin.forecast(history[None], fc[None], cov)[0]
+        forecasts[sc.name] = twin.forecast(origin.with_future_controls(fc[None]), offset=offset)[0]
     return WhatIf(
         minutes=[(i + 1) * spec.step_minutes for i in range(k)],
         history_minutes=[(i - h + 1) * spec.step_minutes for i in range(h)],
         history=history[:, :s], observed=observed, forecasts=forecasts, controls=controls,
-        recorded_future_known=future_known,
+        recorded_future_known=bool(future_known), clinical=clinical, parameters_from=source,
+        identification_windows=n_fit,
     )
+
+
+def _identification(twin: Twin, site: SiteData, p: int, at_step: int, personalise: bool):
+    """The patient's identification for this what-if (from the record up to ``at_step``), or
+    none when there is no full window before it or personalisation is off."""
+    if personalise:
+        from twinfed.models.personalise import identify
+
+        fitted = identify(twin.surrogate, site, np.array([p]), np.array([at_step]))
+        if fitted.n_windows[0] > 0:
+            return fitted.offset, "personalised", int(fitted.n_windows[0])
+    return None, "population", 0
+
+
+def _clinical(twin: Twin, origin: Batch, offset) -> dict[str, float]:
+    import torch
+
+    model = twin.surrogate
+    with torch.no_grad():
+        u = model.unpack(torch.from_numpy(twin.inputs.batch_features(origin)))
+        z = model.parameters_of(u)
+        terms = model.binding.clinical(z if offset is None else z + offset, u)
+    return {name: round(float(v[0]), 4) for name, v in terms.items()}

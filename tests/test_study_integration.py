@@ -66,7 +66,7 @@ def test_simulate_writes_the_model_with_its_spec_and_plan(study):
 def test_evaluate_reports_per_step_errors_for_every_window(study, capsys):
     capsys.readouterr()
     code = main(["evaluate", "--model", str(study / "run"), "--spec", "glucose",
-                 "--data", str(study / "holdout"), "--json"])
+                 "--data", str(study / "holdout"), "--identify-hours", "0", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["n_patients"] == 3

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from twinfed.cli.table import format_table
+from twinfed.models.evaluation import IDENTIFY_HOURS
 
 
 def register(sub) -> None:
@@ -19,6 +20,12 @@ def register(sub) -> None:
     ev.add_argument("--data", type=Path, required=True, help="site directory with held-out patients")
     ev.add_argument("--json", action="store_true", help="print JSON for machines")
     ev.add_argument("--stride", type=int, default=1, help="use every n-th window (default 1: all)")
+    ev.add_argument("--identify-hours", type=float, default=IDENTIFY_HOURS, metavar="H",
+                    help="each patient's first H hours are the identification period: personalisation "
+                         f"reads only them, and only later windows are scored (default {IDENTIFY_HOURS:g}; "
+                         "0 scores every window with the population twin)")
+    ev.add_argument("--no-personalise", action="store_true",
+                    help="score the population twin only (no per-patient identification)")
     ev.set_defaults(func=cmd_evaluate)
 
     wi = sub.add_parser("whatif", help="forecast one patient under several treatment plans",
@@ -33,23 +40,10 @@ def register(sub) -> None:
     wi.add_argument("--scenario", action="append", default=[], metavar="NAME=OPS")
     wi.add_argument("--plot", type=Path, help="write a PNG plot of the scenarios")
     wi.add_argument("--json", action="store_true", help="print JSON for machines")
+    wi.add_argument("--no-personalise", action="store_true",
+                    help="use the population twin's parameters, not the patient's own (identified "
+                         "from the record before --at)")
     wi.set_defaults(func=cmd_whatif)
-
-
-def evaluate(model_dir: Path, spec_arg: str, data_dir: Path, *, stride: int = 1,
-             extra_forecasters: dict | None = None) -> dict:
-    from twinfed.models.metrics import evaluate_site
-    from twinfed.models.site_data import load_site
-    from twinfed.models.spec import load_spec
-    from twinfed.models.twin import Twin
-
-    twin = Twin.load(model_dir)
-    spec = load_spec(spec_arg)
-    twin.check_spec(spec)
-    site = load_site(data_dir, spec)
-    fns = {"model": lambda b: twin.forecast(b.history, b.future_controls, b.covariates)}
-    fns |= extra_forecasters or {}
-    return evaluate_site(site, fns, stride=max(1, stride)) | {"privacy": twin.plan.privacy.label()}
 
 
 def _warn_if_not_private(label: dict) -> None:
@@ -58,7 +52,10 @@ def _warn_if_not_private(label: dict) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    report = evaluate(args.model, args.spec, args.data, stride=args.stride)
+    from twinfed.models.evaluation import evaluate
+
+    report = evaluate(args.model, args.spec, args.data, stride=args.stride,
+                      personalise=not args.no_personalise, identify_hours=args.identify_hours)
     _warn_if_not_private(report["privacy"])
     if args.json:
         print(json.dumps(report))
@@ -85,7 +82,7 @@ def cmd_whatif(args) -> int:
     _warn_if_not_private(twin.plan.privacy.label())
     scenarios = [parse_scenario(s, spec) for s in args.scenario] or default_scenarios(spec)
     site = load_site(args.data, spec)
-    res = run_whatif(twin, site, args.patient, args.at, scenarios)
+    res = run_whatif(twin, site, args.patient, args.at, scenarios, personalise=not args.no_personalise)
     if args.plot:
         from twinfed.cli.plots import plot_whatif
 
@@ -101,8 +98,19 @@ def cmd_whatif(args) -> int:
             "privacy": twin.plan.privacy.label(),
             "observed": None if res.observed is None else
             {c: res.observed[:, j].tolist() for j, c in enumerate(spec.state_columns)},
+            "model": {"kind": twin.plan.model.kind, "pretrained_sha256": twin.plan.model.pretrained_sha256},
+            "parameters": None if res.clinical is None else {
+                "from": res.parameters_from, "identification_windows": res.identification_windows,
+                "clinical": res.clinical},
         }))
         return 0
+    if res.clinical is not None:
+        how = ("identified from this patient's record before --at "
+               f"({res.identification_windows} windows)" if res.parameters_from == "personalised"
+               else "the population twin's (no full window of record before --at to identify from)")
+        print(f"the patient's twin, {how}:")
+        print(format_table(["parameter", "value"], [[k, v] for k, v in res.clinical.items()]))
+        print()
     if not res.recorded_future_known:
         print("note: the record ends here; 'recorded' means no further treatment")
     names = list(res.forecasts)
