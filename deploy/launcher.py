@@ -77,7 +77,7 @@ def app_run_config_keys(app_dir: Path) -> set[str]:
     return set(tomllib.loads(p.read_text())["tool"]["flwr"]["app"].get("config", {}))
 
 
-def plan_run_config(plan, *, out_dir: Path, min_nodes: int) -> dict:
+def plan_run_config(plan, *, out_dir: Path, min_nodes: int, pretrained: Path | None = None) -> dict:
     """The run config that makes the coordinator's ServerApp run exactly ``plan``: the plan
     travels whole, as its canonical JSON and hash (the nodes approve that hash, so a setting lost
     on the way would make every node refuse). Checked by reading it back the way the ServerApp
@@ -86,6 +86,8 @@ def plan_run_config(plan, *, out_dir: Path, min_nodes: int) -> dict:
 
     cfg = {"plan": plan.canonical_json(), "plan-sha256": plan.sha256(),
            "out-dir": str(Path(out_dir).resolve()), "min-nodes": min_nodes}
+    if pretrained is not None:
+        cfg["pretrained"] = str(Path(pretrained).resolve())
     if StudySettings.from_run_config(cfg).plan().sha256() != plan.sha256():
         raise DeployError("the run config does not reproduce the study plan; update "
                           "twinfed.deploy.launcher")
@@ -401,7 +403,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def run_deployed_study(sites: dict[str, Path], run_dir: str | Path, plan, *,
-                       app_dir: Path | None = None, state_root: Path | None = None,
+                       pretrained: Path | None = None, app_dir: Path | None = None, state_root: Path | None = None,
                        approve_as: str | None = DEPLOY_OPERATOR, timeout: float = STUDY_TIMEOUT_S,
                        progress: Progress | None = None) -> dict:
     """Run ``plan`` on a consortium of ``sites`` on loopback, then stop everything; the summary.
@@ -412,7 +414,7 @@ def run_deployed_study(sites: dict[str, Path], run_dir: str | Path, plan, *,
 
     check_secagg(plan, len(sites))
     app_dir = Path(app_dir or default_app_dir())
-    run_config = plan_run_config(plan, out_dir=Path(run_dir), min_nodes=len(sites))
+    run_config = plan_run_config(plan, out_dir=Path(run_dir), min_nodes=len(sites), pretrained=pretrained)
     check_run_config_keys(run_config, app_run_config_keys(app_dir), app_dir)
     with sigterm_as_interrupt(), LocalConsortium(run_dir, sites, state_root=state_root,
                                                  progress=progress) as consortium:

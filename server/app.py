@@ -37,11 +37,14 @@ def _stderr(msg: str) -> None:
 
 
 def run_study(grid: Grid, context: Context, plan: TrainingPlan, *, out_dir: Path, min_nodes: int,
-              progress: Progress = _stderr, extra: dict | None = None) -> dict:
-    from twinfed.models.surrogate import build_surrogate, get_weights
+              progress: Progress = _stderr, extra: dict | None = None,
+              pretrained: Path | None = None) -> dict:
+    """Run ``plan``'s rounds; ``pretrained``: the model directory of the weights the plan names
+    as its start (``model.pretrained_sha256``), if it names any."""
+    from twinfed.models.pretrain import starting_weights
 
     started = time.perf_counter()
-    init = get_weights(build_surrogate(plan.spec, plan.model, seed=plan.seed))
+    init = starting_weights(plan, pretrained)
     masked = plan.privacy.secure_aggregation
     check_secagg(plan, min_nodes)
     audit = coordinator_audit(out_dir / COORDINATOR_DIRNAME)
@@ -85,6 +88,8 @@ def _finish(grid: Grid, plan: TrainingPlan, strategy: TwinStrategy, audit, out_d
         "skipped_rounds": list(strategy.skipped_rounds),
         "strategy": plan.strategy,
         "privacy": plan.privacy.label(),
+        "model": {"kind": plan.model.kind, "trained_weights": int(sum(w.size for w in strategy.final_weights)),
+                  "pretrained_sha256": plan.model.pretrained_sha256},
         "sites": {name: rec.summary() for name, rec in sorted(strategy.sites.items())},
         "history": strategy.history,
         "model_dir": "model",
@@ -110,13 +115,14 @@ def coordinator_audit(state_dir: Path):
 
 
 def make_server_app(plan: TrainingPlan, *, out_dir: Path, min_nodes: int,
-                    progress: Progress = _stderr, extra: dict | None = None) -> ServerApp:
+                    progress: Progress = _stderr, extra: dict | None = None,
+                    pretrained: Path | None = None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
         run_study(grid, context, plan, out_dir=out_dir, min_nodes=min_nodes, progress=progress,
-                  extra=extra)
+                  extra=extra, pretrained=pretrained)
 
     return app
 
@@ -137,4 +143,4 @@ def main(grid: Grid, context: Context) -> None:
         _stderr(f"twinfed: error: {exc}")
         raise
     run_study(grid, context, plan, out_dir=settings.out_dir, min_nodes=settings.min_nodes,
-              extra={"engine": "flwr-run"})
+              extra={"engine": "flwr-run"}, pretrained=Path(settings.pretrained) if settings.pretrained else None)

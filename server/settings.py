@@ -22,6 +22,7 @@ class StudySettings(BaseModel):
 
     plan_json: str = Field("", alias="plan")  # a whole plan's canonical JSON; wins over the rest
     plan_sha256: str = ""
+    pretrained: str = ""  # the model directory of the pretrained weights the plan names, if any
 
     spec: str = "glucose"  # a spec file or a built-in twin name
     rounds: Annotated[int, Field(gt=0)] = 5
@@ -29,8 +30,9 @@ class StudySettings(BaseModel):
     seed: int = 0
     sites: str = ""  # simulation only: "name=dir,name=dir", one entry per simulated node
     min_nodes: Annotated[int, Field(gt=0)] = 1
-    hidden: Annotated[int, Field(gt=0)] = ModelConfig().hidden
-    layers: Annotated[int, Field(gt=0)] = ModelConfig().layers
+    model: Literal["auto", "hybrid", "mlp-residual"] = "auto"
+    hidden: Annotated[int, Field(ge=0)] = 0  # 0: the model kind's default
+    layers: Annotated[int, Field(ge=0)] = 0
     local_steps: Annotated[int, Field(gt=0)] = TrainingConfig().local_steps
     batch_size: Annotated[int, Field(gt=0)] = TrainingConfig().batch_size
     learning_rate: Annotated[float, Field(gt=0)] = TrainingConfig().learning_rate
@@ -65,9 +67,14 @@ class StudySettings(BaseModel):
                 raise PlanError("run config key plan does not hash to plan-sha256; pass the plan "
                                 "as written by twinfed (its canonical JSON)")
             return plan
+        model = ModelConfig(kind=self.model, hidden=self.hidden or None, layers=self.layers or None)
+        if self.pretrained:
+            from twinfed.models.pretrain import pretrained_config
+
+            model = pretrained_config(model, Path(self.pretrained))
         return TrainingPlan(
             spec=load_spec(self.spec),
-            model=ModelConfig(hidden=self.hidden, layers=self.layers),
+            model=model,
             training=TrainingConfig(local_steps=self.local_steps, batch_size=self.batch_size,
                                     learning_rate=self.learning_rate,
                                     windows_per_patient=self.windows_per_patient),

@@ -34,7 +34,7 @@ class SiteRef:
 def run_simulated_study(plan: TrainingPlan, sites: list[SiteRef], out_dir: str | Path, *,
                         progress: Progress, cpus: int | None = None, state_root: Path | None = None,
                         approve_as: str | None = SIMULATION_OPERATOR, outer_mods=(),
-                        inner_mods=()) -> dict:
+                        inner_mods=(), pretrained: Path | None = None) -> dict:
     """``state_root/<site>`` holds each node's state (default ``out_dir/nodes``): give the same
     root to later studies to model the same hospitals, with their privacy ledgers, consent
     registries, approvals and audit logs.
@@ -68,7 +68,7 @@ def run_simulated_study(plan: TrainingPlan, sites: list[SiteRef], out_dir: str |
                                      plan=plan, operator=approve_as, reimport_consent=True)
     cpus = cpus or min(2, os.cpu_count() or 1)
     server_app = make_server_app(plan, out_dir=out_dir, min_nodes=len(sites), progress=progress,
-                                 extra={"engine": "simulation"})
+                                 extra={"engine": "simulation"}, pretrained=pretrained)
     client_app = make_client_app(SimulatedNodes(nodes), outer_mods=outer_mods, inner_mods=inner_mods)
     # Flower's own log is for developers; failures still surface through the summary.
     logging.getLogger("flwr").setLevel(logging.ERROR)

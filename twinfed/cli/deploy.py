@@ -99,7 +99,7 @@ def cmd_local(args) -> int:
     sites = site_map(parse_sites(args.site))
     plan = _plan(load_spec(args.spec), args)  # the same checks as `simulate`, before any process
     t0 = time.perf_counter()
-    summary = run_deployed_study(sites, args.out, plan, app_dir=args.app,
+    summary = run_deployed_study(sites, args.out, plan, pretrained=args.pretrained, app_dir=args.app,
                                  state_root=args.state, timeout=args.timeout, progress=_progress,
                                  approve_as=None if args.approved_only else DEPLOY_OPERATOR)
     _print_sites(summary)

@@ -35,6 +35,22 @@ def register(sub) -> None:
                           "every simulated node, and each node's audit log says so")
     sim.set_defaults(func=cmd_simulate)
 
+    pre = sub.add_parser("pretrain", help="coordinator: pretrain a twin on a public virtual cohort",
+                         description="Train a twin non-privately on every site of a virtual cohort "
+                                     "(twinfed cohort generate; no patient data) and write OUT/model/. "
+                                     "A study started with --pretrained OUT names these weights in its "
+                                     "plan by their digest, and every output says so.")
+    pre.add_argument("--spec", required=True, help="spec TOML file or built-in twin name")
+    pre.add_argument("--cohort", type=Path, required=True, help="a virtual cohort directory")
+    pre.add_argument("--out", type=Path, required=True, help="output directory (never overwritten)")
+    pre.add_argument("--model", choices=["auto", "hybrid", "mlp-residual"], default="auto", dest="kind")
+    pre.add_argument("--hidden", type=int)
+    pre.add_argument("--layers", type=int)
+    pre.add_argument("--steps", type=int, default=1000, help="Adam steps (default 1000)")
+    pre.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 0.003)")
+    pre.add_argument("--seed", type=int, default=0)
+    pre.set_defaults(func=cmd_pretrain)
+
     demo = sub.add_parser("demo", help="generate a cohort, train a federated twin, evaluate, what-if",
                           description="End to end on a virtual glucose cohort of 3 hospitals.")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -47,8 +63,16 @@ def register(sub) -> None:
 def _study_flags(p, rounds: int = 5) -> None:
     p.add_argument("--rounds", type=int, default=rounds, help=f"federated rounds (default {rounds})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hidden", type=int, default=ModelConfig().hidden, help="surrogate width")
-    p.add_argument("--layers", type=int, default=ModelConfig().layers, help="surrogate hidden layers")
+    p.add_argument("--model", choices=["auto", "hybrid", "mlp-residual"], default="auto", dest="kind",
+                   help="the surrogate: hybrid (mechanistic core + encoder + bounded correction; the "
+                        "default when the spec has a [twin.core]) or mlp-residual (a neural network)")
+    p.add_argument("--hidden", type=int, help="hidden width of its networks (default: hybrid 32, "
+                                              "mlp-residual 64)")
+    p.add_argument("--layers", type=int, help="hidden layers of its networks (default: hybrid 1, "
+                                              "mlp-residual 2)")
+    p.add_argument("--pretrained", type=Path, metavar="DIR",
+                   help="start from weights pretrained on a public virtual cohort (twinfed pretrain "
+                        "--out DIR); the plan names them by their digest")
     p.add_argument("--local-steps", type=int, default=TrainingConfig().local_steps,
                    help="optimiser steps per node per round")
     p.add_argument("--batch-size", type=int, default=TrainingConfig().batch_size,
@@ -82,10 +106,14 @@ def _plan(spec, args):
 
     from twinfed.models.plan import TrainingPlan
 
+    model = ModelConfig(kind=args.kind, hidden=args.hidden, layers=args.layers)
+    if args.pretrained is not None:
+        from twinfed.models.pretrain import pretrained_config
+
+        model = pretrained_config(model, args.pretrained)
     try:
         return TrainingPlan(
-            spec=spec, rounds=args.rounds, seed=args.seed,
-            model=ModelConfig(hidden=args.hidden, layers=args.layers),
+            spec=spec, rounds=args.rounds, seed=args.seed, model=model,
             training=TrainingConfig(local_steps=args.local_steps, batch_size=args.batch_size,
                                     learning_rate=args.lr,
                                     windows_per_patient=args.windows_per_patient),
@@ -131,11 +159,35 @@ def cmd_simulate(args) -> int:
     from twinfed.simulate import SIMULATION_OPERATOR
 
     summary = run_simulated_study(plan, sites, args.out, progress=_progress, state_root=args.state,
+                                  pretrained=args.pretrained,
                                   approve_as=None if args.approved_only else SIMULATION_OPERATOR)
     _print_sites(summary)
     print(f"wrote {args.out}/summary.json and {args.out}/model/")
     if not summary["rounds_with_update"]:
         raise TwinfedError(NO_UPDATE)
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from twinfed.models.digest import weights_sha256
+    from twinfed.models.pretrain import pretrain
+    from twinfed.models.spec import load_spec
+    from twinfed.models.surrogate import get_weights
+    from twinfed.models.twin import Twin
+
+    if (args.out / "model").exists():
+        raise TwinfedError(f"{args.out}/model exists; pretrained weights are never overwritten: choose "
+                           "another --out")
+    if not args.cohort.is_dir():
+        raise TwinfedError(f"{args.cohort}: no such cohort directory")
+    if args.steps <= 0 or not 0 < args.lr < 1:
+        raise TwinfedError("--steps must be above 0 and --lr between 0 and 1")
+    model, plan = pretrain(load_spec(args.spec), args.cohort, ModelConfig(kind=args.kind, hidden=args.hidden,
+                                                                          layers=args.layers),
+                           steps=args.steps, learning_rate=args.lr, seed=args.seed, progress=_progress)
+    Twin(plan, model).save(args.out)
+    print(f"wrote {args.out}/model/: {plan.model.kind}, weights digest {weights_sha256(get_weights(model))}")
+    print(f"start a study from it with --pretrained {args.out}")
     return 0
 
 
@@ -169,7 +221,7 @@ def _refusal_text(r: dict) -> str:
 
 def cmd_demo(args) -> int:
     from twinfed.cli.plots import plot_whatif
-    from twinfed.cli.twin import evaluate
+    from twinfed.models.evaluation import evaluate
     from twinfed.models.baselines import LinearARX
     import numpy as np
 
@@ -191,7 +243,8 @@ def cmd_demo(args) -> int:
     _progress(f"[2/4] federated training on Flower's simulation engine: {len(sites)} nodes, "
               f"{args.rounds} rounds")
     run_dir = args.out / "run"
-    summary = run_simulated_study(_plan(spec, args), sites, run_dir, progress=_progress)
+    summary = run_simulated_study(_plan(spec, args), sites, run_dir, progress=_progress,
+                                  pretrained=args.pretrained)
 
     _progress("[3/4] evaluating on held-out patients (and fitting the linear ARX baseline on the "
               "pooled training data)")
