@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 
-from bench.cost import precalibrate, steady_round_seconds
+from bench.cost import steady_round_seconds
 from bench.report import figure
 from bench.sizes import Sizes
 from bench.studies import Workspace, default_plan, plan_conditions
@@ -33,29 +33,34 @@ def run(ws: Workspace, sizes: Sizes) -> dict:
 
 
 def secret_sharing(sizes: Sizes) -> dict:
-    """SecAgg+'s Shamir secret sharing as twinfed configures it (every node shares with all
-    others, threshold a majority), per site and round: each node splits its two secrets into n
-    shares, the coordinator rebuilds one secret per node from a threshold of shares. Flower's
-    own functions, timed alone: the part of a round that grows with the number of sites."""
+    """SecAgg+'s Shamir secret sharing as twinfed configures it (the default plan's set-up for
+    the sampled nodes: every node shares with all others, threshold a majority), per site and
+    round: each node splits its two secrets into n shares, the coordinator rebuilds one secret
+    per node from a threshold of shares. Flower's own functions, timed alone: the part of a
+    round that grows with the number of sites."""
     import os
     import time
 
-    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+    from flwr.common.secure_aggregation.crypto.shamir import (
+        combine_shares,
+        create_shares,
+    )
+    from twinfed.models.spec import load_spec
+    from twinfed.privacy.secagg import required_setup
 
-    from twinfed.privacy.secagg import threshold
-
+    plan = default_plan(load_spec("glucose"), sizes.scale_rounds)
     out = {}
     for n in sizes.scale_sites:
-        t = threshold(n)
+        num_shares, t = required_setup(n, plan)
         c0 = time.process_time()
-        shares = [create_shares(os.urandom(32), t, n) for _ in range(2)]
+        shares = [create_shares(os.urandom(32), t, num_shares) for _ in range(2)]
         created = time.process_time() - c0
         c0 = time.process_time()
         combine_shares(shares[1][:t])
         combined = time.process_time() - c0
         out[f"secagg_secret_sharing_cpu_seconds_per_site.{n}_sites"] = figure(
             created + combined, "s", conditions={
-                "sites": n, "num_shares": n, "reconstruction_threshold": t,
+                "sites": n, "num_shares": num_shares, "reconstruction_threshold": t,
                 "create_two_secrets_s": created, "combine_one_secret_s": combined,
                 "library": "flwr.common.secure_aggregation.crypto.shamir (pycryptodome GF(2^128))"})
     return out
@@ -72,7 +77,7 @@ def rounds_per_site(ws: Workspace, sizes: Sizes) -> dict:
         cohort = ws.cohort("glucose", sites=n, patients=sizes.scale_patients, days=sizes.scale_days)
         plan = default_plan(ws.spec(cohort), sizes.scale_rounds, secure_aggregation=secagg)
         label = f"scale-{n}-sites{'' if secagg else '-no-secagg'}"
-        study = ws.federated(plan, cohort, label, prepare=precalibrate(plan))
+        study = ws.federated(plan, cohort, label)
         seconds = steady_round_seconds(study)
         per_site[(n, secagg)] = seconds / n
         cond = plan_conditions(plan) | {

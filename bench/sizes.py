@@ -1,9 +1,9 @@
-"""How big each benchmark is: the full run (``make bench``; meant for ~25 minutes on 2 cores,
-37 minutes on 2026-11-25, most of the excess in the privacy ledger's per-round accounting, see
-bench/RESULTS.md) and ``--quick`` (tiny, a smoke test of every code path in ~4 minutes).
+"""How big each benchmark is: the full run (``make bench``; meant for about 90 minutes on 2 busy
+cores) and ``--quick`` (tiny, a smoke test of every code path).
 
-Only the benchmark's own choices live here (cohort sizes, rounds, repetitions); the model and its
-training and privacy settings are the training plan's defaults, read when the benchmark runs.
+Only the benchmark's own choices live here (worlds, cohort sizes, rounds, repetitions); the model
+and its training and privacy settings are the training plan's defaults, read when the benchmark
+runs.
 """
 
 from __future__ import annotations
@@ -16,24 +16,45 @@ class Sizes:
     name: str
     # accuracy vs privacy (per twin): sites x patients x days, held-out patients, rounds
     twins: tuple[str, ...] = ("glucose", "cardio")
+    # Each twin's virtual worlds, by models.cohort's simulator names, its built-in simulator
+    # first: a world's twins are trained on cohorts that simulator made and scored on its
+    # held-out patients. The glucose twin's second world (hovorka) is of another structure than
+    # its core: the honest test.
+    worlds: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
+        "glucose": ("bergman", "hovorka"), "cardio": ("baroreflex",)})
     sites: int = 3
-    patients: dict[str, int] = field(default_factory=lambda: {"glucose": 1000, "cardio": 600})
+    patients: dict[str, int] = field(default_factory=lambda: {"glucose": 1000, "cardio": 1000})
     days: float = 7.0
+    # Each held-out patient's first 48 h identify them (models.evaluation); later windows score.
     holdout: dict[str, int] = field(default_factory=lambda: {"glucose": 300, "cardio": 150})
     rounds: int = 20
+    # The curve of accuracy against epsilon: the first world of each twin only; the other worlds
+    # are studied at the plan's default epsilon (the reference) alone.
     epsilons: tuple[float, ...] = (1.0, 3.0, 8.0)
     # each site alone: always at the plan's default epsilon, and at these too (plot points)
     site_alone_epsilons: tuple[float, ...] = ()
     site_alone_sites: int | None = None  # how many sites train alone (None: every site)
+    # the centralised non-private twins (all sites pooled): the neural one and the hybrid one
     central_steps: int = 3000
+    central_hybrid_steps: int = 1000
     central_learning_rate: float = 3e-3
     eval_stride: int = 2
-    # what-if: held-out patients and decision days (each day gives one time per meal)
-    whatif_patients: int = 60
-    whatif_days: tuple[int, ...] = (1, 2)
+    # Public pretraining (models.pretrain): a separate cohort of the twin's built-in simulator
+    # (its own seed, so other patients), never of a world scored as new physiology.
+    pretrain_sites: int = 3
+    pretrain_patients: int = 1000
+    pretrain_days: float = 7.0
+    pretrain_seed: int = 1
+    pretrain_steps: int = 1000
+    pretrain_learning_rate: float = 3e-3
+    # what-if: held-out patients and decision days (each day gives one time per meal), after the
+    # evaluation's 48 h of identification
+    whatif_patients: int = 40
+    whatif_days: tuple[int, ...] = (2,)
     # cost: interleaved step repetitions; SecAgg+ study at 10 sites the size of the accuracy
     # study's (tiny sites, where the round is mostly overhead, are in the scale section)
     step_repeats: int = 40
+    whatif_shell_runs: int = 3
     secagg_sites: int = 10
     secagg_patients: int = 1000
     secagg_days: float = 7.0
@@ -55,11 +76,14 @@ class Sizes:
 
 FULL = Sizes("full")
 
+# Every world, regime and figure of the full run, at sizes that only exercise the code: three
+# days, so that the evaluation has windows after its 48 h of identification.
 QUICK = Sizes(
     "quick",
-    patients={"glucose": 40, "cardio": 40}, days=1.0, holdout={"glucose": 12, "cardio": 12}, rounds=2, epsilons=(3.0,),
-    site_alone_sites=1, central_steps=40, eval_stride=8, whatif_patients=4,
-    whatif_days=(0,), step_repeats=5, secagg_sites=3, secagg_patients=20, secagg_days=1.0,
+    patients={"glucose": 40, "cardio": 40}, days=3.0, holdout={"glucose": 12, "cardio": 12}, rounds=2,
+    epsilons=(3.0,), site_alone_sites=1, central_steps=40, central_hybrid_steps=20, eval_stride=8,
+    pretrain_sites=1, pretrain_patients=20, pretrain_days=1.0, pretrain_steps=20,
+    whatif_patients=4, step_repeats=5, secagg_sites=3, secagg_patients=20, secagg_days=1.0,
     secagg_rounds=2, scale_sites=(3, 4), scale_patients=10, scale_days=1.0, scale_rounds=2,
     scale_without_secagg=False,
     memory_patients=200, memory_days=1.0, audit_entries=5_000,

@@ -7,7 +7,9 @@ reports compares twins trained in the same run.
 
 Every study goes through the product: :func:`twinfed.simulate.run_simulated_study` on Flower's
 simulation engine, with the plan's own defaults for the model, training and privacy, so a
-change to those defaults is what the benchmark measures next time.
+change to those defaults is what the benchmark measures next time. Pretrained starting weights
+(:mod:`twinfed.models.pretrain`, on a public virtual cohort) are made once per run and size, in
+``WORK/runs`` too: they come from the same code as the twins started from them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twinfed.models.plan import ModelConfig, PrivacyConfig, TrainingConfig, TrainingPlan
+from twinfed.models.plan import ModelConfig, PrivacyConfig, TrainingPlan
 from twinfed.models.spec import TwinSpec, load_spec
 
 HOLDOUT = "holdout"
@@ -29,11 +31,19 @@ Progress = Callable[[str], None]
 
 
 def default_plan(spec: TwinSpec, rounds: int, *, dp: bool = True, epsilon: float | None = None,
-                 secure_aggregation: bool = True) -> TrainingPlan:
-    """The plan a consortium gets by default, changed only where the benchmark says so."""
+                 secure_aggregation: bool = True, kind: str = "auto",
+                 pretrained: Path | None = None) -> TrainingPlan:
+    """The plan a consortium gets by default (its model ``auto``: the hybrid for a spec with a
+    core), changed only where the benchmark says so; ``pretrained``: a model directory whose
+    weights the study starts from, named in the plan by their digest."""
+    from twinfed.models.pretrain import pretrained_config
+
     privacy = PrivacyConfig(enabled=dp, secure_aggregation=secure_aggregation,
                             **({"epsilon": epsilon} if epsilon is not None else {}))
-    return TrainingPlan(spec=spec, rounds=rounds, privacy=privacy)
+    model = ModelConfig(kind=kind)
+    if pretrained is not None:
+        model = pretrained_config(model, pretrained)
+    return TrainingPlan(spec=spec, rounds=rounds, privacy=privacy, model=model)
 
 
 def plan_conditions(plan: TrainingPlan) -> dict:
@@ -68,7 +78,7 @@ class Workspace:
     results: Path  # where sections put their plots
     progress: Progress
     cpus: int = 2
-    # Twins trained in this run, by (twin, regime, epsilon) -> run directory.
+    # Twins trained in this run, by (twin, world, regime, epsilon) -> run directory.
     models: dict[tuple, Path] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -84,10 +94,14 @@ class Workspace:
     # -- cohorts --------------------------------------------------------------------------------
 
     def cohort(self, twin: str, *, sites: int, patients: int, days: float, holdout: int = 0,
-               seed: int = 0) -> Path:
-        """A generated cohort's directory (``spec.toml``, one directory per site, ``holdout/``,
-        ``truth/``). Generation runs in a child process: a large cohort's peak memory stays there."""
-        name = f"{twin}-{sites}x{patients}-{days:g}d-h{holdout}-s{seed}"
+               seed: int = 0, simulator: str | None = None) -> Path:
+        """A cohort's directory (``spec.toml``, one directory per site, ``holdout/``, ``truth/``)
+        made by the twin's ``simulator`` (None: its built-in default). Generation runs in a child
+        process: a large cohort's peak memory stays there."""
+        from twinfed.models.cohort import simulator_name
+
+        sim = simulator_name(twin, simulator)
+        name = f"{twin}-{sim}-{sites}x{patients}-{days:g}d-h{holdout}-s{seed}"
         out = self.cohorts / name
         if (out / "cohort.json").is_file():
             return out
@@ -96,9 +110,10 @@ class Workspace:
         shutil.rmtree(tmp, ignore_errors=True)
         code = ("import sys; from twinfed.models.cohort import generate_cohort; "
                 "generate_cohort(sys.argv[1], sites=int(sys.argv[2]), patients=int(sys.argv[3]), "
-                "days=float(sys.argv[4]), seed=int(sys.argv[5]), holdout=int(sys.argv[6]), out=sys.argv[7])")
+                "days=float(sys.argv[4]), seed=int(sys.argv[5]), holdout=int(sys.argv[6]), out=sys.argv[7], "
+                "simulator=sys.argv[8])")
         subprocess.run([sys.executable, "-c", code, twin, str(sites), str(patients), str(days),
-                        str(seed), str(holdout), str(tmp)], check=True)
+                        str(seed), str(holdout), str(tmp), sim], check=True)
         # Renamed only when complete, so an interrupted generation is never taken for a cohort.
         tmp.rename(out)
         return out
@@ -116,22 +131,19 @@ class Workspace:
 
     def federated(self, plan: TrainingPlan, cohort_dir: Path, label: str, *,
                   sites: list[str] | None = None, cpus: int | None = None,
-                  prepare: Callable[[Path, list], None] | None = None) -> StudyRun:
-        """One study on Flower's simulation engine over ``sites`` (default: every site).
-
-        ``prepare(run_dir, nodes)`` may set up node state before the engine starts."""
+                  pretrained: Path | None = None) -> StudyRun:
+        """One study on Flower's simulation engine over ``sites`` (default: every site);
+        ``pretrained``: the model directory of the starting weights ``plan`` names."""
         from twinfed.simulate import SiteRef, run_simulated_study
 
         names = sites or self.site_names(cohort_dir)
         refs = [SiteRef(n, cohort_dir / n) for n in names]
         run_dir = self.runs / label
         shutil.rmtree(run_dir, ignore_errors=True)
-        if prepare is not None:
-            prepare(run_dir, refs)
         self.progress(f"  study {label}: {len(refs)} site(s), {plan.rounds} rounds")
         t0 = time.perf_counter()
         summary = run_simulated_study(plan, refs, run_dir, progress=self._round_progress,
-                                      cpus=cpus or self.cpus)
+                                      cpus=cpus or self.cpus, pretrained=pretrained)
         seconds = time.perf_counter() - t0
         if not summary.get("rounds_with_update"):
             raise RuntimeError(f"study {label}: no site trained in any round; see {run_dir}/summary.json")
@@ -143,45 +155,69 @@ class Workspace:
             self.progress(f"    {msg}")
 
     def central(self, spec: TwinSpec, cohort_dir: Path, label: str, *, steps: int,
-                learning_rate: float, seed: int = 0) -> Path:
-        """The upper bound: one non-private surrogate trained on all sites' consented patients
-        pooled (what no consortium may do), saved as a run directory like a study's."""
-        import torch
-
-        from twinfed.governance.consent import granted, site_consent
-        from twinfed.models.site_data import SiteData, load_site
-        from twinfed.models.surrogate import build_surrogate
-        from twinfed.models.train import train_local
-        from twinfed.models.twin import Twin
-
-        sites = []
-        for name in self.site_names(cohort_dir):
-            site = load_site(cohort_dir / name, spec)
-            sites.append(site.subset(granted(site_consent(cohort_dir / name), spec.purpose)))
-        training = TrainingConfig().model_copy(update={"local_steps": steps, "learning_rate": learning_rate})
-        plan = TrainingPlan(spec=spec, rounds=1, seed=seed, training=training,
-                            privacy=PrivacyConfig(enabled=False, secure_aggregation=False))
-        model = build_surrogate(spec, ModelConfig(), seed=seed)
-        torch.manual_seed(seed)
-        t0 = time.perf_counter()
-        train_local(model, SiteData.pooled(sites), plan.training, seed=seed)
-        self.progress(f"  central {label}: {steps} steps, {time.perf_counter() - t0:.0f} s")
+                learning_rate: float, kind: str = "auto", seed: int = 0) -> Path:
+        """The upper bound: one non-private twin of ``kind`` trained on all sites' patients pooled
+        (what no consortium may do), saved as a run directory like a study's. The product's
+        pooled trainer (:func:`twinfed.models.pretrain.pretrain`: every patient of every site
+        but ``holdout/``; a virtual cohort's patients all consent)."""
         run_dir = self.runs / label
         shutil.rmtree(run_dir, ignore_errors=True)
-        Twin(plan, model).save(run_dir)
+        seconds = _train_pooled(spec, cohort_dir, run_dir, kind=kind, steps=steps,
+                                learning_rate=learning_rate, seed=seed)
+        self.progress(f"  central {label}: {steps} steps, {seconds:.0f} s")
         return run_dir
 
+    def pretrained(self, twin: str, *, sites: int, patients: int, days: float, seed: int, steps: int,
+                   learning_rate: float, kind: str = "auto") -> Path:
+        """Starting weights pretrained on a public virtual cohort of the twin's built-in
+        simulator (``seed`` makes its patients, none of them a world's), a model directory made
+        once per run and size."""
+        cohort = self.cohort(twin, sites=sites, patients=patients, days=days, seed=seed)
+        out = self.runs / f"pretrained-{cohort.name}-{kind}-{steps}steps-lr{learning_rate:g}"
+        if not (out / "model" / "plan.json").is_file():
+            seconds = _train_pooled(self.spec(cohort), cohort, out, kind=kind, steps=steps,
+                                    learning_rate=learning_rate, seed=0)
+            self.progress(f"  pretrained {out.name}: {seconds:.0f} s")
+        return out
 
-def rmse_at(run_dir: Path, cohort_dir: Path, *, minutes: int = 60, stride: int = 1) -> dict:
-    """Held-out RMSE at ``minutes`` ahead for each state, and persistence's, via the product's
-    ``twinfed evaluate``; ``{"states": {col: {"model", "persistence"}}, "n_patients", "n_windows"}``."""
-    from twinfed.cli.twin import evaluate
+
+def _train_pooled(spec: TwinSpec, cohort_dir: Path, run_dir: Path, *, kind: str, steps: int,
+                  learning_rate: float, seed: int) -> float:
+    """Train non-privately on a cohort's sites pooled and save the twin; the seconds it took."""
+    from twinfed.models.pretrain import pretrain
+    from twinfed.models.twin import Twin
+
+    t0 = time.perf_counter()
+    model, plan = pretrain(spec, cohort_dir, ModelConfig(kind=kind), steps=steps,
+                           learning_rate=learning_rate, seed=seed)
+    Twin(plan, model).save(run_dir)
+    return time.perf_counter() - t0
+
+
+def rmse_at(run_dir: Path, cohort_dir: Path, *, minutes: int = 60, stride: int = 1, personalise: bool = True,
+            extra_forecasters: dict | None = None) -> dict:
+    """Held-out RMSE at ``minutes`` ahead, by the product's protocol
+    (:func:`twinfed.models.evaluation.evaluate`: windows after each patient's identification
+    period; a hybrid personalised unless ``personalise`` is off), for each state and forecaster:
+    ``{"states": {col: {"model", "persistence", "population" (hybrid, personalised), and each
+    extra forecaster's name}}, "n_patients", "n_windows", "personalised",
+    "seconds_per_patient" (of the identification, or None), "identify_hours", "kind",
+    "trained_weights", "seconds"}``."""
+    from twinfed.models.evaluation import evaluate
 
     spec = load_spec(cohort_dir / "spec.toml")
     if minutes % spec.step_minutes or minutes > spec.horizon_minutes:
         raise ValueError(f"{minutes} min is not a forecast step of the {spec.name} twin")
     i = minutes // spec.step_minutes - 1
-    rep = evaluate(run_dir, str(cohort_dir / "spec.toml"), cohort_dir / HOLDOUT, stride=stride)
-    return {"n_patients": rep["n_patients"], "n_windows": rep["n_windows"],
-            "states": {col: {"model": m["rmse_by_step"][i], "persistence": m["persistence_rmse_by_step"][i]}
-                       for col, m in rep["states"].items()}}
+    t0 = time.perf_counter()
+    rep = evaluate(run_dir, str(cohort_dir / "spec.toml"), cohort_dir / HOLDOUT, stride=stride,
+                   personalise=personalise, extra_forecasters=extra_forecasters)
+    # evaluate's keys: "rmse_by_step" (the twin), "<forecaster>_rmse_by_step" (the others)
+    states = {col: {key.removesuffix("rmse_by_step").rstrip("_") or "model": by_step[i]
+                    for key, by_step in m.items() if key.endswith("rmse_by_step")}
+              for col, m in rep["states"].items()}
+    info = rep["personalisation"]
+    return {"n_patients": rep["n_patients"], "n_windows": rep["n_windows"], "states": states,
+            "personalised": info["personalised"], "seconds_per_patient": info.get("seconds_per_patient"),
+            "identify_hours": info["identify_hours"], "kind": rep["model"]["kind"],
+            "trained_weights": rep["model"]["trained_weights"], "seconds": time.perf_counter() - t0}

@@ -21,6 +21,8 @@ def _results() -> dict:
         "run": {"sections": {"cost": {"status": "ok"}}},
         "accuracy": {"glucose.rmse60.central": figure(20.0, "mg/dL", conditions={"steps": 3000}),
                      "glucose.ratio.federated_dp_vs_central": figure(1.73, "x", target=1.15)},
+        "whatif": {"glucose.hovorka.federated_dp.effect_direction_agreement":
+                   figure(0.93, "fraction", target=0.9, at_least=True)},
         "cost": {"dp_step.ratio": figure(1.46, "x", target=1.5)},
         "audit": {"verify_seconds": figure(5.0, "s", target=5.0)},
     }
@@ -32,8 +34,20 @@ def test_a_figure_with_a_target_meets_it_only_at_or_below_the_target():
     assert figure(0.2, "x", target=0.8)["meets_target"] is True
 
 
-def test_a_failed_measurement_never_meets_its_target():
-    assert figure(math.nan, "x", target=1.5)["meets_target"] is False
+def test_a_figure_with_a_lower_bound_meets_it_only_at_or_above_the_target():
+    assert figure(0.95, "fraction", target=0.95, at_least=True)["meets_target"] is True
+    assert figure(0.9499, "fraction", target=0.95, at_least=True)["meets_target"] is False
+    assert figure(1.0, "fraction", target=0.95, at_least=True)["meets_target"] is True
+
+
+def test_a_target_records_which_bound_it_is():
+    assert figure(1.0, "x", target=1.15)["target_bound"] == "upper"
+    assert figure(1.0, "fraction", target=0.95, at_least=True)["target_bound"] == "lower"
+
+
+@pytest.mark.parametrize("at_least", [False, True])
+def test_a_failed_measurement_never_meets_its_target(at_least):
+    assert figure(math.nan, "x", target=1.5, at_least=at_least)["meets_target"] is False
 
 
 def test_a_figure_without_a_target_has_no_target_keys():
@@ -44,7 +58,7 @@ def test_a_figure_without_a_target_has_no_target_keys():
 
 def test_a_figure_with_a_target_has_exactly_the_documented_keys():
     fig = figure(3, "s", target=5)
-    assert set(fig) == {"value", "unit", "target", "meets_target", "conditions"}
+    assert set(fig) == {"value", "unit", "target", "target_bound", "meets_target", "conditions"}
     assert isinstance(fig["value"], float) and fig["target"] == 5.0
 
 
@@ -57,13 +71,21 @@ def test_a_figure_value_must_be_a_number(value):
 def test_the_table_shows_each_figure_against_its_target_in_section_order():
     lines = format_table(_results()).splitlines()
     body = lines[2:]
-    assert [line.split()[0] for line in body] == ["accuracy", "accuracy", "cost", "audit"]
+    assert [line.split()[0] for line in body] == ["accuracy", "accuracy", "whatif", "cost", "audit"]
     central = next(line for line in body if "rmse60.central" in line)
     assert "20.00" in central and "mg/dL" in central and "<=" not in central
     assert "ok" not in central.split() and "MISSED" not in central
     ratio = next(line for line in body if "federated_dp_vs_central" in line)
     assert ratio.split()[-2:] == ["1.15", "MISSED"] and "<= 1.15" in ratio
     assert body[-1].split()[-1] == "ok"  # 5.0 s against "under 5 s" is on the line: met
+    direction = next(line for line in body if "effect_direction_agreement" in line)
+    assert ">= 0.9" in direction and direction.split()[-1] == "ok"
+
+
+def test_results_written_before_targets_had_a_bound_read_as_upper_bounds():
+    old = {"cost": {"dp_step.ratio": {"value": 1.46, "unit": "x", "target": 1.5, "meets_target": True,
+                                      "conditions": {}}}}
+    assert "<= 1.50" in format_table(old)
 
 
 def test_only_targets_leaves_out_figures_without_one():
@@ -73,9 +95,10 @@ def test_only_targets_leaves_out_figures_without_one():
 
 def test_the_markdown_table_has_one_row_per_target_and_marks_misses():
     rows = markdown_table(_results()).splitlines()[2:]
-    assert len(rows) == 3
+    assert len(rows) == 4
     assert rows[0].endswith("| 1.73x | <= 1.15x | **no** |")
-    assert rows[2].endswith("| 5.00 s | <= 5.00 s | yes |")
+    assert rows[1].endswith("| 0.93 fraction | >= 0.9 fraction | yes |")
+    assert rows[3].endswith("| 5.00 s | <= 5.00 s | yes |")
 
 
 def test_missed_lists_only_figures_that_miss_their_target():
@@ -100,9 +123,10 @@ def test_results_round_trip_through_the_json_file(tmp_path):
 
 
 def test_the_quick_sizes_are_no_bigger_than_the_full_run():
-    amounts = ("patients", "holdout", "days", "rounds", "central_steps", "whatif_patients", "step_repeats",
-               "secagg_sites", "secagg_patients", "secagg_rounds", "scale_patients", "scale_rounds",
-               "memory_patients", "memory_days", "audit_entries")
+    amounts = ("patients", "holdout", "days", "rounds", "central_steps", "central_hybrid_steps",
+               "pretrain_sites", "pretrain_patients", "pretrain_days", "pretrain_steps", "whatif_patients",
+               "step_repeats", "whatif_shell_runs", "secagg_sites", "secagg_patients", "secagg_rounds",
+               "scale_patients", "scale_rounds", "memory_patients", "memory_days", "audit_entries")
     quick, full = QUICK.conditions(), FULL.conditions()
     for name in amounts:
         if isinstance(quick[name], dict):
@@ -111,3 +135,20 @@ def test_the_quick_sizes_are_no_bigger_than_the_full_run():
             assert quick[name] <= full[name], name
     assert max(QUICK.scale_sites) <= max(FULL.scale_sites)
     assert FULL.memory_patients == 10_000 and FULL.audit_entries == 100_000  # DESIGN.md section 6
+
+
+def test_the_quick_run_exercises_every_world_of_the_full_run():
+    assert QUICK.twins == FULL.twins and QUICK.worlds == FULL.worlds
+
+
+def test_the_worlds_are_the_cohort_simulators_with_the_built_in_one_first():
+    from twinfed.models.cohort import SIMULATORS
+
+    for twin, worlds in FULL.worlds.items():
+        assert set(worlds) <= set(SIMULATORS[twin]) and worlds[0] == next(iter(SIMULATORS[twin]))
+
+
+def test_the_full_run_measures_issue_12_at_its_size():
+    assert FULL.sites == 3 and set(FULL.patients.values()) == {1000} and FULL.days == 7.0
+    assert FULL.rounds == 20 and 3.0 in FULL.epsilons
+    assert FULL.pretrain_seed != 0  # the pretraining cohort's patients are not the worlds'
