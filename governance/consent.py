@@ -35,10 +35,28 @@ class ConsentRecord:
     recorded_at: datetime
 
 
+# The times a consent record may carry. Outside them a time is a typo or a broken export, and at
+# the far ends (year 1 at +01:00, 9999 at -05:00) it cannot even be converted to UTC.
+EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+LATEST = datetime(2200, 1, 1, tzinfo=timezone.utc)
+
+
+class TimeOutOfRange(ValueError):
+    """An ISO-8601 time outside :data:`EARLIEST` .. :data:`LATEST` (UTC)."""
+
+
 def parse_time(text: str) -> datetime:
-    """An ISO-8601 time; one without a zone is taken as UTC."""
+    """An ISO-8601 time; one without a zone is taken as UTC. :class:`ValueError` if it is not
+    one, :class:`TimeOutOfRange` (a ValueError) if it is before 1970 or from 2200 on in UTC."""
     t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    try:
+        in_range = EARLIEST <= t.astimezone(timezone.utc) < LATEST
+    except OverflowError:  # beyond year 1 or 9999 once converted
+        in_range = False
+    if not in_range:
+        raise TimeOutOfRange(f"not between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d} (UTC)")
+    return t
 
 
 def read_consent_csv(path: str | Path, *, not_after: datetime | None = None) -> list[ConsentRecord]:
@@ -50,7 +68,7 @@ def read_consent_csv(path: str | Path, *, not_after: datetime | None = None) -> 
     path = Path(path)
     name = path.name
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # a BOM, as in the other files
             reader = csv.reader(fh)
             header = [h.strip() for h in next(reader, [])]
             if tuple(header) != CONSENT_COLUMNS:
@@ -77,6 +95,8 @@ def read_consent_csv(path: str | Path, *, not_after: datetime | None = None) -> 
                     raise ConsentError(f"{where} purpose: empty purpose")
                 try:
                     recorded = parse_time(when)
+                except TimeOutOfRange as exc:
+                    raise ConsentError(f"{where} recorded_at: {exc}; fix the export's times") from None
                 except ValueError:
                     raise ConsentError(f"{where} recorded_at: not an ISO-8601 time "
                                        "(e.g. 2026-01-31T09:30:00Z)") from None

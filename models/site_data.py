@@ -16,6 +16,10 @@ from twinfed.errors import DataError
 from twinfed.models.spec import TwinSpec
 from twinfed.models.tables import find_table, read_table
 
+# time_min counts minutes since the patient's first row: 10**9 is about 1900 years, so a larger
+# value is a unit or epoch mistake; the bound also keeps the step arithmetic exact in float64.
+MAX_TIME_MIN = 10**9
+
 
 @dataclass
 class SiteData:
@@ -99,9 +103,15 @@ def load_site(site_dir: str | Path, spec: TwinSpec) -> SiteData:
     if bad.size:
         raise DataError(f"{name} row {bad[0] + 1}, column time_min: negative time; time_min counts "
                         "minutes since the patient's first row")
-    step_float = time / spec.step_minutes
-    steps = np.rint(step_float).astype(np.int64)
-    bad = np.flatnonzero(np.abs(step_float - steps) > 1e-6)
+    bad = np.flatnonzero(time > MAX_TIME_MIN)
+    if bad.size:
+        raise DataError(f"{name} row {bad[0] + 1}, column time_min: more than {MAX_TIME_MIN:,} "
+                        "minutes (about 1900 years); time_min counts minutes since the patient's "
+                        "first row")
+    steps = np.rint(time / spec.step_minutes).astype(np.int64)
+    # The tolerance is in minutes, not in steps: measured in steps, a large step_minutes would
+    # shrink any offset below it and put every row on step 0.
+    bad = np.flatnonzero(np.abs(time - steps * spec.step_minutes) > 1e-6)
     if bad.size:
         raise DataError(f"{name} row {bad[0] + 1}, column time_min: {time[bad[0]]:g} is not a "
                         f"multiple of the spec's step_minutes {spec.step_minutes}; resample the export")

@@ -2,6 +2,8 @@
 
 The spec is the contract between a site's export and the surrogate. It is a frozen pydantic
 model with ``extra="forbid"``: a misspelt key in a spec file is an error, never a silent default.
+Its numbers are strictly typed (``step_minutes = "5"`` or ``5.0`` is an error, not a 5), every
+bound is finite and every count is bounded, so nothing downstream overflows.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from twinfed.errors import SpecError
 
 BUILTIN_TWINS = ("glucose", "cardio")
 RESERVED_COLUMNS = ("patient_id", "time_min")
+MAX_STEP_MINUTES = 7 * 24 * 60  # a week: a twin forecasts physiology, not seasons
+MAX_STEPS = 100_000  # history, horizon or context: far beyond any window a node can hold
+
+# Strict: TOML's "5", 5.0 or true where a number belongs is an error naming the key.
+Bound = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Steps = Annotated[int, Field(strict=True, gt=0, le=MAX_STEPS)]
 
 
 class Column(BaseModel):
@@ -26,8 +34,8 @@ class Column(BaseModel):
 
     column: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
     unit: str = ""
-    min: float
-    max: float
+    min: Bound
+    max: Bound
 
     @model_validator(mode="after")
     def _range_is_ordered(self) -> Column:
@@ -75,14 +83,14 @@ class TwinSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Annotated[str, Field(min_length=1)]
-    step_minutes: Annotated[int, Field(gt=0)]
-    history_steps: Annotated[int, Field(gt=0)]
-    horizon_steps: Annotated[int, Field(gt=0)]
+    step_minutes: Annotated[int, Field(strict=True, gt=0, le=MAX_STEP_MINUTES)]
+    history_steps: Steps
+    horizon_steps: Steps
     purpose: Annotated[str, Field(min_length=1)]
     # How far back a hybrid twin looks to identify the patient (insulin on board, habits): at
     # least history_steps; windows still need only history_steps of contiguous record, and an
     # earlier start is read as "nothing recorded" (the core assumes its steady state).
-    context_steps: Annotated[int, Field(gt=0)] | None = None
+    context_steps: Steps | None = None
     states: Annotated[tuple[Column, ...], Field(min_length=1)]
     controls: tuple[Column, ...] = ()
     covariates: tuple[Column, ...] = ()
@@ -189,12 +197,21 @@ def parse_spec(text: str, *, source: str = "spec") -> TwinSpec:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in ("twin", *err["loc"]))
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (a typo?); remove it or fix its name"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
+        msg = _MESSAGES[err["type"]].format(**err.get("ctx", {})) if err["type"] in _MESSAGES \
+            else err["msg"].replace("Input should be", "must be", 1).removeprefix("Value error, ")
         raise SpecError(f"{source}: {where}: {msg}") from None
+
+
+# pydantic's error types in the words of a spec's author (others keep pydantic's message)
+_MESSAGES = {
+    "extra_forbidden": "unknown key (a typo?); remove it or fix its name",
+    "missing": "required key is missing",
+    "int_type": "must be a whole number (write 5, not \"5\" or 5.0)",
+    "float_type": "must be a number (write 2.5, not \"2.5\")",
+    "finite_number": "must be a finite number (not inf or nan)",
+    "string_type": "must be text in double quotes",
+    "less_than_equal": "must be at most {le}",
+}
 
 
 def load_spec(path_or_name: str | Path) -> TwinSpec:
@@ -207,4 +224,11 @@ def load_spec(path_or_name: str | Path) -> TwinSpec:
     if not path.is_file():
         raise SpecError(f"spec {path}: no such file; give a spec TOML file or one of "
                         f"{', '.join(BUILTIN_TWINS)}")
-    return parse_spec(path.read_text(encoding="utf-8"), source=str(path))
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is fine
+    except UnicodeDecodeError:
+        raise SpecError(f"spec {path}: not UTF-8 text; save the spec as UTF-8") from None
+    except OSError as exc:
+        raise SpecError(f"spec {path}: cannot read it ({exc.strerror or exc}); check its "
+                        "permissions") from None
+    return parse_spec(text, source=str(path))

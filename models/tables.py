@@ -1,12 +1,15 @@
 """Reading one table of a site export (CSV or Parquet) into typed numpy columns.
 
 Errors name the file, the data row (1-based, header excluded, the same for CSV and Parquet) and
-the column, never a patient identifier.
+the column, never a patient identifier. Value columns must hold finite numbers: a Parquet column
+of booleans, text, times or lists is an error, never silently converted; patient ids are text
+(UTF-8) or whole numbers.
 """
 
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,10 +55,13 @@ def read_table(path: Path, id_column: str, value_columns: list[str], *,
     table = _read_arrow(path, id_column, value_columns)
     name = path.name
     header = table.column_names
+    expected = [id_column, *value_columns]
+    no_header = _header_problem(name, header, expected) if path.suffix != ".parquet" else None
+    if no_header:
+        raise no_header
     dupes = sorted({c for c in header if header.count(c) > 1})
     if dupes:
         raise DataError(f"{name}: column {dupes[0]} appears more than once in the header; keep one")
-    expected = [id_column, *value_columns]
     missing = [c for c in expected if c not in header]
     if missing:
         raise DataError(f"{name}: missing column {missing[0]}; the spec needs "
@@ -68,10 +74,13 @@ def read_table(path: Path, id_column: str, value_columns: list[str], *,
     values = {c: _floats(table.column(c), name, c) for c in value_columns}
     del table
     for col, arr in values.items():
-        bad = np.flatnonzero(np.isnan(arr))
-        if bad.size:
+        bad = np.flatnonzero(~np.isfinite(arr))
+        if bad.size and np.isnan(arr[bad[0]]):
             raise DataError(f"{name} row {bad[0] + 1}, column {col}: value is missing or NaN; "
                             "fill or drop the row in the export")
+        if bad.size:
+            raise DataError(f"{name} row {bad[0] + 1}, column {col}: value is infinite; export "
+                            "finite numbers")
         if col in ranges:
             lo, hi, unit = ranges[col]
             bad = np.flatnonzero((arr < lo) | (arr > hi))
@@ -103,15 +112,36 @@ def _read_arrow(path: Path, id_column: str, value_columns: list[str]) -> pa.Tabl
         raise _diagnose_csv(path, id_column, value_columns) from None
 
 
+def _header_problem(name: str, header: list[str], expected: list[str]) -> DataError | None:
+    """An error if the first row is no header of ``expected`` columns (e.g. it is data).
+
+    The first row's cells are not echoed: without a header they are a patient's data.
+    """
+    if any(c in expected for c in header):
+        return None
+    return DataError(f"{name}: the first row is not a header naming the spec's columns "
+                     f"({', '.join(expected)}); export a header row first")
+
+
+# What Arrow's CSV reader takes as a float64: ASCII digits, no '_' (Python's float() takes
+# "1_000" and other scripts' digits, Arrow does not), and the null markers it reads as missing.
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?|[+-]?(?:inf|infinity|nan)",
+                     re.ASCII | re.IGNORECASE)
+_NULLS = frozenset(pacsv.ConvertOptions().null_values)
+
+
 def _diagnose_csv(path: Path, id_column: str, value_columns: list[str]) -> DataError:
     """Find the first malformed row of a CSV that Arrow refused, with the stdlib's reader."""
     name = path.name
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
             header = next(reader, None)
             if not header:
                 return DataError(f"{name}: the file is empty; export a header row and data")
+            no_header = _header_problem(name, header, [id_column, *value_columns])
+            if no_header:
+                return no_header
             numeric = {i for i, c in enumerate(header) if c in value_columns}
             for row_no, row in enumerate(reader, start=1):
                 if len(row) != len(header):
@@ -119,11 +149,9 @@ def _diagnose_csv(path: Path, id_column: str, value_columns: list[str]) -> DataE
                                      f"{len(header)}; fix the quoting or delimiters of that row")
                 for i in numeric:
                     cell = row[i].strip()
-                    if cell == "":
+                    if cell in _NULLS:
                         continue  # reported as missing once the file parses
-                    try:
-                        float(cell)
-                    except ValueError:
+                    if not _NUMBER.fullmatch(cell):
                         return DataError(f"{name} row {row_no}, column {header[i]}: "
                                          "not a number; export numbers with a '.' decimal point")
     except UnicodeDecodeError:
@@ -135,7 +163,18 @@ def _diagnose_csv(path: Path, id_column: str, value_columns: list[str]) -> DataE
 
 
 def _ids(column: pa.ChunkedArray, name: str, col: str) -> tuple[np.ndarray, list[str]]:
-    text = column.cast(pa.string())
+    kind = _value_type(column.type)
+    if not (pa.types.is_integer(kind) or _is_text(kind) or _is_binary(kind)):
+        # A float id loses digits of a long record number, so two patients could merge.
+        raise DataError(f"{name}, column {col}: holds {_holds(kind)}; export patient ids as text "
+                        "or whole numbers")
+    try:
+        text = column.cast(pa.string())
+    except pa.ArrowInvalid:
+        row = next((i for i, v in enumerate(column.to_pylist()) if not _is_utf8(v)), None)
+        where = f"{name}, column {col}" if row is None else f"{name} row {row + 1}, column {col}"
+        raise DataError(f"{where}: patient id is not UTF-8 text; export ids as UTF-8 "
+                        "strings") from None
     blank = pc.or_kleene(pc.is_null(text), pc.equal(pc.utf8_trim_whitespace(text), ""))
     missing = np.flatnonzero(blank.to_numpy(zero_copy_only=False))
     if missing.size:
@@ -147,18 +186,46 @@ def _ids(column: pa.ChunkedArray, name: str, col: str) -> tuple[np.ndarray, list
 
 
 def _floats(column: pa.ChunkedArray, name: str, col: str) -> np.ndarray:
-    try:
-        arr = column.cast(pa.float64())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        as_text = column.cast(pa.string()).to_numpy(zero_copy_only=False)
-        for i, v in enumerate(as_text):
-            try:
-                float(v)
-            except (TypeError, ValueError):
-                raise DataError(f"{name} row {i + 1}, column {col}: not a number; export numbers "
-                                "with a '.' decimal point") from None
-        raise DataError(f"{name}, column {col}: values are not numbers; re-export it") from None
+    kind = _value_type(column.type)
+    # Only numbers: Arrow would cast booleans to 0/1 and text to numbers without a word.
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
+            or pa.types.is_null(kind)):
+        raise DataError(f"{name}, column {col}: holds {_holds(kind)}; export numbers")
+    arr = column.cast(pa.float64())
     return arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+
+
+def _value_type(kind: pa.DataType) -> pa.DataType:
+    """The type of a column's values (a dictionary-encoded column's, not its codes')."""
+    return kind.value_type if pa.types.is_dictionary(kind) else kind
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or pa.types.is_string_view(kind))
+
+
+def _is_binary(kind: pa.DataType) -> bool:
+    return (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+            or pa.types.is_fixed_size_binary(kind) or pa.types.is_binary_view(kind))
+
+
+def _is_utf8(value: bytes | None) -> bool:
+    try:
+        (value or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _holds(kind: pa.DataType) -> str:
+    """What a column of ``kind`` holds, for a message."""
+    checks = [(pa.types.is_boolean, "booleans"), (pa.types.is_floating, "numbers with decimals"),
+              (_is_text, "text"), (_is_binary, "binary data"),
+              (pa.types.is_temporal, "dates or times"), (pa.types.is_struct, "structs"),
+              (pa.types.is_map, "maps"), (pa.types.is_union, "unions"),
+              (pa.types.is_nested, "lists")]
+    return next((what for test, what in checks if test(kind)), f"values of type {kind}")
 
 
 def _first_line(exc: BaseException) -> str:

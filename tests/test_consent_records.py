@@ -115,3 +115,10 @@ def test_a_reader_can_refuse_records_dated_after_a_limit_naming_row_and_column(t
                                            "2026-03-01T09:00:00Z, more than 5 minutes ahead") as exc:
         read_consent_csv(path, not_after=NOW)
     assert "secret-id" not in str(exc.value)
+
+
+def test_a_byte_order_mark_before_the_header_is_accepted(tmp_path):
+    path = tmp_path / "consent.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + (HEADER + "a,granted,study,2026-01-01T00:00:00Z\n").encode())
+    (rec,) = read_consent_csv(path)
+    assert (rec.patient_id, rec.status) == ("a", "granted")
