@@ -184,13 +184,14 @@ def revoke_plan(state_dir: str | Path, sha_or_prefix: str, *, actor: str,
     read_info(state_dir)
     when = at or datetime.now(timezone.utc)
     with state_lock(state_dir):
+        log = open_audit(state_dir, actor=actor)  # a log that cannot be appended to: nothing changes
         a = find_approval(state_dir, sha_or_prefix)
         if not a.active:
             raise PlanNotApproved(f"plan {a.sha256[:16]}... is already revoked (on {a.revoked_at})")
         revoked = a.model_copy(update={"revoked_at": format_time(when), "revoked_by": actor})
         current = _load(state_dir)
         _save(state_dir, current.model_copy(update={"plans": {**current.plans, a.sha256: revoked}}))
-        open_audit(state_dir, actor=actor).append(PlanRevoked(plan_sha256=a.sha256), at=when)
+        log.append(PlanRevoked(plan_sha256=a.sha256), at=when)
     return revoked
 
 

@@ -31,9 +31,14 @@ What verification can and cannot see:
   from a shorter honest log without one; the cross-anchors in :mod:`governance.verify` give it.
 
 Appends hold an exclusive ``flock`` on the file, write one whole line with ``O_APPEND``, and
-fsync before returning. A last line without its newline (a crash mid-append) makes every later
-append fail with :class:`AuditError` naming the file and the entry: it is never dropped or
-accepted silently.
+fsync before returning; a write the system refuses (a full disk) is cut back off, so the file
+ends where it did and the error names the file and the reason. A last line without its newline
+(a crash mid-append) makes every later append fail with :class:`AuditError` naming the file and
+the entry: it is never dropped or accepted silently.
+
+The log is created mode 0600 and must be a regular file: a symbolic link (to ``/dev/null``, say),
+a device or a pipe would swallow appends or hang a reader, so appending, reading and verifying
+refuse one, naming it.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable
@@ -51,7 +57,7 @@ from typing import Annotated, Any, Callable, Iterable
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from twinfed.atomic import fsync_dir
+from twinfed.atomic import cannot_write, fsync_dir, make_dir, write_all
 from twinfed.errors import AuditError
 from twinfed.events import EVENTS, AuditEvent
 from twinfed.governance.keys import Signer, public_key_fingerprint, signature_ok
@@ -171,6 +177,39 @@ def line_hash(line: bytes) -> str:
     return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
 
 
+def not_regular(path: str | Path) -> str | None:
+    """Why the existing ``path`` cannot be an audit log (a link, a device, a pipe, a directory),
+    for a message after its name; None if it is a regular file or does not exist."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        what = f"a symbolic link (to {os.readlink(path)})"
+    else:
+        what = ("a directory" if stat.S_ISDIR(mode) else "a character device" if stat.S_ISCHR(mode)
+                else "a block device" if stat.S_ISBLK(mode) else "a named pipe" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    return (f"is {what}, not a regular file; an audit log must be one, or what is written to it "
+            "is lost: restore the log from a backup")
+
+
+def _open_log(path: Path, flags: int) -> int:
+    """A descriptor on the log, which must be a regular file: :class:`AuditError` naming it if it
+    is not; the system's :class:`OSError` otherwise. Never follows a link, never blocks on a pipe."""
+    problem = not_regular(path)
+    if problem:
+        raise AuditError(f"{path}: {problem}")
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped in since the check above
+        os.close(fd)
+        raise AuditError(f"{path}: {not_regular(path) or 'is not a regular file'}")
+    return fd
+
+
 def _sig_ok(public_key: Ed25519PublicKey, entry: AuditEntry) -> bool:
     return signature_ok(public_key, bytes.fromhex(entry.sig), bytes.fromhex(entry.hash))
 
@@ -187,9 +226,12 @@ class AuditLog:
 
     def head(self) -> Head | None:
         """The newest entry's (seq, hash), or None for an empty log; raises on a torn tail."""
-        if not self.path.exists():
+        if not os.path.lexists(self.path):
             return None
-        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fd = _open_log(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise AuditError(f"{self.path}: cannot read the audit log ({exc.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)  # never read a line a concurrent append is writing
             last, _ = self._last_entry(fd)
@@ -223,9 +265,12 @@ class AuditLog:
         except (TypeError, ValueError) as exc:
             raise AuditError(f"audit event {event}: details are not plain finite JSON ({exc})") from None
         when = format_time(at or self._clock())
-        created = not self.path.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        created = not os.path.lexists(self.path)
+        make_dir(self.path.parent)
+        try:
+            fd = _open_log(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+        except OSError as exc:
+            raise AuditError(cannot_write(self.path, exc)) from None
         try:
             # One writer at a time across processes: reading the head and appending after it
             # must be one step, or two writers would both chain onto the same entry.
@@ -234,15 +279,27 @@ class AuditLog:
             seq = 0 if last is None else last.seq + 1
             line = encode_entry(self.signer, seq=seq, prev=prev, actor=actor or self.actor, event=event,
                                 details=details, time=when)
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            self._write_line(fd, line)
         finally:
             os.close(fd)  # also releases the lock
         if created:
             fsync_dir(self.path.parent)
         return AuditEntry.model_validate_json(line)
+
+    def _write_line(self, fd: int, line: bytes) -> None:
+        """Append ``line`` whole and durably, or cut off what part of it was written and raise."""
+        size = os.fstat(fd).st_size
+        try:
+            write_all(fd, line)
+            os.fsync(fd)
+        except OSError as exc:
+            try:  # we hold the lock: nobody appended after us
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            except OSError:
+                raise AuditError(f"{cannot_write(self.path, exc)}; part of the entry may remain: run "
+                                 f"'twinfed audit verify {self.path}'") from None
+            raise AuditError(cannot_write(self.path, exc)) from None
 
     def _last_entry(self, fd: int) -> tuple[AuditEntry | None, str]:
         """The newest whole entry (checked) and the SHA-256 of its line, read from the file's end."""
@@ -292,7 +349,8 @@ class AuditLog:
 def read_entries(path: str | Path) -> tuple[list[bytes], bytes | None]:
     """The log's whole lines (without newlines) and the torn tail, if any."""
     try:
-        data = Path(path).read_bytes()
+        with os.fdopen(_open_log(Path(path), os.O_RDONLY), "rb") as fh:
+            data = fh.read()
     except FileNotFoundError:
         raise AuditError(f"{path}: no audit log") from None
     except OSError as exc:

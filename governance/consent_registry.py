@@ -223,6 +223,5 @@ def _write(state_dir: str | Path, records: list[ConsentRecord]) -> None:
         w.writerow([r.patient_id, r.status, r.purpose,
                     r.recorded_at.astimezone(timezone.utc).isoformat(timespec="microseconds")
                     .replace("+00:00", "Z")])
-    path = state_paths(state_dir).consent
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    write_bytes_atomic(path, buf.getvalue().encode("utf-8"), mode=0o600)
+    # consent/ is made 0700 and the file 0600 as it is written: it holds patient identifiers.
+    write_bytes_atomic(state_paths(state_dir).consent, buf.getvalue().encode("utf-8"), mode=0o600)

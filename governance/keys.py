@@ -2,7 +2,8 @@
 
 Guarantees:
 - a private key file is created with ``O_CREAT | O_EXCL`` and mode 0600 from its first byte (no
-  window in which it is readable by others), fsynced, and never overwritten;
+  window in which it is readable by others), fsynced, and never overwritten; a write that fails
+  (a full disk) removes the part written and raises :class:`KeyFileError` naming the file;
 - loading refuses a private key readable or writable by group or others, as ssh does, because a
   key others can read lets them forge the owner's audit log;
 - everything else gets a :class:`Signer` (sign bytes, know its public key) and never the key.
@@ -23,7 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from twinfed.atomic import fsync_dir, write_bytes_atomic
+from twinfed.atomic import cannot_write, fsync_dir, make_dir, write_all, write_bytes_atomic
 from twinfed.errors import KeyFileError
 
 PRIVATE_MODE = 0o600
@@ -60,8 +61,7 @@ def generate_signing_key(private_path: str | Path) -> Signer:
         if p.exists():
             raise KeyFileError(f"{p}: a key file already exists; refusing to overwrite it "
                                "(move it aside only if you mean to retire that key)")
-    if not private_path.parent.exists():
-        private_path.parent.mkdir(parents=True, mode=0o700)  # others cannot even list the keys
+    make_dir(private_path.parent, mode=0o700)  # others cannot even list the keys
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
@@ -69,14 +69,18 @@ def generate_signing_key(private_path: str | Path) -> Signer:
         fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
     except FileExistsError:
         raise KeyFileError(f"{private_path}: a key file already exists; refusing to overwrite it") from None
+    except OSError as exc:
+        raise KeyFileError(cannot_write(private_path, exc)) from None
     try:
-        os.fchmod(fd, PRIVATE_MODE)  # the umask may have narrowed it; never widen beyond 0600
-        view = memoryview(pem)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            os.fchmod(fd, PRIVATE_MODE)  # the umask may have narrowed it; never widen beyond 0600
+            write_all(fd, pem)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        private_path.unlink(missing_ok=True)  # ours (O_EXCL): never leave half a key behind
+        raise KeyFileError(cannot_write(private_path, exc)) from None
     pub_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
     write_bytes_atomic(pub_path, pub_pem, mode=0o644)

@@ -11,6 +11,9 @@ A state directory (node or coordinator) holds:
 
 ``state.json`` is written last by initialisation, so its presence means the directory is
 complete. Other modules (privacy's ledger, the client's checkpoints) may add their own files.
+
+Everything in it is private to the node's account: the directory and its subdirectories are
+created 0700, every file 0600 (:mod:`twinfed.atomic`'s default), except the public keys.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from typing import Annotated, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from twinfed.errors import NodeStateError
-from twinfed.governance.audit_log import AuditLog
+from twinfed.errors import AuditError, NodeStateError
+from twinfed.governance.audit_log import AuditLog, not_regular
 from twinfed.governance.keys import load_signer
 
 STATE_FORMAT = "twinfed-state-v1"
@@ -100,10 +103,14 @@ def open_audit(state_dir: str | Path, *, actor: str | None = None,
     """The state's audit log, ready to append, signed with the state's own key.
 
     ``actor`` defaults to the state's owner (``node:<name>`` or ``coordinator``); officer
-    commands pass the officer's name.
+    commands pass the officer's name. A log that is not a regular file is refused here, before
+    the caller changes anything it would audit.
     """
     info = read_info(state_dir)
     p = state_paths(state_dir)
+    problem = not_regular(p.audit)
+    if problem:
+        raise AuditError(f"{p.audit}: {problem}")
     signer = load_signer(p.key)
     if signer.fingerprint != info.key_fingerprint:
         raise NodeStateError(f"{p.key}: key fingerprint {signer.fingerprint[:16]}... is not the one this "
@@ -116,7 +123,7 @@ def verified_entries(state_dir: str | Path) -> list:
     """The state's own audit entries, verified against its own key, for a decision that reads
     them (a gate, a ledger check). :class:`AuditError` without a path if they do not verify:
     such messages can end in refusals."""
-    from twinfed.errors import AuditError, TwinfedError
+    from twinfed.errors import TwinfedError
     from twinfed.governance.audit_log import verify_log_entries
     from twinfed.governance.keys import load_public_key
 

@@ -21,12 +21,13 @@ def provision_simulated_node(state_dir: Path, *, site_name: str, site_data: Path
     """Initialise the node's state if new (importing the site's consent.csv), approve ``plan``
     if it is not approved yet; ``reimport_consent`` merges the site's current consent.csv into
     an existing registry (new records only: the latest record per patient still wins)."""
+    from twinfed.atomic import make_dir
     from twinfed.governance.approvals import approve_plan, is_approved
     from twinfed.governance.consent_registry import import_consent
     from twinfed.governance.layout import is_state_dir
     from twinfed.governance.node_state import init_node
 
-    Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dir(state_dir)
     has_consent = (Path(site_data) / "consent.csv").is_file()
     if not is_state_dir(state_dir):
         init_node(state_dir, site_name=site_name, site_data=site_data, actor=operator)
@@ -42,19 +43,15 @@ FLWR_RUN_OPERATOR = "operator:flwr-run-simulation"
 def run_config_sites(sites: str) -> list[tuple[str, Path]]:
     """``flwr run`` on the simulation engine names its simulated nodes in the run config's
     ``sites``: ``"name=dir,name=dir"``, in partition order; names must be plain names."""
-    from pydantic import TypeAdapter, ValidationError
-
     from twinfed.errors import TwinfedError
-    from twinfed.wire import SiteName
+    from twinfed.governance.node_state import SITE_NAME_RULE, is_site_name
 
     out = []
     for entry in (e.strip() for e in sites.split(",") if e.strip()):
         name, sep, data = entry.partition("=")
-        try:
-            TypeAdapter(SiteName).validate_python(name.strip())
-        except ValidationError:
+        if not is_site_name(name.strip()):
             raise TwinfedError(f"run config 'sites': {name.strip()!r} is not a plain site name "
-                               "(letters, digits, '.', '_' or '-')") from None
+                               f"({SITE_NAME_RULE})")
         if not sep or not data.strip():
             raise TwinfedError(f"run config 'sites': write name=dir for every site, got {entry!r}")
         out.append((name.strip(), Path(data.strip())))

@@ -106,19 +106,25 @@ def build_report(path: str | Path, *, at: datetime | None = None) -> OfficerRepo
 
 
 def write_report(path: str | Path, out_dir: str | Path, *, at: datetime | None = None) -> OfficerReport:
-    """Write ``report.json`` and ``report.html`` into ``out_dir``; returns the report."""
-    from twinfed.atomic import write_bytes_atomic
+    """Write ``report.json`` and ``report.html`` into ``out_dir`` (made if need be); returns the
+    report. Nothing else is written, and each file is replaced whole or not at all
+    (:class:`twinfed.atomic.WriteError` naming it if it cannot be written). Both are meant to be
+    read by others (mode 0644): they hold counts, hashes and budgets only."""
+    from twinfed.atomic import make_dir, write_bytes_atomic
 
     report = build_report(path, at=at)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(out / "report.json", (report.model_dump_json(indent=2) + "\n").encode())
-    write_bytes_atomic(out / "report.html", render_html(report).encode("utf-8"))
+    files = {"report.json": (report.model_dump_json(indent=2) + "\n").encode(),
+             "report.html": render_html(report).encode("utf-8")}
+    out = make_dir(out_dir, mode=0o777)  # the umask decides, as for any directory a person makes
+    for name, data in files.items():
+        write_bytes_atomic(out / name, data, mode=0o644)
     return report
 
 
 def _verified_entries(file: str, n: int) -> list[AuditEntry]:
-    lines, _ = read_entries(file) if Path(file).is_file() else ([], None)
+    if n == 0:  # nothing verified: a missing log, or one that is not a regular file
+        return []
+    lines, _ = read_entries(file)
     return [AuditEntry.model_validate_json(raw) for raw in lines[:n]]
 
 

@@ -7,6 +7,7 @@ import stat
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from fs_faults import disk_full
 from twinfed.errors import KeyFileError
 from twinfed.governance.keys import (generate_signing_key, load_public_key, load_signer,
                                      public_key_fingerprint, public_key_path, signature_ok)
@@ -64,3 +65,10 @@ def test_the_fingerprint_is_sha256_of_the_raw_public_bytes(tmp_path):
     signer = generate_signing_key(tmp_path / "k")
     raw = signer.public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     assert signer.fingerprint == hashlib.sha256(raw).hexdigest()
+
+
+def test_a_key_the_disk_cuts_short_leaves_no_half_key_behind(tmp_path, monkeypatch):
+    disk_full(monkeypatch, tmp_path, room=20)
+    with pytest.raises(KeyFileError, match=r"cannot write .*k: no space left on the device"):
+        generate_signing_key(tmp_path / "k")
+    assert not (tmp_path / "k").exists()

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -15,9 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from audit_builders import T0, lines, node_with_log, resign, write_lines
+from fs_faults import disk_full
 from twinfed.errors import AuditError
 from twinfed.governance.audit_log import (GENESIS, AuditEntry, AuditLog, Head, encode_entry, line_hash,
-                                          verify_log)
+                                          read_entries, verify_log)
 from twinfed.governance.keys import generate_signing_key, load_public_key, load_signer
 from twinfed.governance.layout import state_paths
 
@@ -281,3 +283,44 @@ def test_a_process_killed_mid_write_leaves_a_torn_entry_that_is_reported(tmp_pat
     assert "torn" in result.reason
     with pytest.raises(AuditError, match=r"entry seq 6 \(line 7\) is torn"):
         AuditLog(paths.audit, load_signer(paths.key), actor="node:a").append("test_event", {})
+
+
+# ----------------------------------------------------------------------------------------- the file itself
+
+
+def test_a_new_log_is_private_0600(tmp_path):
+    log = node_with_log(tmp_path, 1)
+    assert stat.S_IMODE(os.stat(log).st_mode) == 0o600
+
+
+@pytest.mark.parametrize("kind", ["link to /dev/null", "named pipe", "link to a copy"])
+def test_a_log_that_is_not_a_regular_file_is_refused_by_append_head_and_read_without_hanging(tmp_path, kind):
+    log = node_with_log(tmp_path, 2)
+    original = log.read_bytes()
+    copy = tmp_path.parent / f"{tmp_path.name}-copy.jsonl"
+    copy.write_bytes(original)
+    log.unlink()
+    if kind == "named pipe":
+        os.mkfifo(log)
+    else:
+        log.symlink_to("/dev/null" if kind == "link to /dev/null" else copy)
+    audit = AuditLog(log, load_signer(state_paths(tmp_path).key), actor="node:a")
+    what = {"link to /dev/null": r"a symbolic link \(to /dev/null\)", "named pipe": "a named pipe",
+            "link to a copy": r"a symbolic link \(to .*-copy.jsonl\)"}[kind]
+    for call in (lambda: audit.append("test_event", {}), audit.head, lambda: read_entries(log)):
+        with pytest.raises(AuditError, match=f"audit.jsonl: is {what}, not a regular file"):
+            call()
+    assert copy.read_bytes() == original  # nothing was appended through the link
+
+
+def test_an_append_the_disk_cuts_short_is_cut_back_off_and_the_log_still_verifies(tmp_path, monkeypatch):
+    log = node_with_log(tmp_path, 3)
+    before = log.read_bytes()
+    disk_full(monkeypatch, tmp_path, room=50)  # part of the line reaches the file, then ENOSPC
+    audit = AuditLog(log, load_signer(state_paths(tmp_path).key), actor="node:a")
+    with pytest.raises(AuditError, match=r"cannot write .*audit.jsonl: no space left on the device"):
+        audit.append("test_event", {"round": 9})
+    assert log.read_bytes() == before
+    monkeypatch.undo()  # space again
+    assert audit.append("test_event", {"round": 9}).seq == 3
+    assert verify_log(log, _key(tmp_path)).ok

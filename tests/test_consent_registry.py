@@ -12,7 +12,7 @@ import pytest
 
 from audit_builders import T0
 from twinfed.errors import ConsentError
-from twinfed.governance.consent import CLOCK_SKEW
+from twinfed.governance.consent import CLOCK_SKEW, read_consent_csv
 from twinfed.governance.consent_registry import (consent_counts, grant, granted_patients, import_consent,
                                                  patient_status, registry_records, withdraw)
 from twinfed.governance.layout import state_paths
@@ -189,3 +189,28 @@ def test_an_empty_or_unencodable_id_is_refused_without_echoing_it(tmp_path, pati
         grant(state, patient, PURPOSE, actor="officer:o")
     assert "surrogate" not in str(exc.value)
     assert len(registry_records(state)) == 1
+
+
+@pytest.mark.parametrize("when, ok", [
+    ("1970-01-01T00:00:00Z", True), ("1969-12-31T23:59:59.999999Z", False),
+    ("2199-12-31T23:59:59Z", True), ("2199-12-31T23:30:00-01:00", False),
+    ("9999-12-31T23:00:00-05:00", False), ("0001-01-01T00:30:00+01:00", False)])
+def test_consent_times_must_fall_between_1970_and_2200_utc(tmp_path, when, ok):
+    path = tmp_path / "consent.csv"
+    path.write_text(HEADER + f"pat-001,granted,twin-training,{when}\n")
+    if ok:
+        assert len(read_consent_csv(path)) == 1
+    else:
+        with pytest.raises(ConsentError, match=r"^consent.csv row 1, column recorded_at: not between "
+                                               r"1970-01-01 and 2200-01-01 \(UTC\); fix the export's times$"):
+            read_consent_csv(path)
+
+
+def test_an_import_with_a_time_out_of_range_changes_nothing(tmp_path):
+    state = _node(tmp_path, "pat-001,granted,twin-training,2026-01-01T00:00:00Z\n")
+    before = state_paths(state).audit.read_bytes(), state_paths(state).consent.read_bytes()
+    bad = tmp_path / "bad.csv"
+    bad.write_text(HEADER + "pat-002,granted,twin-training,0001-01-01T00:30:00+01:00\n")
+    with pytest.raises(ConsentError, match="bad.csv row 1, column recorded_at: not between"):
+        import_consent(state, bad, now=NOW)
+    assert (state_paths(state).audit.read_bytes(), state_paths(state).consent.read_bytes()) == before

@@ -1,11 +1,13 @@
 """Node and coordinator state: init pins the key in the first audit entry and never replaces anything."""
 
 import json
+import stat
 
 import pytest
 
 from audit_builders import T0
 from builders import write_site
+from twinfed.atomic import WriteError, write_json_atomic
 from twinfed.errors import NodeStateError
 from twinfed.governance.audit_log import verify_log
 from twinfed.governance.consent_registry import consent_counts
@@ -59,3 +61,35 @@ def test_the_coordinator_state_has_the_same_key_and_audit_layout(tmp_path):
 def test_an_uninitialised_directory_is_a_clear_error(tmp_path):
     with pytest.raises(NodeStateError, match="not an initialised node state.*twinfed node init"):
         open_audit(tmp_path)
+
+
+@pytest.mark.parametrize("existed", [False, True], ids=["new-directory", "empty-directory"])
+def test_a_failed_init_removes_what_it_created(tmp_path, monkeypatch, existed):
+    site = write_site(tmp_path / "site-a", n_patients=3, n_steps=30)
+    state = tmp_path / "state"
+    if existed:
+        state.mkdir()
+
+    def full(*_a, **_k):
+        raise WriteError("cannot write consent/records.csv: no space left on the device")
+
+    monkeypatch.setattr("twinfed.governance.consent_registry.import_consent", full)
+    with pytest.raises(WriteError):
+        init_node(state, site_data=site, at=T0)
+    assert (list(state.iterdir()) == []) if existed else not state.exists()
+    monkeypatch.undo()
+    assert init_node(state, site_data=site, at=T0).name == "site-a"  # and it can be done again
+
+
+def test_a_coordinator_state_is_private_too(tmp_path):
+    init_coordinator(tmp_path / "run" / "coordinator", at=T0)
+    root = tmp_path / "run" / "coordinator"
+    modes = {p.relative_to(root).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]}
+    assert modes == {".": 0o700, "keys": 0o700, "keys/audit_ed25519": 0o600, "keys/audit_ed25519.pub": 0o644,
+                     "audit.jsonl": 0o600, "state.json": 0o600}
+
+
+def test_state_files_written_atomically_are_0600_in_0700_directories_by_default(tmp_path):
+    write_json_atomic(tmp_path / "state" / "studies" / "x.json", {"a": 1})
+    assert stat.S_IMODE((tmp_path / "state" / "studies").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "state" / "studies" / "x.json").stat().st_mode) == 0o600

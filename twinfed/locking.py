@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from twinfed.atomic import os_reason
 from twinfed.errors import NodeStateError
 
 LOCK_FILE = ".lock"
@@ -43,8 +44,7 @@ def state_lock(state_dir: str | Path, *, timeout: float = DEFAULT_TIMEOUT_S) -> 
         raise NodeStateError(f"{state_dir}: no such state directory; run 'twinfed node init "
                              f"--state {state_dir}' first") from None
     except OSError as exc:
-        raise NodeStateError(f"{path}: cannot open the state lock ({exc.strerror}); check the "
-                             "directory's permissions") from None
+        raise NodeStateError(f"{path}: cannot open the state lock: {os_reason(exc)}") from None
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -53,7 +53,7 @@ def state_lock(state_dir: str | Path, *, timeout: float = DEFAULT_TIMEOUT_S) -> 
                 break
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
+                    raise NodeStateError(f"{path}: cannot take the state lock: {os_reason(exc)}") from None
                 if time.monotonic() >= deadline:
                     raise NodeStateError(
                         f"{state_dir}: another twinfed process has held the state lock for over "

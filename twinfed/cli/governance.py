@@ -34,12 +34,15 @@ def _register_node(sub) -> None:
                            description="Create DIR with a fresh Ed25519 audit key (keys/, mode 0600), "
                                        "the audit log (its first entry pins the key's fingerprint) and, "
                                        "with --site-data, the consent registry imported from the site's "
-                                       "consent.csv. An initialised DIR is never changed: a second init "
-                                       "is an error.")
+                                       "consent.csv. DIR is private to this account (directories 0700, "
+                                       "files 0600). The site name and consent.csv are checked before "
+                                       "anything is created, and a failed init leaves nothing behind. An "
+                                       "initialised DIR is never changed: a second init is an error.")
     init.add_argument("--state", type=Path, required=True, help="the node's state directory DIR")
     init.add_argument("--site-data", type=Path, help="the site's export directory (for consent.csv)")
-    init.add_argument("--site-name", help="the site's name in the consortium (default: the site "
-                                          "directory's name, else the state directory's)")
+    init.add_argument("--site-name", help="the site's name in the consortium: letters, digits, '.', '_' "
+                                          "and '-', at most 64 (default: the site directory's name, else "
+                                          "the state directory's)")
     init.set_defaults(func=cmd_node_init)
 
 
@@ -121,9 +124,14 @@ def _register_audit(sub) -> None:
                           description="PATH is an audit log, a node or coordinator state directory, or a "
                                       "run directory (coordinator/ and nodes/<site>/). Exit 0 only when "
                                       "every check holds; otherwise one line per problem: "
-                                      "FAIL <file> seq <n>: <reason>.")
+                                      "FAIL <file> seq <n>: <reason>. Warnings (a site whose state "
+                                      "is not found, a state directory or private key others may "
+                                      "read) are 'note:' lines and do not fail.")
     ver.add_argument("path", type=Path, metavar="PATH")
     ver.add_argument("--key", type=Path, help="the owner's public key, for a log file outside its state")
+    ver.add_argument("--state", type=Path, metavar="DIR",
+                     help="with a run directory: where its node states are when not under RUN/nodes "
+                          "(each site's in DIR/<site>, as 'twinfed simulate --state DIR' keeps them)")
     ver.add_argument("--json", action="store_true", help="print the full result as JSON")
     ver.set_defaults(func=cmd_audit_verify)
     show = asub.add_parser("show", help="audit entries as a table, filtered",
@@ -142,7 +150,9 @@ def _register_audit(sub) -> None:
                                       "result) and OUT/report.json with the same figures. Exit 0 when "
                                       "the report is written, whatever the verdict it shows.")
     rep.add_argument("path", type=Path, metavar="PATH")
-    rep.add_argument("--out", type=Path, required=True, help="output directory")
+    rep.add_argument("--out", type=Path, required=True,
+                     help="output directory (made if need be); only its report.html and report.json "
+                          "are written")
     rep.set_defaults(func=cmd_audit_report)
 
 
@@ -351,7 +361,7 @@ def cmd_plan_list(args) -> int:
 def cmd_audit_verify(args) -> int:
     from twinfed.governance.verify import verify_path
 
-    report = verify_path(args.path, public_key_file=args.key)
+    report = verify_path(args.path, public_key_file=args.key, node_states=args.state)
     if args.json:
         print(report.model_dump_json(indent=2))
         return 0 if report.ok else 1
@@ -455,6 +465,9 @@ def cmd_audit_show(args) -> int:
 def cmd_audit_report(args) -> int:
     from twinfed.governance.report import write_report
 
+    if args.out.exists() and not args.out.is_dir():
+        raise TwinfedError(f"{args.out}: not a directory; --out names the directory to write "
+                           "report.html and report.json into, and an existing file is never overwritten")
     report = write_report(args.path, args.out)
     v = report.verification
     verdict = (f"verified ({v.n_entries} entries)" if v.ok else
