@@ -3,7 +3,9 @@
 ``verify_path`` accepts
 - an audit log file (the key is its state's ``keys/audit_ed25519.pub``, or ``public_key``);
 - a node or coordinator state directory;
-- a run directory: ``RUN/coordinator/`` and ``RUN/nodes/<site>/``, each a state directory.
+- a run directory: ``RUN/coordinator/`` and ``RUN/nodes/<site>/``, each a state directory; a run
+  whose node states live elsewhere (``twinfed simulate --state DIR``) names that place with
+  ``node_states``, each site's state being ``DIR/<site>``.
 
 Checks, each naming the first bad entry by file and seq:
 - every log against its pinned public key (:func:`governance.audit_log.verify_log`), and its
@@ -16,13 +18,18 @@ Checks, each naming the first bad entry by file and seq:
   (``round_joined`` / ``round_refused`` ``coordinator``) must be in the coordinator's log (nor
   can the coordinator's). Anchors are taken only from entries that themselves verified.
 
-A node named by the coordinator but absent from the run directory cannot be cross-checked; that
-is reported as a note, not a failure (an officer may hold only their own node and the
-coordinator's log).
+An audit log that is not a regular file (a link to ``/dev/null``, a device) or cannot be read
+fails its state's check. A node named by the coordinator but whose state is not found cannot be
+cross-checked; that is reported as a note naming where verify looked, not a failure (an officer
+may hold only their own node and the coordinator's log). So is a state directory group or others
+may enter, or a private key they may read: a warning, since the logs can still be trusted.
 """
 
 from __future__ import annotations
 
+import os
+import stat
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -76,33 +83,88 @@ class _State:
     """A state directory's verified log, what it pins, and what it says about others."""
 
     def __init__(self, root: Path, kind: str, name: str, result: VerifyResult,
-                 entries: list[AuditEntry], issues: list[Issue]) -> None:
+                 entries: list[AuditEntry], issues: list[Issue], notes: list[str]) -> None:
         self.root, self.kind, self.name = root, kind, name
-        self.result, self.entries, self.issues = result, entries, issues
+        self.result, self.entries, self.issues, self.notes = result, entries, issues, notes
 
 
-def verify_path(path: str | Path, *, public_key_file: str | Path | None = None) -> PathReport:
-    """Verify whatever ``path`` is; ``report.ok`` only when every check holds."""
+def verify_path(path: str | Path, *, public_key_file: str | Path | None = None,
+                node_states: str | Path | None = None) -> PathReport:
+    """Verify whatever ``path`` is; ``report.ok`` only when every check holds.
+
+    ``node_states``, for a run directory only: where its node states are when not under
+    ``RUN/nodes`` (each site's in ``node_states/<site>``).
+    """
     path = Path(path)
-    if path.is_file():
+    if not path.is_dir() and os.path.lexists(path):
+        _no_node_states(path, node_states)
         return _verify_file(path, public_key_file)
     if not path.is_dir():
         raise AuditError(f"{path}: no such file or directory")
     if is_state_dir(path):
+        _no_node_states(path, node_states)
         st = _verify_state(path)
         return _report(path, [st], [], 0)
     coord_dir, nodes_dir = path / "coordinator", path / "nodes"
-    node_dirs = sorted(d for d in nodes_dir.iterdir() if is_state_dir(d)) if nodes_dir.is_dir() else []
-    if not is_state_dir(coord_dir) and not node_dirs:
+    node_dirs = _state_dirs(nodes_dir)
+    coord = _verify_state(coord_dir) if is_state_dir(coord_dir) else None
+    places = [nodes_dir]
+    if node_states is not None:
+        node_states = Path(node_states)
+        if not node_states.is_dir():
+            raise AuditError(f"{node_states}: no such directory; --state names the directory holding "
+                             "the run's node states (one DIR/<site> per site)")
+        places.append(node_states)
+        here = {d.name for d in node_dirs}
+        named = _sites_named(coord.entries) if coord is not None else None
+        node_dirs += [d for d in _state_dirs(node_states)
+                      if d.name not in here and (named is None or d.name in named)]
+    if coord is None and not node_dirs:
         raise AuditError(f"{path}: not an audit log, a state directory (audit.jsonl and keys/) or a "
                          "run directory (coordinator/ and nodes/<site>/)")
-    coord = _verify_state(coord_dir) if is_state_dir(coord_dir) else None
     nodes = [_verify_state(d) for d in node_dirs]
-    notes: list[str] = []
     if coord is None:
-        notes.append(f"{coord_dir}: no coordinator state; cross-anchors were not checked")
+        notes = [f"{coord_dir}: no coordinator state; cross-anchors were not checked"]
         return _report(path, nodes, [], 0, notes)
-    return _cross_check(path, coord, nodes, notes)
+    return _cross_check(path, coord, nodes, places)
+
+
+def _no_node_states(path: Path, node_states) -> None:
+    if node_states is not None:
+        raise AuditError(f"{path}: not a run directory; --state (where a run's node states are) goes "
+                         "with a run directory")
+
+
+def _state_dirs(parent: Path) -> list[Path]:
+    return sorted(d for d in parent.iterdir() if is_state_dir(d)) if parent.is_dir() else []
+
+
+def _sites_named(entries: list[AuditEntry]) -> set[str]:
+    """The sites a coordinator's (verified) entries name: pinned, or with a recorded head."""
+    named: set[str] = set()
+    for e in entries:
+        if e.event == "node_seen":
+            named.add(str(e.details.get("site")))
+        elif e.event in ("round_aggregated", "round_skipped", "study_closed"):
+            heads = e.details.get("node_heads")
+            named.update(str(site) for site in (heads if isinstance(heads, dict) else {}))
+    return named
+
+
+def _unreadable(file: Path, fingerprint: str, exc: AuditError) -> VerifyResult:
+    """The failed result for a log that could not be read (not a regular file, permissions)."""
+    return VerifyResult(file=str(file), ok=False, n_entries=0, head=None, key_fingerprint=fingerprint,
+                        reason=str(exc).removeprefix(f"{file}: "))
+
+
+def _read_and_verify(file: Path, pub) -> tuple[VerifyResult, list[AuditEntry], list[Issue]]:
+    """The log verified, or a failure (an :class:`Issue` without a seq) if it cannot be read."""
+    try:
+        result, entries = verify_log_entries(file, pub)
+    except AuditError as exc:
+        result = _unreadable(file, public_key_fingerprint(pub), exc)
+        return result, [], [Issue(file=result.file, reason=result.reason)]
+    return result, entries, []
 
 
 def _verify_file(path: Path, public_key_file) -> PathReport:
@@ -110,10 +172,32 @@ def _verify_file(path: Path, public_key_file) -> PathReport:
     if not key_file.is_file():
         raise AuditError(f"{path}: no pinned key to verify it with; pass the owner's public key "
                          f"(--key FILE) or verify its state directory")
-    result, _ = verify_log_entries(path, load_public_key(key_file))
-    issues = [] if result.ok else [Issue(file=result.file, seq=result.first_bad_seq, reason=result.reason)]
+    result, _, issues = _read_and_verify(path, load_public_key(key_file))
+    if not result.ok and not issues:
+        issues = [Issue(file=result.file, seq=result.first_bad_seq, reason=result.reason)]
     return PathReport(path=str(path), ok=result.ok, logs=[LogReport(kind="log", name=path.name, result=result)],
                       issues=issues)
+
+
+def _mode_notes(root: Path) -> list[str]:
+    """Warnings, not failures: a state directory others may enter, a private key others may read."""
+    notes = []
+    try:
+        mode = stat.S_IMODE(root.stat().st_mode)
+        if mode & 0o077:
+            notes.append(f"{root}: mode {mode:04o} lets group or others into the state directory; "
+                         f"chmod 700 {root}")
+        keys = state_paths(root).key.parent
+        for key in sorted(keys.iterdir()) if keys.is_dir() else []:
+            if key.suffix == ".pub" or key.is_symlink() or not key.is_file():
+                continue
+            mode = stat.S_IMODE(key.stat().st_mode)
+            if mode & 0o077:
+                notes.append(f"{key}: mode {mode:04o} lets group or others read or change the private "
+                             f"key; chmod 600 {key}")
+    except OSError:
+        pass  # what cannot be looked at is not reported on; the checks below say if it matters
+    return notes
 
 
 def _verify_state(root: Path) -> _State:
@@ -134,11 +218,14 @@ def _verify_state(root: Path) -> _State:
         issues.append(Issue(file=str(p.public_key), reason=str(exc)))
         empty = VerifyResult(file=str(p.audit), ok=False, n_entries=0, head=None, key_fingerprint="",
                              reason="not verified: no public key")
-        return _State(root, kind, name, empty, [], issues)
-    result, entries = verify_log_entries(p.audit, pub) if p.audit.is_file() else (
-        VerifyResult(file=str(p.audit), ok=False, n_entries=0, head=None,
-                     key_fingerprint=public_key_fingerprint(pub), first_bad_seq=0, line=1,
-                     reason="entry 0 (line 1) is missing: no audit log"), [])
+        return _State(root, kind, name, empty, [], issues, _mode_notes(root))
+    if os.path.lexists(p.audit):
+        result, entries, unread = _read_and_verify(p.audit, pub)
+        issues.extend(unread)
+    else:
+        result, entries = VerifyResult(file=str(p.audit), ok=False, n_entries=0, head=None,
+                                       key_fingerprint=public_key_fingerprint(pub), first_bad_seq=0, line=1,
+                                       reason="entry 0 (line 1) is missing: no audit log"), []
     fp = result.key_fingerprint
     if info is not None and info.key_fingerprint != fp:
         issues.append(Issue(file=str(p.public_key), reason=f"key fingerprint {fp[:16]}... is not the "
@@ -161,7 +248,7 @@ def _verify_state(root: Path) -> _State:
         issues.extend(_check_ledger(root, entries))
     if kind == "coordinator" and result.ok:
         issues.extend(_study_ends(str(p.audit), entries))
-    return _State(root, kind, name, result, entries, issues)
+    return _State(root, kind, name, result, entries, issues, _mode_notes(root))
 
 
 def _check_approvals(root: Path, entries: list[AuditEntry]) -> list[Issue]:
@@ -243,8 +330,37 @@ def _model_matches(path: Path, coord: _State) -> list[Issue]:
     return []
 
 
-def _cross_check(path: Path, coord: _State, nodes: list[_State], notes: list[str]) -> PathReport:
+def _studies(entries: list[AuditEntry]) -> dict[str, list[tuple[str, str]]]:
+    """Each plan this coordinator ran, with the time spans (first to last entry) of its studies."""
+    spans: dict[str, list[tuple[str, str]]] = {}
+    starts = [i for i, e in enumerate(entries) if e.event == "study_started"]
+    for k, i in enumerate(starts):
+        end = entries[(starts[k + 1] if k + 1 < len(starts) else len(entries)) - 1]
+        spans.setdefault(str(entries[i].details.get("plan_sha256")), []).append((entries[i].time, end.time))
+    return spans
+
+
+def _in_studies(e: AuditEntry, studies: dict[str, list[tuple[str, str]]]) -> bool:
+    """Whether a node's entry belongs to one of the coordinator's studies: the same plan, logged
+    while that study ran (a node answers after the coordinator's instruction, so its entry is no
+    earlier than the study's start; the coordinator logs the study's close after the nodes'
+    last answers). A minute of slack covers clocks that disagree across machines."""
+    for start, end in studies.get(str(e.details.get("plan_sha256")), ()):
+        if _shift(start, -60) <= e.time <= _shift(end, 60):
+            return True
+    return False
+
+
+def _shift(time: str, seconds: int) -> str:
+    """An audit timestamp moved by ``seconds``, in the same sortable form."""
+    t = datetime.strptime(time, "%Y-%m-%dT%H:%M:%S.%fZ") + timedelta(seconds=seconds)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _cross_check(path: Path, coord: _State, nodes: list[_State], places: list[Path]) -> PathReport:
+    """``places``: where node states were looked for, for the note on a site not found."""
     issues: list[Issue] = []
+    missing: set[str] = set()
     by_site = {n.name: n for n in nodes}
     node_anchors: dict[str, list[Anchor]] = {n.name: [] for n in nodes}
     pins: dict[str, tuple[str, int]] = {}
@@ -267,10 +383,10 @@ def _cross_check(path: Path, coord: _State, nodes: list[_State], notes: list[str
                     continue
                 if site in node_anchors:
                     node_anchors[site].append(a)
-                elif f"no state for site {site!r}" not in " ".join(notes):
-                    notes.append(f"no state for site {site!r} under {path / 'nodes'}; its log was not "
-                                 "cross-checked")
+                else:
+                    missing.add(site)
     coord_anchors: list[Anchor] = []
+    studies = _studies(coord.entries)
     for n in nodes:
         pin = pins.get(n.name)
         if pin is not None and pin[0] != n.result.key_fingerprint:
@@ -281,16 +397,19 @@ def _cross_check(path: Path, coord: _State, nodes: list[_State], notes: list[str
         for e in n.entries:
             if e.event in ("round_joined", "round_refused", "round_skipped", "study_finished"):
                 c = e.details.get("coordinator")
-                if c is None:
-                    continue
+                if c is None or not _in_studies(e, studies):
+                    continue  # a node serves many runs: only this coordinator's studies anchor it
                 try:
                     coord_anchors.append(Anchor(seq=c["seq"], hash=c["hash"],
                                                 source=f"{n.result.file} seq {e.seq} ({_what(e)})"))
                 except (TypeError, KeyError, ValidationError):
                     issues.append(Issue(file=n.result.file, seq=e.seq, reason="malformed coordinator head"))
-    for site in sorted(set(pins) - set(by_site)):
-        if f"no state for site {site!r}" not in " ".join(notes):
-            notes.append(f"no state for site {site!r} under {path / 'nodes'}; its log was not cross-checked")
+    missing |= set(pins) - set(by_site)
+    where = " or ".join(str(p) for p in places)
+    hint = ("" if len(places) > 1 else "; if the node states are kept elsewhere (as 'twinfed simulate "
+            "--state DIR' keeps them), pass --state DIR")
+    notes = [f"no state for site {site!r} under {where}; its log was not cross-checked{hint}"
+             for site in sorted(missing)]
     issues += _model_matches(path, coord)
     n_anchors = len(coord_anchors) + sum(len(v) for v in node_anchors.values())
     coord.result = apply_anchors(coord.result, coord.entries, coord_anchors)
@@ -302,6 +421,7 @@ def _cross_check(path: Path, coord: _State, nodes: list[_State], notes: list[str
 def _report(path: Path, states: list[_State], extra: list[Issue], n_anchors: int,
             notes: list[str] | None = None) -> PathReport:
     issues: list[Issue] = []
+    notes = [n for st in states for n in st.notes] + (notes or [])
     for st in states:
         if not st.result.ok and st.result.first_bad_seq is not None:
             issues.append(Issue(file=st.result.file, seq=st.result.first_bad_seq, reason=st.result.reason))
@@ -312,4 +432,4 @@ def _report(path: Path, states: list[_State], extra: list[Issue], n_anchors: int
     issues.sort(key=lambda i: (order[i.file], -1 if i.seq is None else i.seq))
     logs = [LogReport(kind=st.kind, name=st.name, result=st.result) for st in states]
     return PathReport(path=str(path), ok=not issues, logs=logs, issues=issues, anchors_checked=n_anchors,
-                      notes=notes or [])
+                      notes=notes)

@@ -132,3 +132,8 @@ def test_a_round_where_one_site_trained_is_never_unmasked_and_both_sides_audit_i
     node_a = _events(state / "a" / "audit.jsonl")
     assert [e["details"]["round"] for e in node_a if e["event"] == "round_skipped"] == [1]
     assert node_a[-1]["event"] == "study_finished" and node_a[-1]["details"]["skipped_rounds"] == [1, 2]
+    # The nodes served both runs; each run verifies against them, anchored to its own coordinator.
+    for run in ("first", "run"):
+        report = verify_path(tmp_path / run, node_states=state)
+        assert report.ok, report.issues
+        assert report.anchors_checked > 0
