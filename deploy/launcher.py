@@ -296,7 +296,6 @@ class LocalConsortium:
         cfg_path = self.deploy_dir / f"{log_name}-config.toml"
         cfg_path.write_text(tomli_w.dumps(run_config))
         summary_path = out_dir / "summary.json"
-        summary_path.unlink(missing_ok=True)
         run = ManagedProcess("flwr run", flower.flwr_run_argv(app_dir, cfg_path),
                              self.logs / f"{log_name}.log", env=self.cli_env, cwd=self.deploy_dir)
         with self._lock:
@@ -411,8 +410,10 @@ def run_deployed_study(sites: dict[str, Path], run_dir: str | Path, plan, *,
     ``approve_as``: who initialises the node states and approves the plan (audited); ``None``
     leaves the node states as their officers left them (a node without approval refuses)."""
     from twinfed.privacy.secagg import check_secagg
+    from twinfed.server.app import check_new_run
 
     check_secagg(plan, len(sites))
+    check_new_run(Path(run_dir))
     app_dir = Path(app_dir or default_app_dir())
     run_config = plan_run_config(plan, out_dir=Path(run_dir), min_nodes=len(sites), pretrained=pretrained)
     check_run_config_keys(run_config, app_run_config_keys(app_dir), app_dir)

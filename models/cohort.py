@@ -15,6 +15,9 @@ imported, whatever a cohort.json says.
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
@@ -24,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from twinfed.errors import TwinfedError
+from twinfed.errors import DataError, TwinfedError
 from twinfed.models.sim.base import SimCohort, SiteProfile
 from twinfed.models.spec import TwinSpec, load_spec
 
@@ -77,13 +80,70 @@ class CohortSummary:
     simulator_name: str
 
 
+MAX_SITES, MAX_PATIENTS, MAX_DAYS = 10_000, 1_000_000, 366.0
+
+
+def check_sizes(*, sites: int, patients: int, days: float, seed: int, holdout: int,
+                step_minutes: int) -> None:
+    """One-line errors for sizes no cohort can have (before anything is written)."""
+    if not 1 <= sites <= MAX_SITES:
+        raise DataError(f"--sites must be between 1 and {MAX_SITES}")
+    if not 1 <= patients <= MAX_PATIENTS or not 0 <= holdout <= MAX_PATIENTS:
+        raise DataError(f"--patients must be between 1 and {MAX_PATIENTS}, --holdout between 0 and "
+                        f"{MAX_PATIENTS}")
+    if not math.isfinite(days) or not 0 < days <= MAX_DAYS:
+        raise DataError(f"--days must be a finite number above 0 and at most {MAX_DAYS:g}")
+    if round(days * 24 * 60 / step_minutes) < 1:
+        raise DataError(f"--days {days:g} is shorter than one step ({step_minutes} min)")
+    if not 0 <= seed < 2**63:
+        raise DataError("--seed must be a whole number between 0 and 2^63 - 1")
+
+
 def generate_cohort(twin: str, *, sites: int, patients: int, days: float, seed: int,
-                    out: str | Path, holdout: int = 0, simulator: str | None = None) -> CohortSummary:
-    """Write a cohort made by the twin's simulator named ``simulator`` (None: its default)."""
+                    out: str | Path, holdout: int = 0, simulator: str | None = None,
+                    force: bool = False) -> CohortSummary:
+    """Write a cohort made by the twin's simulator named ``simulator`` (None: its default).
+
+    The cohort appears whole or not at all: it is written beside ``out`` and renamed into place.
+    An existing ``out`` is refused, unless it is a cohort and ``force`` is set: then it is
+    replaced (the new one written first, the old one removed only once the new one is in place).
+    """
     spec = load_spec(twin)
     sim_name = simulator_name(twin, simulator)
-    sim = import_module(SIMULATORS[twin][sim_name])
+    check_sizes(sites=sites, patients=patients, days=days, seed=seed, holdout=holdout,
+                step_minutes=spec.step_minutes)
     out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise DataError(f"{out} is a file; give a directory for the cohort")
+        if any(out.iterdir()) and not (force and (out / "cohort.json").is_file()):
+            raise DataError(f"{out} already exists and is not empty; cohorts are never overwritten "
+                            "(--force replaces an existing cohort, and only a cohort)")
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        summary = _write_cohort(twin, spec, sim_name, sites=sites, patients=patients, days=days,
+                                seed=seed, out=partial, holdout=holdout)
+        if out.exists():
+            retired = out.parent / f".{out.name}.replaced-{os.getpid()}"
+            out.rename(retired)
+            partial.rename(out)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            partial.rename(out)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise DataError(f"cannot write the cohort to {out} ({exc.strerror or exc}); nothing was "
+                        "written: free space or choose another directory") from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return CohortSummary(out, summary.sites, sim_name)
+
+
+def _write_cohort(twin: str, spec: TwinSpec, sim_name: str, *, sites: int, patients: int, days: float,
+                  seed: int, out: Path, holdout: int) -> CohortSummary:
+    sim = import_module(SIMULATORS[twin][sim_name])
     out.mkdir(parents=True, exist_ok=True)
     n_steps = int(round(days * 24 * 60 / spec.step_minutes))
     rng = np.random.default_rng(seed)

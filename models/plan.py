@@ -24,7 +24,7 @@ class ModelConfig(BaseModel):
     ``[twin.core]``, an encoder of its parameters and a bounded correction; the default for specs
     with a core) or ``mlp-residual`` (a neural network beside a linear path). ``auto`` picks."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     kind: Literal["auto", "hybrid", "mlp-residual"] = "auto"
     # Width and depth of the networks (None: the kind's default, see ``resolved``). The hybrid's
@@ -50,7 +50,7 @@ DEFAULT_SIZES = {"hybrid": (32, 1), "mlp-residual": (64, 2)}
 class TrainingConfig(BaseModel):
     """Local optimisation on each node, per round."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     local_steps: Annotated[int, Field(gt=0)] = 10
     batch_size: Annotated[int, Field(gt=0)] = 256  # expected patients per step
@@ -75,7 +75,7 @@ class TrainingConfig(BaseModel):
 class SecAggConfig(BaseModel):
     """What nodes require of a SecAgg+ round before they take part (checked on both sides)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # The coordinator never unmasks, and nodes never help unmask, a sum of fewer sites.
     min_sites: Annotated[int, Field(ge=2, le=100_000)] = 3
@@ -84,7 +84,7 @@ class SecAggConfig(BaseModel):
 class PrivacyConfig(BaseModel):
     """Patient-level DP-SGD at every node, and secure aggregation of the nodes' updates."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     enabled: bool = True
     epsilon: Annotated[float, Field(gt=0, le=100)] = 3.0  # per site, for the whole study
@@ -119,7 +119,7 @@ class PrivacyConfig(BaseModel):
 class TrainingPlan(BaseModel):
     """What a study trains, how, for how long, and for which consent purpose."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     spec: TwinSpec
     model: ModelConfig = ModelConfig()

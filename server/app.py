@@ -36,6 +36,17 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def check_new_run(out_dir: Path) -> None:
+    """A study writes a new run directory; it never replaces one (its model, its summary)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TwinfedError(f"{out_dir} is a file; give a directory for the run")
+    done = [name for name in ("summary.json", "model") if (out_dir / name).exists()]
+    if done:
+        raise TwinfedError(f"{out_dir} already holds a study ({', '.join(done)}); runs are never "
+                           "overwritten: choose a new output directory")
+
+
 def run_study(grid: Grid, context: Context, plan: TrainingPlan, *, out_dir: Path, min_nodes: int,
               progress: Progress = _stderr, extra: dict | None = None,
               pretrained: Path | None = None) -> dict:
@@ -44,6 +55,7 @@ def run_study(grid: Grid, context: Context, plan: TrainingPlan, *, out_dir: Path
     from twinfed.models.pretrain import starting_weights
 
     started = time.perf_counter()
+    check_new_run(out_dir)
     init = starting_weights(plan, pretrained)
     masked = plan.privacy.secure_aggregation
     check_secagg(plan, min_nodes)
@@ -53,6 +65,10 @@ def run_study(grid: Grid, context: Context, plan: TrainingPlan, *, out_dir: Path
         differential_privacy=plan.privacy.enabled, epsilon_per_site=plan.privacy.epsilon,
         secure_aggregation=masked, secagg_min_sites=plan.privacy.secagg.min_sites if masked else None))
     try:
+        from twinfed.privacy.secagg import min_sampled
+        from twinfed.server.roll_call import roll_call
+
+        roll_call(grid, max(min_nodes, min_sampled(plan)) if masked else min_nodes, secure=masked)
         fit = None
         if masked:
             from twinfed.server.secagg_workflow import TwinSecAggPlusWorkflow
@@ -139,8 +155,11 @@ def main(grid: Grid, context: Context) -> None:
             from twinfed.governance.provision import provision_run_config_sites
 
             provision_run_config_sites(settings.out_dir, settings.sites, plan)
+        run_study(grid, context, plan, out_dir=settings.out_dir, min_nodes=settings.min_nodes,
+                  extra={"engine": "flwr-run"},
+                  pretrained=Path(settings.pretrained) if settings.pretrained else None)
     except TwinfedError as exc:
+        # One line for whoever watches the run (flwr run --stream, the SuperLink's log), and a
+        # failed run for Flower, without a traceback.
         _stderr(f"twinfed: error: {exc}")
-        raise
-    run_study(grid, context, plan, out_dir=settings.out_dir, min_nodes=settings.min_nodes,
-              extra={"engine": "flwr-run"}, pretrained=Path(settings.pretrained) if settings.pretrained else None)
+        raise SystemExit(1) from None

@@ -18,7 +18,7 @@ from twinfed.governance.provision import provision_simulated_node
 from twinfed.errors import TwinfedError
 from twinfed.models.plan import TrainingPlan
 from twinfed.privacy.secagg import check_secagg
-from twinfed.server.app import make_server_app
+from twinfed.server.app import check_new_run, make_server_app
 from twinfed.server.strategy import Progress
 
 
@@ -46,6 +46,7 @@ def run_simulated_study(plan: TrainingPlan, sites: list[SiteRef], out_dir: str |
     from flwr.simulation import run_simulation
 
     out_dir = Path(out_dir)
+    check_new_run(out_dir)
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
         raise TwinfedError("two --site entries share a name; give each site a unique NAME")
@@ -64,8 +65,12 @@ def run_simulated_study(plan: TrainingPlan, sites: list[SiteRef], out_dir: str |
     out_dir.mkdir(parents=True, exist_ok=True)
     if approve_as is not None:
         for node in nodes:
-            provision_simulated_node(node.state_dir, site_name=node.site_name, site_data=node.site_data,
-                                     plan=plan, operator=approve_as, reimport_consent=True)
+            try:
+                provision_simulated_node(node.state_dir, site_name=node.site_name,
+                                         site_data=node.site_data, plan=plan, operator=approve_as,
+                                         reimport_consent=True)
+            except TwinfedError as exc:  # that hospital is not ready; the others may still be
+                progress(f"site {node.site_name}: not set up ({exc}); it cannot take part")
     cpus = cpus or min(2, os.cpu_count() or 1)
     server_app = make_server_app(plan, out_dir=out_dir, min_nodes=len(sites), progress=progress,
                                  extra={"engine": "simulation"}, pretrained=pretrained)
@@ -73,7 +78,6 @@ def run_simulated_study(plan: TrainingPlan, sites: list[SiteRef], out_dir: str |
     # Flower's own log is for developers; failures still surface through the summary.
     logging.getLogger("flwr").setLevel(logging.ERROR)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    (out_dir / "summary.json").unlink(missing_ok=True)
     try:
         run_simulation(
             server_app=server_app, client_app=client_app, num_supernodes=len(sites),

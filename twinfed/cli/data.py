@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from twinfed.errors import TwinfedError
 
 
 def register(sub) -> None:
@@ -22,13 +20,16 @@ def register(sub) -> None:
                      help="glucose twin: bergman (default; Bergman minimal model, the family of the "
                           "twin's own core) or hovorka (Hovorka 2004, a different structure, to judge "
                           "a twin under structural mismatch); cardio twin: baroreflex, its only one")
-    gen.add_argument("--sites", type=_positive, default=3, help="hospitals (default 3)")
-    gen.add_argument("--patients", type=_positive, default=200, help="patients per hospital (default 200)")
-    gen.add_argument("--days", type=_positive_float, default=7.0, help="days of data per patient (default 7)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--sites", type=int, default=3, help="hospitals (default 3)")
+    gen.add_argument("--patients", type=int, default=200, help="patients per hospital (default 200)")
+    gen.add_argument("--days", type=float, default=7.0, help="days of data per patient (default 7)")
+    gen.add_argument("--seed", type=int, default=0, help="0 or more (default 0)")
     gen.add_argument("--holdout", type=int, default=0,
                      help="also write DIR/holdout with this many patients from every population, for testing")
-    gen.add_argument("--out", type=Path, required=True, help="output directory DIR")
+    gen.add_argument("--out", type=Path, required=True,
+                     help="output directory DIR (new or empty; never overwritten without --force)")
+    gen.add_argument("--force", action="store_true",
+                     help="replace DIR if it holds a cohort (written whole first; never any other directory)")
     gen.set_defaults(func=cmd_generate)
 
     data = sub.add_parser("data", help="hospital IT: check a site export")
@@ -41,27 +42,12 @@ def register(sub) -> None:
     val.set_defaults(func=cmd_validate)
 
 
-def _positive(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError("must be a positive whole number")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return v
-
-
 def cmd_generate(args) -> int:
     from twinfed.models.cohort import generate_cohort
 
-    if args.holdout < 0:
-        raise TwinfedError("--holdout must be 0 or more")
     summary = generate_cohort(args.twin, sites=args.sites, patients=args.patients, days=args.days,
-                              seed=args.seed, out=args.out, holdout=args.holdout, simulator=args.simulator)
+                              seed=args.seed, out=args.out, holdout=args.holdout, simulator=args.simulator,
+                              force=args.force)
     for name, info in summary.sites.items():
         print(f"{name}: {info['patients']} patients ({', '.join(info['profiles'])}), {info['rows']} rows")
     print(f"wrote {args.out}/spec.toml, {len(summary.sites)} site directories and {args.out}/truth/ "

@@ -124,7 +124,17 @@ def _plan(spec, args):
         )
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise TwinfedError(f"study settings: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        where = ".".join(map(str, err["loc"]))
+        flag = FLAGS.get(str(err["loc"][-1]) if err["loc"] else where, where)
+        msg = "must be a finite number" if err["type"] == "finite_number" else err["msg"]
+        raise TwinfedError(f"study settings: {flag}: {msg}") from None
+
+
+# The flag that sets each plan field, for error messages.
+FLAGS = {"rounds": "--rounds", "local_steps": "--local-steps", "batch_size": "--batch-size",
+         "learning_rate": "--lr", "windows_per_patient": "--windows-per-patient", "epsilon": "--epsilon",
+         "delta": "--delta", "clipping_norm": "--clip", "min_sites": "--secagg-min-sites",
+         "hidden": "--hidden", "layers": "--layers", "seed": "--seed"}
 
 
 def parse_sites(items: list[str]):
@@ -144,18 +154,27 @@ def cmd_simulate(args) -> int:
     from twinfed.models.spec import load_spec
     from twinfed.simulate import SiteRef, run_simulated_study
 
+    from twinfed.server.app import check_new_run
+
+    check_new_run(args.out)
     if args.site:
         if not args.spec:
             raise TwinfedError("--spec is required with --site; give the spec the sites export")
         sites = parse_sites(args.site)
         spec = load_spec(args.spec)
+        plan = _plan(spec, args)
     else:
+        spec = load_spec(args.spec or "glucose")
+        plan = _plan(spec, args)  # the settings are checked before any cohort is written
         cohort_dir = args.out / "cohort"
-        _progress(f"no --site: generating the built-in glucose cohort in {cohort_dir}")
-        summary = generate_cohort("glucose", sites=3, patients=200, days=7, seed=args.seed, out=cohort_dir)
-        sites = [SiteRef(name, cohort_dir / name) for name in summary.sites]
-        spec = load_spec(args.spec or cohort_dir / "spec.toml")
-    plan = _plan(spec, args)
+        if (cohort_dir / "cohort.json").is_file():
+            _progress(f"no --site: using the built-in glucose cohort already in {cohort_dir}")
+            names = [n for n in json.loads((cohort_dir / "cohort.json").read_text())["sites"]]
+        else:
+            _progress(f"no --site: generating the built-in glucose cohort in {cohort_dir}")
+            names = list(generate_cohort("glucose", sites=3, patients=200, days=7, seed=args.seed,
+                                         out=cohort_dir).sites)
+        sites = [SiteRef(name, cohort_dir / name) for name in names]
     from twinfed.simulate import SIMULATION_OPERATOR
 
     summary = run_simulated_study(plan, sites, args.out, progress=_progress, state_root=args.state,
