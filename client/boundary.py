@@ -9,6 +9,8 @@
   ``unmask_refused``): with the shares, the coordinator could unmask a sum of too few sites.
 - The end-of-study message (:class:`twinfed.wire.StudyFinish`) is answered here: the node logs
   its own ``study_finished`` anchored to the coordinator's and replies with its audit head.
+- So is the roll call before a study: the node says who it is, or that it has no site
+  configuration or state (a coded refusal), so a coordinator fails fast instead of waiting.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from flwr.app.message_type import MessageType
 from twinfed.client.refusals import refusal_for, tell_node_console
 from twinfed.errors import TwinfedError
 from twinfed.events import StudyFinished, UnmaskRefused
-from twinfed.wire import FINISH_RECORD, LogHead, NodeReply, Refusal, RefusalCode, StudyFinish
+from twinfed.wire import (FINISH_RECORD, ROLL_CALL_RECORD, UNCONFIGURED, LogHead, NodeReply, Refusal,
+                          RefusalCode, StudyFinish)
 
 
 class NodeFailure(RuntimeError):
@@ -35,8 +38,11 @@ def make_boundary_mod(resolve):
 
     def boundary(msg: Message, ctxt: Context, call_next) -> Message:
         try:
-            if msg.metadata.message_type == MessageType.QUERY and FINISH_RECORD in msg.content.config_records:
-                return _finish(resolve(ctxt), msg)
+            if msg.metadata.message_type == MessageType.QUERY:
+                if FINISH_RECORD in msg.content.config_records:
+                    return _finish(resolve(ctxt), msg)
+                if ROLL_CALL_RECORD in msg.content.config_records:
+                    return _roll_call(resolve, msg, ctxt)
             _check_unmask(resolve, msg, ctxt)
             return call_next(msg, ctxt)
         except NodeFailure:
@@ -98,4 +104,24 @@ def _finish(node, msg: Message) -> Message:
     reply = NodeReply(site=node.site_name, status="ok", audit_head=LogHead(seq=entry.seq, hash=entry.hash),
                       key_fingerprint=read_info(node.state_dir).key_fingerprint)
     return Message(RecordDict({FINISH_RECORD: ConfigRecord({"reply": reply.model_dump_json()})}),
+                   reply_to=msg)
+
+
+def _roll_call(resolve, msg: Message, ctxt: Context) -> Message:
+    from twinfed.governance.layout import read_info
+
+    try:
+        node = resolve(ctxt)
+    except Exception as exc:  # noqa: BLE001 - a node without site configuration says so
+        tell_node_console("?", "roll call", exc)
+        reply = NodeReply(site=UNCONFIGURED, status="refused",
+                          refusal=Refusal(code=RefusalCode.NODE_NOT_INITIALISED))
+    else:
+        try:
+            reply = NodeReply(site=node.site_name, status="ok",
+                              key_fingerprint=read_info(node.state_dir).key_fingerprint)
+        except TwinfedError as exc:
+            tell_node_console(node.site_name, "roll call", exc)
+            reply = NodeReply(site=node.site_name, status="refused", refusal=refusal_for(exc))
+    return Message(RecordDict({ROLL_CALL_RECORD: ConfigRecord({"reply": reply.model_dump_json()})}),
                    reply_to=msg)

@@ -147,9 +147,9 @@ def test_deploy_local_leaves_keys_private(deployed):
 @pytest.fixture(scope="module")
 def second_study(deployed, cohort):
     """The SuperLink restarted on the first study's database, then a second study on the same
-    nodes and coordinator state, which site-c's officer has not approved. The first study spent
-    the sites' whole budget, so site-a's and site-b's officers raise it (audited); the plan
-    accepts a sum of two sites."""
+    nodes (its run in RUN/second: a run is never overwritten), which site-c's officer has not
+    approved. The first study spent the sites' whole budget, so site-a's and site-b's officers
+    raise it (audited); the plan accepts a sum of two sites."""
     from twinfed.governance.provision import provision_simulated_node
 
     plan = study_plan(cohort, rounds=1, secagg_min_sites=2)
@@ -168,7 +168,7 @@ def second_study(deployed, cohort):
             c.start_node(name)
         c.wait_nodes_online()
         t0 = time.perf_counter()
-        summary = c.run_study(run_config(cohort, deployed.run, plan), timeout=STUDY_TIMEOUT_S,
+        summary = c.run_study(run_config(cohort, deployed.run / "second", plan), timeout=STUDY_TIMEOUT_S,
                               log_name="flwr-run-2")
         print(f"\n[timing] second study after a SuperLink restart, 1 round: "
               f"{time.perf_counter() - t0:.1f} s")
@@ -188,15 +188,18 @@ def test_a_second_study_runs_after_the_superlink_restarts_on_the_same_database(d
     cp = second_study.runs
     assert cp.returncode == 0, cp.stderr
     assert len(json.loads(cp.stdout[cp.stdout.find("{"):])["runs"]) == 2
-    # ... and in the coordinator's and the nodes' audit logs, which verify together.
+    # ... and in each run's coordinator log and the nodes' logs, which verify together, run by run.
     from twinfed.governance.verify import verify_path
 
-    plans = {deployed.summary["plan_sha256"], second_study.plan.sha256()}
-    started = [e for e in audit_entries(deployed.run / "coordinator") if e["event"] == "study_started"]
-    assert {e["details"]["plan_sha256"] for e in started} == plans
-    assert plans <= {e["details"].get("plan_sha256") for e in audit_entries(deployed.run / "nodes" / "site-a")}
-    report = verify_path(deployed.run)
-    assert report.ok, report.issues
+    first, second = deployed.summary["plan_sha256"], second_study.plan.sha256()
+    for run, plan in ((deployed.run, first), (deployed.run / "second", second)):
+        started = [e for e in audit_entries(run / "coordinator") if e["event"] == "study_started"]
+        assert [e["details"]["plan_sha256"] for e in started] == [plan]
+    assert {first, second} <= {e["details"].get("plan_sha256")
+                               for e in audit_entries(deployed.run / "nodes" / "site-a")}
+    for report in (verify_path(deployed.run),
+                   verify_path(deployed.run / "second", node_states=deployed.run / "nodes")):
+        assert report.ok, report.issues
 
 
 def test_a_node_without_approval_refuses_and_the_study_goes_on(deployed, second_study):
@@ -208,7 +211,7 @@ def test_a_node_without_approval_refuses_and_the_study_goes_on(deployed, second_
     node = [e for e in audit_entries(deployed.run / "nodes" / "site-c")
             if e["details"].get("plan_sha256") == plan.sha256()]
     assert "plan_refused" in {e["event"] for e in node}
-    aggregated = [e for e in audit_entries(deployed.run / "coordinator")
+    aggregated = [e for e in audit_entries(deployed.run / "second" / "coordinator")
                   if e["event"] == "round_aggregated" and e["details"]["plan_sha256"] == plan.sha256()]
     assert list(aggregated[0]["details"]["sites_refused"]) == ["site-c"]
 

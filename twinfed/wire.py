@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 # A site's name: a plain name, never a path (it names the site's state directory in a run).
 SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+UNCONFIGURED = "unconfigured"  # how a node without site configuration answers a roll call
 # The files of the data contract: the only file names a refusal may carry.
 CONTRACT_FILES = ("timeseries.csv", "timeseries.parquet", "patients.csv", "patients.parquet",
                   "consent.csv")
@@ -39,6 +40,7 @@ ColumnName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_lengt
 REPLY_KEY = "twinfed-reply"  # the one metrics key a node's reply travels under
 INSTRUCTION_KEY = "twinfed-instruction"  # the one config key a round instruction travels under
 FINISH_RECORD = "twinfed-finish"  # the config record of the end-of-study message
+ROLL_CALL_RECORD = "twinfed-roll-call"  # the config record of the before-the-study message
 
 
 class _Frozen(BaseModel):
