@@ -57,3 +57,16 @@ def own_entries(state_dir: Path) -> list:
     from twinfed.governance.layout import verified_entries
 
     return verified_entries(state_dir)
+
+
+def simulate_from_cli(root: Path, *, patients: int, seed: int, holdout: int, flags: list[str]) -> None:
+    """A three-site glucose cohort in ``root/cohort`` and a study on it, ``twinfed simulate
+    ... --out root/run``, through the CLI's entry point."""
+    from twinfed.cli.main import main
+    from twinfed.models.cohort import generate_cohort
+
+    generate_cohort("glucose", sites=3, patients=patients, days=2.5, seed=seed, out=root / "cohort",
+                    holdout=holdout)
+    sites = [a for n in ("site-a", "site-b", "site-c") for a in ("--site", f"{n}={root / 'cohort' / n}")]
+    assert main(["simulate", "--spec", str(root / "cohort" / "spec.toml"), *sites, *flags,
+                 "--out", str(root / "run")]) == 0

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from builders import simulate_from_cli
 from twinfed.cli.main import main
-from twinfed.models.cohort import HOLDOUT, generate_cohort
+from twinfed.models.cohort import HOLDOUT
 
 pytestmark = pytest.mark.slow
 
@@ -15,11 +16,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("hybrid")
-    generate_cohort("glucose", sites=3, patients=16, days=2.5, seed=4, out=root / "cohort", holdout=3)
-    sites = [a for n in ("site-a", "site-b", "site-c") for a in ("--site", f"{n}={root / 'cohort' / n}")]
-    assert main(["simulate", "--spec", str(root / "cohort" / "spec.toml"), *sites, "--rounds", "2",
-                 "--local-steps", "3", "--batch-size", "8", "--windows-per-patient", "4",
-                 "--out", str(root / "run")]) == 0
+    simulate_from_cli(root, patients=16, seed=4, holdout=3,
+                      flags=["--rounds", "2", "--local-steps", "3", "--batch-size", "8",
+                             "--windows-per-patient", "4"])
     return root
 
 
