@@ -23,11 +23,16 @@ CONNECTION = "twinfed"
 BINARIES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr", "flwr-serverapp",
             "flwr-clientapp")
 CLI_TIMEOUT_S = 60.0
+# How often a SuperNode's SuperExec looks for a message to run (Flower's default: 1 s). Every
+# message starts a flwr-clientapp process only when the SuperExec sees it, and a SecAgg+ round
+# sends four messages to every node; a local look-up every 0.1 s costs nothing measurable.
+TASK_POLL_INTERVAL_S = "0.1"
 
 
 def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of every Flower process we start: ``FLWR_HOME`` set, telemetry off, and
-    this interpreter's ``bin/`` first on ``PATH`` (Flower starts its helpers by name)."""
+    """The environment of every Flower process we start: ``FLWR_HOME`` set, telemetry off, the
+    SuperExec's task poll at :data:`TASK_POLL_INTERVAL_S` (unless the caller's environment sets
+    it), and this interpreter's ``bin/`` first on ``PATH`` (Flower starts its helpers by name)."""
     env = dict(os.environ if base is None else base)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bindir, *[p for p in env.get("PATH", "").split(os.pathsep)
@@ -37,6 +42,7 @@ def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[s
     # phone home (and without internet each exit would wait for the event's time-out).
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", TASK_POLL_INTERVAL_S)
     return env
 
 

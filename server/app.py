@@ -53,8 +53,10 @@ def run_study(grid: Grid, context: Context, plan: TrainingPlan, *, out_dir: Path
     """Run ``plan``'s rounds; ``pretrained``: the model directory of the weights the plan names
     as its start (``model.pretrained_sha256``), if it names any."""
     from twinfed.models.pretrain import starting_weights
+    from twinfed.server.prompt_grid import prompt
 
     started = time.perf_counter()
+    grid = prompt(grid)  # deployed: replies pulled every 0.1 s, not every 3 s
     check_new_run(out_dir)
     init = starting_weights(plan, pretrained)
     masked = plan.privacy.secure_aggregation

@@ -68,3 +68,18 @@ def test_every_asset_turns_flower_telemetry_off():
         assert service["environment"]["FLWR_TELEMETRY_ENABLED"] == "0"
     for unit in (DEPLOY / "systemd").glob("*.service"):
         assert "Environment=FLWR_TELEMETRY_ENABLED=0" in unit.read_text()
+
+
+def test_every_node_asset_polls_for_messages_promptly():
+    """A SecAgg+ round sends four messages to every node; the SuperExec's default 1 s poll
+    would add up to a second to each of them."""
+    env = flower.flower_env(Path("/tmp/flwr"), base={})
+    assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == flower.TASK_POLL_INTERVAL_S
+    assert float(flower.TASK_POLL_INTERVAL_S) <= 0.1
+    assert flower.flower_env(Path("/tmp/flwr"), base={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "2"})[
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "2"  # an operator's choice wins
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert compose["services"]["supernode"]["environment"]["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == \
+        flower.TASK_POLL_INTERVAL_S
+    unit = (DEPLOY / "systemd" / "twinfed-supernode@.service").read_text()
+    assert f"Environment=FLWR_SUPEREXEC_TASK_POLL_INTERVAL={flower.TASK_POLL_INTERVAL_S}" in unit
