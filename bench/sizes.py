@@ -67,6 +67,10 @@ class Sizes:
     scale_without_secagg: bool = True  # also at the smallest and largest size, for comparison
     memory_patients: int = 10_000
     memory_days: float = 7.0
+    # deployed vs simulated: the same tiny 3-site study on both engines
+    deployed_patients: int = 30
+    deployed_days: float = 2.0
+    deployed_rounds: int = 5
     # audit
     audit_entries: int = 100_000
 
@@ -86,5 +90,5 @@ QUICK = Sizes(
     whatif_patients=4, step_repeats=5, secagg_sites=3, secagg_patients=20, secagg_days=1.0,
     secagg_rounds=2, scale_sites=(3, 4), scale_patients=10, scale_days=1.0, scale_rounds=2,
     scale_without_secagg=False,
-    memory_patients=200, memory_days=1.0, audit_entries=5_000,
+    memory_patients=200, memory_days=1.0, deployed_patients=10, deployed_rounds=2, audit_entries=5_000,
 )
