@@ -116,8 +116,9 @@ class PerPatientLinear(nn.Module):
                              f"layer's input; the layers saw leading sizes {sorted(sizes)}")
         batch = sizes.pop() if sizes else 0
         squares = torch.zeros(batch)
+        grams: dict = {}  # layers reading the same input (the surrogate's MLP and linear path) share its Gram
         for m, (a, g) in taped.items():
-            squares = squares + _weight_sq_norms(a, g)
+            squares = squares + _weight_sq_norms(a, g, grams)
             if m.bias is not None:
                 squares = squares + g.sum(1).pow(2).sum(1)
         # The per-patient gradient is batch x its share of the mean loss (Opacus's "mean"); the
@@ -152,10 +153,15 @@ class PerPatientLinear(nn.Module):
         return torch.cat([a for a, _ in parts], 1), torch.cat([g for _, g in parts], 1)
 
 
-def _weight_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _weight_sq_norms(a: torch.Tensor, g: torch.Tensor, grams: dict) -> torch.Tensor:
     """``||G_b^T A_b||_F^2`` per patient ``b``, by whichever way costs fewer multiplications:
-    the per-patient gradient itself (``n x in x out``) or its Gram form (``n^2 x (in + out)``)."""
+    the per-patient gradient itself (``n x in x out``) or its Gram form (``n^2 x (in + out)``,
+    less the inputs' Gram when another layer already formed it; ``grams`` keeps those)."""
     n, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-    if n * d_in * d_out <= n * n * (d_in + d_out):
-        return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
-    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    key = (a.data_ptr(), tuple(a.shape), a.stride())
+    known = key in grams
+    if n * d_in * d_out <= n * n * (d_out + (0 if known else d_in)):
+        return torch.linalg.vector_norm(torch.bmm(g.transpose(1, 2), a), dim=(1, 2)).square()
+    if not known:
+        grams[key] = torch.bmm(a, a.transpose(1, 2))
+    return (grams[key] * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
