@@ -89,8 +89,9 @@ def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLo
 
     Every draw counts as a step, also an empty one (Poisson sampling can draw no patient): that is
     what a privacy accountant counts. Under DP (an Opacus optimiser) an empty draw still takes
-    its noise-only step, as the DP-SGD mechanism the accountant analyses does; without DP there is
-    nothing to learn from it.
+    its noise-only step, as the DP-SGD mechanism the accountant analyses does: the optimiser's
+    ``noise_only_step`` (twinfed.privacy.dp) where it has one, else a pass over the empty batch;
+    without DP there is nothing to learn from it.
     """
     private = hasattr(optimizer, "noise_multiplier")
     model.train()
@@ -99,7 +100,10 @@ def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLo
     while draws < steps:
         for x, y in loader:
             draws += 1
-            if len(x) or private:
+            if not len(x) and hasattr(optimizer, "noise_only_step"):
+                optimizer.zero_grad(set_to_none=True)
+                optimizer.noise_only_step()
+            elif len(x) or private:
                 optimizer.zero_grad(set_to_none=True)
                 # The mean over every element, written out so an empty batch gives 0, not NaN.
                 loss = ((model(x) - y) ** 2).sum() / max(1, y.numel())

@@ -16,6 +16,7 @@ might in principle predict later noise.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import warnings
 from dataclasses import dataclass
@@ -48,22 +49,93 @@ def patient_examples(site: SiteData, config: TrainingConfig, inputs=None) -> Pat
                           inputs=inputs)
 
 
-def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSettings):
-    """Opacus's per-sample gradients (``hooks``) and DP optimizer around ``model`` and
-    ``optimizer``: clipping to ``dp.clipping_norm``, Gaussian noise of ``noise_multiplier x
-    clipping_norm`` from a CSPRNG-seeded generator, the noised sum divided by
-    ``dp.expected_batch``. Returns ``(module, optimizer)``; call ``module.cleanup()`` after."""
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+PER_SAMPLE_METHODS = ("auto", "linear", "hooks")
 
+
+def per_sample_method(model: nn.Module) -> str:
+    """How the node computes per-patient gradients for ``model``, decided once per model:
+    ``linear`` (:mod:`twinfed.privacy.per_patient`, every twinfed model) when every trained
+    weight is in a Linear layer, else Opacus's ``hooks``."""
+    from twinfed.privacy.per_patient import unsupported
+
+    return "linear" if unsupported(model) is None else "hooks"
+
+
+def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSettings, *,
+                 method: str = "auto"):
+    """Per-patient clipping to ``dp.clipping_norm`` and Opacus's DP optimizer around ``model``
+    and ``optimizer``: Gaussian noise of ``noise_multiplier x clipping_norm`` from a
+    CSPRNG-seeded generator, the noised sum divided by ``dp.expected_batch``. Returns
+    ``(module, optimizer)``; call ``module.cleanup()`` after.
+
+    ``method``: ``linear`` (the project's per-patient Linear gradients, clipped sum handed to
+    Opacus's ``DPOptimizerFastGradientClipping`` for noise and scaling), ``hooks`` (Opacus's
+    ``GradSampleModule`` and ``DPOptimizer``, which clips), or ``auto``
+    (:func:`per_sample_method`). Both compute the same update (tests/test_dp_fast_path.py).
+    Either optimizer has ``noise_only_step()``: the step of an empty Poisson draw."""
+    if method not in PER_SAMPLE_METHODS:
+        raise ValueError(f"unknown per-sample gradient method {method!r}; use one of {PER_SAMPLE_METHODS}")
+    if method == "auto":
+        method = per_sample_method(model)
+    kw = dict(noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clipping_norm,
+              expected_batch_size=dp.expected_batch)
     with warnings.catch_warnings():  # the README says why secure_mode is off and what remains
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        generator = torch.Generator().manual_seed(csprng_seed())
+        if method == "linear":
+            from twinfed.privacy.per_patient import PerPatientLinear
+
+            private = PerPatientLinear(model)
+            return private, _linear_optimizer()(private, optimizer, generator=generator, **kw)
+        from opacus import GradSampleModule
+
         private = GradSampleModule(model)
         private.forbid_grad_accumulation()
-        dp_optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier,
-                                   max_grad_norm=dp.clipping_norm, expected_batch_size=dp.expected_batch,
-                                   generator=torch.Generator().manual_seed(csprng_seed()))
-    return private, dp_optimizer
+        return private, _hooks_optimizer()(optimizer, generator=generator, **kw)
+
+
+@functools.cache
+def _hooks_optimizer():
+    """Opacus's ``DPOptimizer`` with the project's explicit noise-only step."""
+    from opacus.optimizers import DPOptimizer
+
+    class HooksDPOptimizer(DPOptimizer):
+        def noise_only_step(self) -> None:
+            """An empty draw: no patient's gradient (zero clipped sum), the same Gaussian noise,
+            divided by the same expected batch, and the optimiser's step."""
+            for p in self.params:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            self.step()
+
+    return HooksDPOptimizer
+
+
+@functools.cache
+def _linear_optimizer():
+    """Opacus's ``DPOptimizerFastGradientClipping`` (noise on the clipped sum, division by the
+    expected batch, the wrapped optimiser's step), fed by :class:`PerPatientLinear`."""
+    from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
+
+    class LinearDPOptimizer(DPOptimizerFastGradientClipping):
+        def __init__(self, private, optimizer, **kw):
+            super().__init__(optimizer, **kw)
+            self.private = private
+
+        def zero_grad(self, set_to_none: bool = False):
+            self.private.clear()
+            super().zero_grad(set_to_none)
+
+        def pre_step(self, closure=None):
+            self.private.clip_and_sum(self.max_grad_norm)
+            return super().pre_step(closure)
+
+        def noise_only_step(self) -> None:
+            """An empty draw: no patient's gradient (zero clipped sum), the same Gaussian noise,
+            divided by the same expected batch, and the optimiser's step."""
+            self.private.clear()
+            self.step()
+
+    return LinearDPOptimizer
 
 
 def train_private(model: nn.Module, data: PatientWindows, config: TrainingConfig, dp: DPSettings,
