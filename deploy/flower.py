@@ -20,8 +20,8 @@ from pathlib import Path
 from twinfed.deploy.processes import DeployError
 
 CONNECTION = "twinfed"
-BINARIES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr", "flwr-serverapp",
-            "flwr-clientapp")
+BINARIES = ("flower-superlink", "twinfed-supernode", "flower-supernode", "flower-superexec", "flwr",
+            "flwr-serverapp", "flwr-clientapp")
 CLI_TIMEOUT_S = 60.0
 # How often a SuperNode's SuperExec looks for a message to run (Flower's default: 1 s). Every
 # message starts a flwr-clientapp process only when the SuperExec sees it, and a SecAgg+ round
@@ -89,17 +89,22 @@ def node_config(*, site_name: str, site_data: Path, state_dir: Path) -> str:
 
 def supernode_argv(*, superlink: str, ca_cert: Path, auth_key: Path, node_config: str,
                    port: int, host: str = "127.0.0.1", insecure: bool = False,
-                   extra: Sequence[str] = ()) -> list[str]:
-    """A hospital's SuperNode. ``port`` is its local runtime API (loopback only): several nodes
-    on one host each need their own. ``insecure`` exists only to test that the SuperLink gives a
-    plaintext client nothing: such a client sends no authentication key (Flower itself refuses
-    to send one without TLS)."""
+                   pull_interval: float | None = None, extra: Sequence[str] = ()) -> list[str]:
+    """A hospital's SuperNode: Flower's, through ``twinfed-supernode`` (asks for work every
+    ``pull_interval`` seconds, default 0.25, instead of Flower's 3: see
+    :mod:`twinfed.deploy.supernode`). ``port`` is its local runtime API (loopback only): several
+    nodes on one host each need their own. ``insecure`` exists only to test that the SuperLink
+    gives a plaintext client nothing: such a client sends no authentication key (Flower itself
+    refuses to send one without TLS)."""
+    from twinfed.deploy.supernode import DEFAULT_PULL_INTERVAL_S
+
     if insecure:
         security = ["--insecure"]
     else:
         security = ["--root-certificates", str(ca_cert), "--auth-supernode-private-key",
                     str(auth_key)]
-    return ["flower-supernode", *security,
+    return ["twinfed-supernode", "--pull-interval", f"{pull_interval or DEFAULT_PULL_INTERVAL_S:g}",
+            *security,
             "--superlink", superlink,
             "--node-config", node_config,
             "--host", host, "--port", str(port), *extra]

@@ -36,7 +36,7 @@ def exec_start(unit: Path) -> str:
 def test_compose_services_use_the_tested_flags(service, expected):
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     command = compose["services"][service]["command"]
-    assert command[0] == f"flower-{service}"
+    assert command[0] == {"superlink": "flower-superlink", "supernode": "twinfed-supernode"}[service]
     assert flags(command) == expected
 
 
