@@ -5,6 +5,8 @@
   default plan (DP and SecAgg+), median over rounds after the first, on Flower's simulation
   engine with 2 CPUs. Target: the largest consortium within 1.5x of the smallest, per site.
   The same at the smallest and largest size without SecAgg+ shows what secure aggregation adds.
+- SecAgg+ work per site and the coordinator's per round at 10, 100 and 1,000 sites, Flower's
+  own functions for the neighbourhood chosen at each size (:mod:`bench.secagg_cost`).
 - Peak memory of one node running one real round of the default plan on 10,000 patients x 7
   days at 5-minute steps, in a child process (``bench.node_probe``). Target: under 1.5 GiB.
 """
@@ -16,10 +18,12 @@ import shutil
 import subprocess
 import sys
 
+from bench import secagg_cost
 from bench.cost import steady_round_seconds
 from bench.report import figure
 from bench.sizes import Sizes
 from bench.studies import Workspace, default_plan, plan_conditions
+from twinfed.models.spec import load_spec
 
 TARGET_PER_SITE = 1.5
 TARGET_MEMORY_GIB = 1.5
@@ -28,14 +32,16 @@ TARGET_MEMORY_GIB = 1.5
 def run(ws: Workspace, sizes: Sizes) -> dict:
     out = rounds_per_site(ws, sizes)
     out.update(secret_sharing(sizes))
+    out.update(secagg_cost.run(default_plan(load_spec("glucose"), sizes.scale_rounds),
+                               sizes.secagg_cost_sites))
     out.update(node_memory(ws, sizes))
     return out
 
 
 def secret_sharing(sizes: Sizes) -> dict:
     """SecAgg+'s Shamir secret sharing as twinfed configures it (the default plan's set-up for
-    the sampled nodes: every node shares with all others, threshold a majority), per site and
-    round: each node splits its two secrets into n shares, the coordinator rebuilds one secret
+    the sampled nodes: a neighbourhood of k, threshold t), per site and
+    round: each node splits its two secrets into k shares, the coordinator rebuilds one secret
     per node from a threshold of shares. Flower's own functions, timed alone: the part of a
     round that grows with the number of sites."""
     import os

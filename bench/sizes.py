@@ -65,6 +65,8 @@ class Sizes:
     scale_days: float = 1.0
     scale_rounds: int = 2
     scale_without_secagg: bool = True  # also at the smallest and largest size, for comparison
+    # SecAgg+ work per site and the coordinator's per round, Flower's functions at these sizes
+    secagg_cost_sites: tuple[int, ...] = (10, 100, 1000)
     memory_patients: int = 10_000
     memory_days: float = 7.0
     # deployed vs simulated: the same tiny 3-site study on both engines
@@ -89,6 +91,6 @@ QUICK = Sizes(
     pretrain_sites=1, pretrain_patients=20, pretrain_days=1.0, pretrain_steps=20,
     whatif_patients=4, step_repeats=5, secagg_sites=3, secagg_patients=20, secagg_days=1.0,
     secagg_rounds=2, scale_sites=(3, 4), scale_patients=10, scale_days=1.0, scale_rounds=2,
-    scale_without_secagg=False,
+    scale_without_secagg=False, secagg_cost_sites=(3, 10),
     memory_patients=200, memory_days=1.0, deployed_patients=10, deployed_rounds=2, audit_entries=5_000,
 )

@@ -79,6 +79,18 @@ class SecAggConfig(BaseModel):
 
     # The coordinator never unmasks, and nodes never help unmask, a sum of fewer sites.
     min_sites: Annotated[int, Field(ge=2, le=100_000)] = 3
+    # What the round's neighbourhood (num_shares) and threshold are derived from, on both sides
+    # (twinfed.privacy.neighbourhood, after Bell et al., CCS 2020): at most this fraction of a
+    # round's sampled nodes (rounded up) collude with the coordinator, and at most this fraction
+    # (rounded up) drop out during the round. 10% each is the scale of the paper's own examples
+    # and rounds up to one node of each in any consortium of 3 to 10.
+    corrupt_fraction: Annotated[float, Field(ge=0, le=0.5)] = 0.1
+    dropout_fraction: Annotated[float, Field(ge=0, le=0.5)] = 0.1
+    # P(some honest node's update is exposed) <= 2^-security_bits: 40 is the paper's statistical
+    # security parameter. P(a round fails to complete) <= 2^-correctness_bits: a failed round
+    # is lost work, not a leak, so one in a million is enough.
+    security_bits: Annotated[int, Field(ge=16, le=128)] = 40
+    correctness_bits: Annotated[int, Field(ge=1, le=64)] = 20
 
 
 class PrivacyConfig(BaseModel):

@@ -5,25 +5,33 @@
   the full quantisation precision (and hide each site's size from the sum).
 - Each update is clipped to ``[-update_clip, update_clip]`` and quantised to 2^22 levels: a step
   of 2.4e-7 for the default clip of 0.5, far below the DP noise in an update.
-- The set-up is derived from the nodes actually sampled in the round (:func:`required_setup`):
-  every node shares its keys with all others and the reconstruction threshold is a majority
-  (n // 2 + 1, at least 2), so a round survives the loss of any minority of nodes and no
-  minority of colluding nodes can unmask one node's update.
-- Both sides check it. The coordinator's workflow never unmasks a sum of fewer sites that
-  trained than the plan's ``secagg.min_sites`` (the round is skipped and audited); each node
-  refuses to train in a round whose set-up is weaker than the plan requires, and withholds its
-  unmasking shares when fewer than ``min_sites`` of its neighbours contributed.
+- The set-up is derived from the nodes actually sampled in the round and the assumptions the
+  officers approved in the plan (:func:`required_setup`, :mod:`twinfed.privacy.neighbourhood`):
+  each node shares its keys with a neighbourhood of k nodes (itself included; k grows like
+  log n: 5 of 10 sampled nodes, 21 of 100, 45 of 1,000 under the default assumptions) and the
+  reconstruction threshold t is chosen so that, with at most ``corrupt_fraction`` of the nodes
+  corrupt and ``dropout_fraction`` dropping out, no honest node's update is exposed except with
+  probability ``2^-security_bits`` and a round fails to complete with at most
+  ``2^-correctness_bits``. Small consortia are all-to-all with a majority threshold.
+- Both sides check it, with the same function. The coordinator's workflow never unmasks a sum
+  of fewer sites that trained than the plan's ``secagg.min_sites`` (the round is skipped and
+  audited); each node refuses to train in a round whose set-up (nodes sampled, shares,
+  threshold) exposes it beyond the plan's bound, and withholds its unmasking shares when fewer
+  than ``min_sites`` of its neighbours contributed.
 
 Threat model: SecAgg+ protects against an honest-but-curious coordinator (it follows the
-protocol; Flower's unmasking hands out shares for whatever lists of active and dropped nodes the
-coordinator sends, so a malicious coordinator could ask for both halves) and against coalitions
-of fewer than ``threshold`` nodes. Differential privacy holds against everyone, the coordinator
-and the other sites included.
+protocol, shuffles the ring at random and reports dropouts truthfully; Flower's unmasking hands
+out shares for whatever lists of active and dropped nodes the coordinator sends, so a malicious
+coordinator could ask for both halves) colluding with up to the assumed fraction of nodes: a
+node's update can be unmasked by t corrupt nodes *among its k - 1 neighbours* (not any t nodes
+of the consortium), or if the corrupt and dropped nodes cut the honest ones' masking graph.
+Differential privacy holds against everyone, the coordinator and the other sites included.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 from flwr.app import ConfigRecord, Context, Message
 from flwr.app.message_type import MessageType
@@ -32,6 +40,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import (RECORD_KEY_CONF
                                                                  RECORD_KEY_STATE, Key, Stage)
 
 from twinfed.errors import TwinfedError
+from twinfed.privacy.neighbourhood import (MIN_SHARES, MIN_THRESHOLD, Assumptions, neighbourhood,
+                                           privacy_failure)
 
 QUANTIZATION_RANGE = 2**22
 MODULUS_RANGE = 2**32
@@ -64,25 +74,42 @@ def check_secagg(plan, n_nodes: int) -> None:
         raise TwinfedError(f"secure aggregation needs at least {min_sampled(plan)} sites, this study "
                            f"has {n_nodes}; add sites or, for a benchmark only, turn secure "
                            "aggregation off (--no-secagg)")
+    if plan.privacy.secure_aggregation:
+        required_setup(n_nodes, plan)  # one line naming the assumption to relax if none fits
 
 
 def required_setup(n_sampled: int, plan) -> tuple[int, int]:
-    """``(num_shares, reconstruction_threshold)`` for a round that sampled ``n_sampled`` nodes."""
-    return n_sampled, max(2, n_sampled // 2 + 1)
+    """``(num_shares, reconstruction_threshold)`` for a round that sampled ``n_sampled`` nodes:
+    the neighbourhood the plan's assumptions call for (:mod:`twinfed.privacy.neighbourhood`).
+    ``num_shares`` is odd or ``n_sampled``, so Flower builds exactly what it sends."""
+    chosen = neighbourhood(n_sampled, Assumptions.of(plan))
+    return chosen.shares, chosen.threshold
 
 
 def weaker_than_plan(plan, *, sampled: int | None, shares: int | None,
                      threshold: int | None) -> str | None:
-    """Why a round's SecAgg+ set-up falls short of what ``plan`` requires, or None."""
+    """Why a round's SecAgg+ set-up falls short of what ``plan`` requires, or None.
+
+    The node judges the set-up Flower will build from what it was sent, with the same bound the
+    coordinator chose it by: too few shares (the honest nodes' masks may split) or a threshold
+    too low for that many shares (too few corrupt neighbours could rebuild a node's key) exposes
+    an update with more than the plan's ``2^-security_bits``. More shares with a threshold raised
+    to match are as safe, and accepted."""
     if sampled is None or shares is None or threshold is None:
         return "the round's SecAgg+ set-up is unknown to this node"
     if sampled < min_sampled(plan):
         return f"the round sampled {sampled} nodes, the plan requires at least {min_sampled(plan)}"
-    need_shares, need_threshold = required_setup(sampled, plan)
-    if shares < need_shares:
-        return f"the round shares keys among {shares} nodes, the plan requires {need_shares}"
-    if threshold < need_threshold:
-        return f"the round's threshold is {threshold}, the plan requires {need_threshold}"
+    a = Assumptions.of(plan)
+    if threshold < MIN_THRESHOLD or shares < MIN_SHARES:
+        return f"the round's set-up ({shares} shares, threshold {threshold}) is not a SecAgg+ set-up"
+    if privacy_failure(sampled, shares, threshold, a) > Fraction(1, 2**a.security_bits):
+        try:
+            need_shares, need_threshold = required_setup(sampled, plan)
+        except TwinfedError as e:
+            return str(e)
+        return (f"the round shares keys among {shares} of {sampled} nodes with threshold {threshold}; "
+                f"the plan's assumptions require e.g. {need_shares} shares with threshold "
+                f"{need_threshold} (exposure above 2^-{a.security_bits})")
     return None
 
 

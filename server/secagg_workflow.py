@@ -1,7 +1,8 @@
 """The coordinator's SecAgg+ workflow: Flower's, with twinfed's rules (see twinfed.privacy.secagg).
 
 - The set-up (shares, threshold) is derived from the nodes the strategy actually sampled in the
-  round, not from the study's minimum: the strategy calls :meth:`TwinSecAggPlusWorkflow.sampled`
+  round and the plan's assumptions (a neighbourhood of O(log n) nodes, see
+  twinfed.privacy.neighbourhood), not from the study's minimum: the strategy calls :meth:`TwinSecAggPlusWorkflow.sampled`
   once it has sampled them, before Flower sends the set-up.
 - A round where fewer sites trained than the plan's ``secagg.min_sites`` is never unmasked: the
   coordinator would otherwise learn the update of one hospital (or of too few). The round is
@@ -14,6 +15,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
+from twinfed.errors import TwinfedError
 from twinfed.privacy.secagg import MODULUS_RANGE, QUANTIZATION_RANGE, min_sampled, min_sum, required_setup
 from twinfed.wire import NodeReply
 
@@ -33,7 +35,10 @@ class TwinSecAggPlusWorkflow(SecAggPlusWorkflow):
     """Flower's SecAgg+ workflow with a per-round set-up and a minimum sum."""
 
     def __init__(self, plan, *, timeout: float | None = None):
-        shares, threshold = required_setup(min_sampled(plan), plan)
+        try:
+            shares, threshold = required_setup(min_sampled(plan), plan)
+        except TwinfedError:  # the minimum is too small for the plan's assumptions; a round's
+            shares, threshold = 3, 2  # own sample decides (sampled() raises if it is too)
         super().__init__(num_shares=shares, reconstruction_threshold=threshold, max_weight=1.0,
                          clipping_range=plan.privacy.update_clip,
                          quantization_range=QUANTIZATION_RANGE, modulus_range=MODULUS_RANGE,
@@ -42,7 +47,7 @@ class TwinSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     def sampled(self, n_sampled: int) -> tuple[int, int, int]:
         """The set-up for exactly the ``n_sampled`` nodes of this round: (sampled, shares,
-        threshold). Python ints: Flower sends them as they are (odd shares below n are bumped
+        threshold). Python ints: Flower sends them as they are (even shares below n are bumped
         only after sending, so :func:`required_setup` never returns those)."""
         self.num_shares, self.reconstruction_threshold = required_setup(n_sampled, self.plan)
         return n_sampled, self.num_shares, self.reconstruction_threshold

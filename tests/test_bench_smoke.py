@@ -134,6 +134,7 @@ def test_the_quick_sizes_are_no_bigger_than_the_full_run():
         else:
             assert quick[name] <= full[name], name
     assert max(QUICK.scale_sites) <= max(FULL.scale_sites)
+    assert max(QUICK.secagg_cost_sites) <= max(FULL.secagg_cost_sites) and 1000 in FULL.secagg_cost_sites
     assert FULL.memory_patients == 10_000 and FULL.audit_entries == 100_000  # DESIGN.md section 6
 
 

@@ -12,7 +12,7 @@ from twinfed.client.node import NodeConfig
 from twinfed.governance.approvals import approve_plan
 from twinfed.governance.layout import state_paths
 from twinfed.governance.node_state import init_node
-from twinfed.models.plan import ModelConfig, PrivacyConfig, TrainingConfig, TrainingPlan
+from twinfed.models.plan import ModelConfig, PrivacyConfig, SecAggConfig, TrainingConfig, TrainingPlan
 from twinfed.models.spec import load_spec
 from twinfed.models.surrogate import build_surrogate, get_weights
 from twinfed.privacy.secagg import SecAggView
@@ -94,15 +94,34 @@ def test_a_plan_requiring_secure_aggregation_is_refused_in_an_unmasked_round(nod
     assert not (node.state_dir / "privacy_ledger.json").exists()
 
 
-@pytest.mark.parametrize("view", [SecAggView(True, sampled=10, shares=3, threshold=2),  # runbook's min-nodes 3
-                                  SecAggView(True, sampled=4, shares=4, threshold=2),
-                                  SecAggView(True, sampled=2, shares=2, threshold=2)])
-def test_a_round_whose_secagg_setup_is_weaker_than_the_plan_is_refused(node, view):
-    plan = _plan()
+@pytest.mark.parametrize("view,privacy", [
+    # Under the default assumptions (10% corrupt, 10% dropping out, 2^-40):
+    (SecAggView(True, sampled=10, shares=3, threshold=2), {}),  # runbook's min-nodes 3: a ring of
+    # 3 is cut by one corrupt and one dropped node, so the coordinator would learn partial sums
+    (SecAggView(True, sampled=100, shares=21, threshold=10), {}),  # 10 corrupt could be neighbours
+    (SecAggView(True, sampled=1000, shares=1000, threshold=26), {}),  # more shares, same threshold
+    (SecAggView(True, sampled=2, shares=2, threshold=2), {}),
+    # What the default plan accepts, a plan assuming 30% corrupt sites refuses.
+    (SecAggView(True, sampled=10, shares=5, threshold=3), {"secagg": SecAggConfig(corrupt_fraction=0.3)}),
+])
+def test_a_round_whose_secagg_setup_is_weaker_than_the_plans_assumptions_is_refused(node, view, privacy):
+    plan = _plan(**privacy)
     approve_plan(node.state_dir, plan, actor="officer:test")
     assert _code(_serve(node, plan, secagg=view)) == "secagg_setup_weak"
     assert _events(node)[-1]["details"]["refusal"] == {"code": "secagg_setup_weak", "file": None,
                                                         "row": None, "column": None}
+    assert not (node.state_dir / "privacy_ledger.json").exists()
+
+
+@pytest.mark.parametrize("sampled,shares,threshold", [(10, 5, 3), (100, 21, 11), (1000, 45, 26),
+                                                      (1000, 1000, 101), (4, 4, 2)])
+def test_a_setup_meeting_the_plans_assumptions_is_not_weak(sampled, shares, threshold):
+    from twinfed.privacy.secagg import required_setup, weaker_than_plan
+
+    plan = _plan()
+    assert weaker_than_plan(plan, sampled=sampled, shares=shares, threshold=threshold) is None
+    k, t = required_setup(sampled, plan)  # the coordinator's choice passes the nodes' check
+    assert weaker_than_plan(plan, sampled=sampled, shares=k, threshold=t) is None
 
 
 def test_an_approved_round_reserves_its_spend_before_training_and_replies_only_the_allow_list(node):

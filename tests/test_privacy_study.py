@@ -134,3 +134,38 @@ def test_a_masked_update_reveals_nothing_and_a_round_survives_a_node_lost_after_
                                                                           ModelConfig(hidden=8), seed=3))])
     final = np.concatenate([w.ravel() for w in _weights(tmp_path / "run")])
     assert np.abs((final - init) - mean).max() <= 2 * 2 * 0.5 / 2**22 + 1e-6
+
+
+class KeysSeen:
+    """Records how many public keys (its neighbourhood, itself included) a node is sent."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def __call__(self, msg, ctxt, call_next):
+        configs = msg.content.config_records.get("secaggplus_configs")
+        if configs is not None and configs.get("stage") == "share_keys":
+            pid = int(ctxt.node_config["partition-id"])
+            neighbours = [k for k in configs.keys() if k != "stage"]
+            (self.out / f"keys-{pid}.txt").write_text(str(len(neighbours)))
+        return call_next(msg, ctxt)
+
+
+def test_eight_sites_share_keys_with_a_neighbourhood_of_five_and_the_sum_is_still_the_mean(tmp_path):
+    root = tmp_path / "sites"
+    refs = [SiteRef(f"s{i}", write_site(root / f"s{i}", n_patients=6, n_steps=80, seed=10 + i)) for i in range(8)]
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    summary = run_simulated_study(_plan(secagg=True), refs, tmp_path / "run", progress=lambda m: None,
+                                  outer_mods=[KeysSeen(probes)], inner_mods=[Probe(probes, "inner")])
+    # The default assumptions (10% corrupt, 10% dropping out, rounded up: 1 and 1 of 8) give a
+    # ring of 5 with threshold 3, not all-to-all; every node was sent exactly its 5 keys.
+    assert summary["history"][0]["sites_trained"] == 8
+    assert sorted(int((probes / f"keys-{i}.txt").read_text()) for i in range(8)) == [5] * 8
+    mean = np.mean([_load(probes / f"update-{i}.npz") for i in range(8)], axis=0)
+    init = np.concatenate([w.ravel() for w in get_weights(build_surrogate(load_spec("glucose"),
+                                                                          ModelConfig(hidden=8), seed=3))])
+    final = np.concatenate([w.ravel() for w in _weights(tmp_path / "run")])
+    assert np.abs(mean).max() > 100 * 2 * 0.5 / 2**22  # the updates are far above quantisation
+    assert np.abs((final - init) - mean).max() <= 2 * 2 * 0.5 / 2**22 + 1e-6
+    assert summary["history"][0]["secagg"] == {"sampled": 8, "shares": 5, "threshold": 3}

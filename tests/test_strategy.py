@@ -87,9 +87,11 @@ def test_the_secagg_setup_follows_the_nodes_sampled_not_the_studys_minimum():
 
     plan = TrainingPlan(spec=load_spec("glucose"), rounds=2, model=ModelConfig(hidden=4))
     workflow = TwinSecAggPlusWorkflow(plan)
-    # The runbook's min-nodes = 3, and 10 hospitals online: every one shares with all the others.
-    assert workflow.sampled(10) == (10, 10, 6)
-    assert (workflow.num_shares, workflow.reconstruction_threshold) == (10, 6)
+    # The runbook's min-nodes = 3, and 10 hospitals online: the neighbourhood and threshold the
+    # plan's assumptions give for 10 sampled nodes (1 corrupt, 1 dropped: a ring of 5, t = 3).
+    assert workflow.sampled(10) == (10, 5, 3)
+    assert (workflow.num_shares, workflow.reconstruction_threshold) == (5, 3)
+    assert workflow.sampled(1000)[1:] == (45, 26)
     strategy = TwinStrategy(plan, [np.zeros(3, np.float32)], min_nodes=3, masked=True,
                             on_sampled=workflow.sampled)
 
@@ -103,4 +105,4 @@ def test_the_secagg_setup_follows_the_nodes_sampled_not_the_studys_minimum():
     from flwr.common import ndarrays_to_parameters as to_params
 
     assert len(strategy.configure_fit(1, to_params([np.zeros(3, np.float32)]), Manager())) == 10
-    assert strategy._secagg == (10, 10, 6)
+    assert strategy._secagg == (10, 5, 3)

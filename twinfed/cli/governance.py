@@ -264,6 +264,25 @@ def cmd_consent_status(args) -> int:
 # --------------------------------------------------------------------------------------------- plan
 
 
+def _secagg_lines(plan) -> list[str]:
+    """The SecAgg+ assumptions officers approve, and the neighbourhoods they lead to."""
+    from twinfed.privacy.neighbourhood import Assumptions, neighbourhood
+
+    s = plan.privacy.secagg
+    a = Assumptions.of(plan)
+    chosen = []
+    for n in (3, 10, 100, 1000):
+        try:
+            h = neighbourhood(n, a)
+            chosen.append(f"{n} sites: {h.shares} shares, threshold {h.threshold}")
+        except TwinfedError:
+            chosen.append(f"{n} sites: none (refused)")
+    return [f"SecAgg+:     assumes at most {s.corrupt_fraction:g} of a round's sites corrupt (colluding "
+            f"with the coordinator) and {s.dropout_fraction:g} dropping out, rounded up; "
+            f"exposure <= 2^-{s.security_bits}, failed round <= 2^-{s.correctness_bits}",
+            f"neighbours:  {'; '.join(chosen)} (t corrupt neighbours of a site could unmask it)"]
+
+
 def cmd_plan_show(args) -> int:
     from twinfed.governance.approvals import find_approval, load_plan_file
 
@@ -289,6 +308,9 @@ def cmd_plan_show(args) -> int:
           f"{'on' if plan.privacy.secure_aggregation else 'OFF'}")
     print(f"model:       {plan.model.kind}, {plan.model.layers} x {plan.model.hidden}")
     print(f"secure sum:  never unmasked over fewer than {plan.privacy.secagg.min_sites} sites")
+    if plan.privacy.secure_aggregation:
+        for line in _secagg_lines(plan):
+            print(line)
     print(f"counts:      released once per study with Gaussian noise of std {plan.privacy.count_noise:g} "
           f"patients ({', '.join(plan.metrics) or 'kept at the node'})")
     for warning in _plan_warnings(plan):
