@@ -56,7 +56,9 @@ def _every_field_changed() -> TrainingPlan:
         training=TrainingConfig(local_steps=7, batch_size=33, learning_rate=0.0042,
                                 windows_per_patient=5, lr_schedule="constant"),
         privacy=PrivacyConfig(epsilon=2.5, delta=1e-7, clipping_norm=0.3, accountant="prv",
-                              update_clip=0.25, count_noise=7.5, secagg=SecAggConfig(min_sites=4)))
+                              update_clip=0.25, count_noise=7.5, secagg=SecAggConfig(
+                                  min_sites=4, corrupt_fraction=0.05, dropout_fraction=0.2,
+                                  security_bits=48, correctness_bits=24)))
 
 
 def _leaves(obj, prefix=""):
