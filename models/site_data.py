@@ -41,20 +41,45 @@ class SiteData:
     def n_rows(self) -> int:
         return int(self.series.shape[0])
 
-    def subset(self, keep: set[str]) -> SiteData:
-        """Only the patients in ``keep`` (e.g. those consented), in the same order."""
-        idx = [i for i, pid in enumerate(self.patient_ids) if pid in keep]
+    def subset(self, keep: set[str], *, reuse: bool = False) -> SiteData:
+        """Only the patients in ``keep`` (e.g. those consented), in the same order.
+
+        ``reuse``: move the kept rows to the front of this site's own arrays instead of copying
+        them; this site must not be used afterwards. A node that loads its export only to keep
+        its consented patients then holds one copy of the data, not two.
+        """
+        kept = np.fromiter((pid in keep for pid in self.patient_ids), dtype=bool, count=self.n_patients)
+        idx = np.flatnonzero(kept)
         lengths = np.diff(self.offsets)[idx]
-        rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx]) \
-            if idx else np.zeros(0, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        if reuse:
+            series, steps = self._compact(kept, int(offsets[-1]))
+        else:
+            rows = np.repeat(kept, np.diff(self.offsets))
+            series, steps = self.series[rows], self.steps[rows]
         return SiteData(
             spec=self.spec,
             patient_ids=[self.patient_ids[i] for i in idx],
-            series=self.series[rows],
-            steps=self.steps[rows],
-            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            series=series,
+            steps=steps,
+            offsets=offsets,
             covariates=self.covariates[idx],
         )
+
+    def _compact(self, kept: np.ndarray, n_kept: int) -> tuple[np.ndarray, np.ndarray]:
+        """The kept patients' rows moved to the front of ``series`` and ``steps``, in place."""
+        # runs of consecutive kept patients, as row ranges
+        edges = np.flatnonzero(np.diff(np.concatenate([[False], kept, [False]]).astype(np.int8)))
+        block = 1 << 16  # moved a block at a time: an overlapping copy buffers only a block
+        to = 0
+        for first, end in zip(self.offsets[edges[0::2]], self.offsets[edges[1::2]]):
+            for a in range(int(first), int(end), block):
+                b = min(int(end), a + block)
+                self.series[to:to + b - a] = self.series[a:b]
+                self.steps[to:to + b - a] = self.steps[a:b]
+                to += b - a
+        assert to == n_kept
+        return self.series[:n_kept], self.steps[:n_kept]
 
     @classmethod
     def pooled(cls, sites: list[SiteData]) -> SiteData:
