@@ -67,6 +67,10 @@ class Sizes:
     scale_without_secagg: bool = True  # also at the smallest and largest size, for comparison
     memory_patients: int = 10_000
     memory_days: float = 7.0
+    # one node's memory against its size (patients, each memory_days long): the curve that shows
+    # growth linear in rows. Sizes above memory_patients are that cohort tiled (bench.tile_site),
+    # so they must be multiples of it.
+    memory_curve_patients: tuple[int, ...] = (1_000, 10_000, 50_000)
     # audit
     audit_entries: int = 100_000
 
@@ -86,5 +90,5 @@ QUICK = Sizes(
     whatif_patients=4, step_repeats=5, secagg_sites=3, secagg_patients=20, secagg_days=1.0,
     secagg_rounds=2, scale_sites=(3, 4), scale_patients=10, scale_days=1.0, scale_rounds=2,
     scale_without_secagg=False,
-    memory_patients=200, memory_days=1.0, audit_entries=5_000,
+    memory_patients=200, memory_days=1.0, memory_curve_patients=(100, 200, 400), audit_entries=5_000,
 )
