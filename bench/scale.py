@@ -8,7 +8,9 @@
 - SecAgg+ work per site and the coordinator's per round at 10, 100 and 1,000 sites, Flower's
   own functions for the neighbourhood chosen at each size (:mod:`bench.secagg_cost`).
 - Peak memory of one node running one real round of the default plan on 10,000 patients x 7
-  days at 5-minute steps, in a child process (``bench.node_probe``). Target: under 1.5 GiB.
+  days at 5-minute steps, in a child process (``bench.node_probe``). Target: 1.2 GiB or less.
+  The same, and loading alone, at each size of ``Sizes.memory_curve_patients`` (1k, 10k, 50k),
+  with the memory per million rows: the curve that shows growth linear in rows.
 """
 
 from __future__ import annotations
@@ -17,16 +19,18 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from bench import secagg_cost
 from bench.cost import steady_round_seconds
 from bench.report import figure
 from bench.sizes import Sizes
 from bench.studies import Workspace, default_plan, plan_conditions
+from bench.tile_site import tile_cohort
 from twinfed.models.spec import load_spec
 
 TARGET_PER_SITE = 1.5
-TARGET_MEMORY_GIB = 1.5
+TARGET_MEMORY_GIB = 1.2  # DESIGN.md section 6, issue 14
 
 
 def run(ws: Workspace, sizes: Sizes) -> dict:
@@ -110,21 +114,73 @@ def _probe(mode: str, site_dir, state_dir, spec_path) -> dict:
 
 
 def node_memory(ws: Workspace, sizes: Sizes) -> dict:
-    cohort = ws.cohort("glucose", sites=1, patients=sizes.memory_patients, days=sizes.memory_days)
-    site_dir = cohort / ws.site_names(cohort)[0]
-    state = ws.runs / "memory-node"
-    shutil.rmtree(state, ignore_errors=True)
-    ws.progress(f"  one node's round on {sizes.memory_patients} patients x {sizes.memory_days:g} days")
-    round_ = _probe("round", site_dir, state, cohort / "spec.toml")
-    load = _probe("load", site_dir, state, cohort / "spec.toml")
-    size = sum(f.stat().st_size for f in site_dir.iterdir())
-    cond = {"patients": sizes.memory_patients, "days": sizes.memory_days, "step_minutes": ws.spec(cohort).step_minutes,
-            "rows": load["rows"], "export": "CSV", "export_megabytes": round(size / 1e6, 1),
-            "round": "governance gate, load + validate, consent, calibrate, ledger, DP training "
-                     "(default plan), audit; SecAgg+ masking of the small update not included",
-            "measure": "peak resident set size of the node's own process (VmHWM), interpreter "
-                       "and libraries included",
-            "baseline_gib_after_imports": round(round_["baseline_gib"], 3),
-            "peak_gib_loading_the_site_only": round(load["peak_gib"], 3),
-            "round_seconds": round_["seconds"], "steps": round_["steps"]}
-    return {"node_peak_memory": figure(round_["peak_gib"], "GiB", target=TARGET_MEMORY_GIB, conditions=cond)}
+    base = ws.cohort("glucose", sites=1, patients=sizes.memory_patients, days=sizes.memory_days)
+    sites = {}
+    for n in sizes.memory_curve_patients:
+        if n == sizes.memory_patients:
+            cohort = base
+        elif n < sizes.memory_patients:
+            cohort = ws.cohort("glucose", sites=1, patients=n, days=sizes.memory_days)
+        else:
+            cohort = ws.cohorts / f"{base.name}-tiled-{n}"
+            if not (cohort / "spec.toml").is_file():
+                ws.progress(f"  tiling {base.name} to {n} patients")
+                tile_cohort(base, cohort, n // sizes.memory_patients)
+        sites[n] = (cohort / ws.site_names(base)[0], cohort / "spec.toml")  # tiled: the same names
+    ws.progress(f"  one node's memory at {', '.join(map(str, sites))} patients x {sizes.memory_days:g} days")
+    return node_memory_curve(sites, state_root=ws.runs, reference=sizes.memory_patients,
+                             days=sizes.memory_days)
+
+
+def node_memory_curve(sites: dict[int, tuple[Path, Path]], *, state_root: Path, reference: int,
+                      days: float) -> dict:
+    """Peak memory of one node (load only, and a whole round) at each size, ``sites`` mapping
+    patients to (site directory, spec); ``reference`` is the size with the target. Linearity:
+    the peak above the baseline per million rows at each size (falls towards the true cost per
+    row as fixed costs are spread), and the marginal cost per million rows between consecutive
+    sizes (the same at every step if growth is linear)."""
+    runs: dict[int, dict] = {}
+    for n, (site_dir, spec_path) in sorted(sites.items()):
+        state = state_root / f"memory-node-{n}"
+        shutil.rmtree(state, ignore_errors=True)
+        runs[n] = {"round": _probe("round", site_dir, state, spec_path),
+                   "load": _probe("load", site_dir, state, spec_path),
+                   "export_megabytes": round(sum(f.stat().st_size for f in site_dir.iterdir()) / 1e6, 1)}
+        shutil.rmtree(state, ignore_errors=True)
+    measure = ("peak resident set size of the node's own process (VmHWM), interpreter and "
+               "libraries included")
+    round_text = ("governance gate, load + validate, consent, calibrate, ledger, DP training (default "
+                  "plan), audit; SecAgg+ masking of the small update not included")
+    curve = {str(n): {"rows": r["load"]["rows"], "load_gib": round(r["load"]["peak_gib"], 3),
+                      "round_gib": round(r["round"]["peak_gib"], 3)} for n, r in runs.items()}
+    ref = runs[reference]
+    out = {"node_peak_memory": None}  # first in the table: the figure with the target
+    sizes = sorted(runs)
+    for mode, label in (("round", "round"), ("load", "load_only")):
+        for n in sizes:
+            probe, rows = runs[n][mode], runs[n]["load"]["rows"]
+            cond = {"patients": n, "days": days, "rows": rows, "export": "CSV",
+                    "export_megabytes": runs[n]["export_megabytes"], "measure": measure,
+                    "baseline_gib_after_imports": round(probe["baseline_gib"], 3),
+                    "seconds": probe["seconds"], "work": round_text if mode == "round" else "load_site only"}
+            out[f"node_peak_memory.{label}.{n}_patients"] = figure(probe["peak_gib"], "GiB", conditions=cond)
+        for n in sizes:
+            probe, rows = runs[n][mode], runs[n]["load"]["rows"]
+            out[f"node_memory_per_million_rows.{label}.{n}_patients"] = figure(
+                (probe["peak_gib"] - probe["baseline_gib"]) * 1024 / (rows / 1e6), "MiB/Mrows",
+                conditions={"patients": n, "rows": rows, "what": "peak minus baseline after imports"})
+        for a, b in zip(sizes, sizes[1:]):
+            rows = runs[b]["load"]["rows"] - runs[a]["load"]["rows"]
+            extra = runs[b][mode]["peak_gib"] - runs[a][mode]["peak_gib"]
+            out[f"node_memory_marginal_per_million_rows.{label}.{a}_to_{b}_patients"] = figure(
+                extra * 1024 / (rows / 1e6), "MiB/Mrows",
+                conditions={"from_patients": a, "to_patients": b, "extra_rows": rows,
+                            "what": "growth of the peak per million more rows"})
+    out["node_peak_memory"] = figure(ref["round"]["peak_gib"], "GiB", target=TARGET_MEMORY_GIB, conditions={
+        "patients": reference, "days": days, "rows": ref["load"]["rows"], "export": "CSV",
+        "export_megabytes": ref["export_megabytes"], "round": round_text, "measure": measure,
+        "baseline_gib_after_imports": round(ref["round"]["baseline_gib"], 3),
+        "peak_gib_loading_the_site_only": round(ref["load"]["peak_gib"], 3),
+        "round_seconds": ref["round"]["seconds"], "steps": ref["round"]["steps"], "curve": curve,
+        "larger_sizes": "the reference cohort tiled with renamed patient ids (bench.tile_site)"})
+    return out

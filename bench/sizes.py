@@ -73,6 +73,10 @@ class Sizes:
     deployed_patients: int = 30
     deployed_days: float = 2.0
     deployed_rounds: int = 5
+    # one node's memory against its size (patients, each memory_days long): the curve that shows
+    # growth linear in rows. Sizes above memory_patients are that cohort tiled (bench.tile_site),
+    # so they must be multiples of it.
+    memory_curve_patients: tuple[int, ...] = (1_000, 10_000, 50_000)
     # audit
     audit_entries: int = 100_000
 
@@ -92,5 +96,6 @@ QUICK = Sizes(
     whatif_patients=4, step_repeats=5, secagg_sites=3, secagg_patients=20, secagg_days=1.0,
     secagg_rounds=2, scale_sites=(3, 4), scale_patients=10, scale_days=1.0, scale_rounds=2,
     scale_without_secagg=False, secagg_cost_sites=(3, 10),
-    memory_patients=200, memory_days=1.0, deployed_patients=10, deployed_rounds=2, audit_entries=5_000,
+    memory_patients=200, memory_days=1.0, memory_curve_patients=(100, 200, 400), deployed_patients=10,
+    deployed_rounds=2, audit_entries=5_000,
 )

@@ -171,12 +171,14 @@ def _consented_site(node: NodeConfig, plan: TrainingPlan):
     from twinfed.models.windows import WindowIndex
 
     site = load_site(node.site_data, plan.spec)
-    used = site.subset(granted_patients(node.state_dir, plan.purpose))
+    in_export = site.n_patients
+    used = site.subset(granted_patients(node.state_dir, plan.purpose), reuse=True)
+    del site  # its arrays now hold ``used``
     if used.n_patients == 0 or WindowIndex.build(used).patients_with_windows().size == 0:
         raise ConsentError(f"site {node.site_name}: no patient has granted consent for purpose "
                            f"{plan.purpose!r} and a full window of {plan.spec.window_steps} steps; "
                            "import consent records with 'twinfed consent import' before joining")
-    return used, used.n_patients, site.n_patients - used.n_patients
+    return used, used.n_patients, in_export - used.n_patients
 
 
 def _reserve_privacy(node: NodeConfig, plan: TrainingPlan, server_round: int, audit, entries, *,

@@ -20,18 +20,32 @@ class WindowIndex:
 
     @classmethod
     def build(cls, site: SiteData) -> WindowIndex:
+        """Every window of every patient: ``window_steps`` consecutive rows of one patient on
+        consecutive steps. Built from the runs of such rows, so besides ``starts`` it holds
+        one byte per row (a round's peak at the node is the data, not its index)."""
         w = site.spec.window_steps
         n = site.n_rows
-        if n < w:
-            return cls(np.zeros(0, np.int64), np.zeros(site.n_patients + 1, np.int64))
-        first = np.arange(n - w + 1)
-        last = first + w - 1
-        patient_of_row = np.repeat(np.arange(site.n_patients), np.diff(site.offsets))
-        ok = (patient_of_row[first] == patient_of_row[last]) & \
-             (site.steps[last] - site.steps[first] == w - 1)
-        starts = first[ok]
-        counts = np.bincount(patient_of_row[starts], minlength=site.n_patients)
-        return cls(starts.astype(np.int64), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+        # A run starts at each patient's first row and after each gap in the steps.
+        breaks = np.ones(n, dtype=bool)
+        if n > 1:
+            np.not_equal(np.diff(site.steps), 1, out=breaks[1:])
+        breaks[site.offsets[:-1][np.diff(site.offsets) > 0]] = True
+        run_starts = np.flatnonzero(breaks)
+        del breaks
+        per_run = np.diff(np.append(run_starts, n)) - (w - 1)
+        run_starts, per_run = run_starts[per_run > 0], per_run[per_run > 0]
+        # starts = run_start, run_start + 1, ... for each run: a running sum of steps of 1,
+        # jumping to the next run's first row
+        starts = np.ones(int(per_run.sum()), dtype=np.int64)
+        if starts.size:
+            firsts = np.concatenate([[0], np.cumsum(per_run)[:-1]])
+            last_before = np.concatenate([[0], (run_starts + per_run - 1)[:-1]])
+            starts[firsts] = run_starts - last_before
+            starts[0] = run_starts[0]
+            np.cumsum(starts, out=starts)
+        run_patient = np.searchsorted(site.offsets, run_starts, side="right") - 1
+        counts = np.bincount(run_patient, weights=per_run, minlength=site.n_patients).astype(np.int64)
+        return cls(starts, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
 
     @property
     def n_windows(self) -> int:

@@ -136,6 +136,10 @@ def test_the_quick_sizes_are_no_bigger_than_the_full_run():
     assert max(QUICK.scale_sites) <= max(FULL.scale_sites)
     assert max(QUICK.secagg_cost_sites) <= max(FULL.secagg_cost_sites) and 1000 in FULL.secagg_cost_sites
     assert FULL.memory_patients == 10_000 and FULL.audit_entries == 100_000  # DESIGN.md section 6
+    for sizes in (QUICK, FULL):  # the curve passes through the target's size; larger ones are tiled
+        assert sizes.memory_patients in sizes.memory_curve_patients
+        assert all(n % sizes.memory_patients == 0 for n in sizes.memory_curve_patients if n > sizes.memory_patients)
+    assert max(QUICK.memory_curve_patients) <= min(FULL.memory_curve_patients)
 
 
 def test_the_quick_run_exercises_every_world_of_the_full_run():
