@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-SECTIONS = ("accuracy", "whatif", "cost", "scale", "deployed", "audit", "soak")
+SECTIONS = ("accuracy", "whatif", "cost", "scale", "deployed", "capacity", "audit", "soak")
 
 
 def figure(value: float, unit: str, *, conditions: dict | None = None,
