@@ -19,7 +19,10 @@ from twinfed.errors import TwinfedError
 from twinfed.wire import ROLL_CALL_RECORD, UNCONFIGURED, NodeReply
 
 NODE_WAIT_S = 30.0
-REPLY_WAIT_S = 60.0
+# A node's first message starts its ClientApp (on the simulation engine, a Ray worker importing
+# the app): on a loaded machine that alone can take minutes. Nodes that are there but have no
+# site configured answer at once, so only a stuck node makes the coordinator wait this long.
+REPLY_WAIT_S = 300.0
 _POLL_S = 1.0
 
 
@@ -47,6 +50,12 @@ def roll_call(grid, needed: int, *, secure: bool, wait: float = NODE_WAIT_S) -> 
             continue
     ready = [r for r in replies if r.status == "ok"]
     unconfigured = sum(1 for r in replies if r.site == UNCONFIGURED)
+    silent = len(node_ids) - len(replies)
+    if len(ready) < needed and silent and len(ready) + silent >= needed:
+        raise TwinfedError(
+            f"{silent} of {len(node_ids)} SuperNode(s) did not answer the roll call within "
+            f"{REPLY_WAIT_S:.0f} s, so only {len(ready)} are ready and this study needs {needed}: "
+            "they may be overloaded or stuck; see their logs and start the study again")
     if len(ready) < needed:
         if unconfigured:
             raise TwinfedError(
