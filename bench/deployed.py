@@ -47,7 +47,7 @@ def run(ws: Workspace, sizes: Sizes) -> dict:
     sim_round = _steady(simulated.summary)
     summary, run_dir, deployed_seconds = _deployed(ws, plan, cohort)
     dep_round = _steady(summary)
-    stages = message_phases(run_dir / "deploy" / "logs")
+    stages = message_phases(run_dir / "deploy" / "logs", sizes.deployed_rounds)
     imports = import_seconds()
     base = plan_conditions(plan) | {
         "sites": 3, "patients_per_site": sizes.deployed_patients, "days": sizes.deployed_days,
@@ -107,8 +107,9 @@ def _deployed(ws: Workspace, plan, cohort: Path) -> tuple[dict, Path, float]:
     return summary, run_dir, time.perf_counter() - t0
 
 
-def message_phases(logs: Path) -> dict[str, float]:
-    """Median seconds of each phase of a node's messages, from the SuperNodes' stamped logs."""
+def message_phases(logs: Path, rounds: int) -> dict[str, float]:
+    """Median seconds of each phase of a node's messages, from the SuperNodes' stamped logs, and
+    the training messages each node handled per round."""
     wait, light, train, between = [], [], [], []
     per_round = []
     for log in sorted(logs.glob("supernode-*.log")):
@@ -123,26 +124,20 @@ def message_phases(logs: Path) -> dict[str, float]:
             (t0, a, kind), (t1, b, _), (t2, c, _) = events[i:i + 3]
             if a == "Receiving" and b.startswith("Start") and c == "Sending":
                 msgs.append((t0, t1, t2, kind))
+        # SecAgg+'s train messages come in fours per round (set-up, share keys, collect masked
+        # vectors, unmask); the third trains.
         trains = [m for m in msgs if m[3] == "train"]
-        if len(trains) >= 4:
-            per_round.append(4)
-        for k, (t0, t1, t2, kind) in enumerate(msgs):
+        training = {id(m) for m in trains[2::4]}
+        per_round.append(len(trains) / rounds)
+        for k, msg in enumerate(msgs):
+            t0, t1, t2, _ = msg
             wait.append(t1 - t0)
-            if kind == "train" and _is_training_stage(trains, (t0, t1, t2, kind)):
-                train.append(t2 - t1)
-            else:
-                light.append(t2 - t1)
+            (train if id(msg) in training else light).append(t2 - t1)
             if k + 1 < len(msgs):
                 between.append(msgs[k + 1][0] - t2)
     med = (lambda v: statistics.median(v) if v else float("nan"))
     return {"task_start": med(wait), "clientapp_light": med(light), "clientapp_train": med(train),
-            "between_stages": med(between), "messages_per_round": float(per_round[0] if per_round else 0)}
-
-
-def _is_training_stage(trains: list, msg: tuple) -> bool:
-    """SecAgg+'s train messages come in fours per round (set-up, share keys, collect masked
-    vectors, unmask); the third trains."""
-    return trains.index(msg) % 4 == 2
+            "between_stages": med(between), "messages_per_round": med(per_round)}
 
 
 def import_seconds() -> dict[str, float]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twinfed.deploy.processes import DeployError
+from twinfed.deploy.supernode import DEFAULT_PULL_INTERVAL_S
 
 CONNECTION = "twinfed"
 BINARIES = ("flower-superlink", "twinfed-supernode", "flower-supernode", "flower-superexec", "flwr",
@@ -96,7 +97,6 @@ def supernode_argv(*, superlink: str, ca_cert: Path, auth_key: Path, node_config
     nodes on one host each need their own. ``insecure`` exists only to test that the SuperLink
     gives a plaintext client nothing: such a client sends no authentication key (Flower itself
     refuses to send one without TLS)."""
-    from twinfed.deploy.supernode import DEFAULT_PULL_INTERVAL_S
 
     if insecure:
         security = ["--insecure"]

@@ -60,15 +60,10 @@ class PromptGrid(Grid):
             got = list(self.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not pending:
+            left = self.pull_interval if deadline is None else deadline - time.monotonic()
+            if not pending or left <= 0:
                 break
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                time.sleep(min(self.pull_interval, left))
-            else:
-                time.sleep(self.pull_interval)
+            time.sleep(min(self.pull_interval, left))
         return replies
 
     def __getattr__(self, name: str):  # anything a Grid subclass adds (e.g. close)
