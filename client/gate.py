@@ -110,7 +110,7 @@ def _admit(node: NodeConfig, plan: TrainingPlan, instruction: RoundInstruction, 
     entries = _own_entries(node)
     require_approved(node.state_dir, plan.sha256(), entries=entries)  # before any data is read
     _acknowledge_skips(audit, entries, instruction)
-    site, used, excluded = _consented_site(node, plan)
+    site, windows, used, excluded = _consented_site(node, plan)
     study = None
     with state_lock(node.state_dir):
         if plan.privacy.enabled:
@@ -123,7 +123,8 @@ def _admit(node: NodeConfig, plan: TrainingPlan, instruction: RoundInstruction, 
     else:
         released = Released(steps=plan.training.local_steps, privacy=privacy,
                             counts=_named_counts(study.counts(), plan))
-    return Admission(node=node, plan=plan, round=instruction.round, site=site, patients_used=used,
+    return Admission(node=node, plan=plan, round=instruction.round, site=site, windows=windows,
+                     patients_used=used,
                      patients_excluded=excluded, study=study), released
 
 
@@ -174,11 +175,12 @@ def _consented_site(node: NodeConfig, plan: TrainingPlan):
     in_export = site.n_patients
     used = site.subset(granted_patients(node.state_dir, plan.purpose), reuse=True)
     del site  # its arrays now hold ``used``
-    if used.n_patients == 0 or WindowIndex.build(used).patients_with_windows().size == 0:
+    windows = WindowIndex.build(used) if used.n_patients else None
+    if windows is None or windows.patients_with_windows().size == 0:
         raise ConsentError(f"site {node.site_name}: no patient has granted consent for purpose "
                            f"{plan.purpose!r} and a full window of {plan.spec.window_steps} steps; "
                            "import consent records with 'twinfed consent import' before joining")
-    return used, used.n_patients, in_export - used.n_patients
+    return used, windows, used.n_patients, in_export - used.n_patients
 
 
 def _reserve_privacy(node: NodeConfig, plan: TrainingPlan, server_round: int, audit, entries, *,

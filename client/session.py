@@ -29,6 +29,7 @@ class Admission:
     plan: TrainingPlan
     round: int
     site: object  # SiteData of the consented patients only (stays at the node)
+    windows: object  # models.windows.WindowIndex of ``site``, built once by the gate
     patients_used: int  # exact: for the node's own audit log only
     patients_excluded: int
     study: object | None  # privacy.study.StudyPrivacy; None for a non-private baseline
@@ -75,7 +76,7 @@ def train_admitted(adm: Admission, weights: list[np.ndarray]) -> TrainOutcome:
         from twinfed.privacy.dp import DPSettings, patient_examples, train_private
 
         s = adm.study
-        result = train_private(model, patient_examples(adm.site, plan.training, inputs), config,
+        result = train_private(model, patient_examples(adm.site, plan.training, inputs, adm.windows), config,
                                DPSettings(s.noise_multiplier, plan.privacy.clipping_norm,
                                           s.sample_rate, s.expected_batch),
                                steps=plan.training.local_steps,
@@ -86,7 +87,8 @@ def train_admitted(adm: Admission, weights: list[np.ndarray]) -> TrainOutcome:
         seed = round_seed(plan, adm.node.site_name, adm.round)
         torch.manual_seed(seed)
         result = train_local(model, adm.site, config, seed=seed,
-                             optimizer_state=optimizer_state(adm.node, plan), inputs=inputs)
+                             optimizer_state=optimizer_state(adm.node, plan), inputs=inputs,
+                             index=adm.windows)
     clip = plan.privacy.update_clip
     update = [new - old for new, old in zip(get_weights(model), weights)]
     entries = sum(u.size for u in update)

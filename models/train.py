@@ -29,10 +29,11 @@ class PatientWindows(Dataset):
     """Item ``i``: features ``[k, F]`` and targets ``[k, O]`` of ``k`` random windows of the
     ``i``-th eligible patient, as the model's ``inputs`` (``surrogate.inputs_for``) build them."""
 
-    def __init__(self, site: SiteData, *, seed: int, windows_per_patient: int = 1, inputs=None):
+    def __init__(self, site: SiteData, *, seed: int, windows_per_patient: int = 1, inputs=None,
+                 index: WindowIndex | None = None):
         self.site = site
         self.k = windows_per_patient
-        self.index = WindowIndex.build(site)
+        self.index = index if index is not None else WindowIndex.build(site)
         self.patients = self.index.patients_with_windows()
         self.inputs = inputs or Scaler(site.spec)
         self.rng = np.random.default_rng(seed)
@@ -140,10 +141,11 @@ def save_adam(optimizer: torch.optim.Optimizer, state: Path | None) -> None:
 
 
 def train_local(model: nn.Module, site: SiteData, config: TrainingConfig, *, seed: int,
-                optimizer_state: Path | None = None, inputs=None) -> TrainResult:
-    """Non-private local training: ``config.local_steps`` Adam steps over patient batches."""
+                optimizer_state: Path | None = None, inputs=None, index: WindowIndex | None = None) -> TrainResult:
+    """Non-private local training: ``config.local_steps`` Adam steps over patient batches;
+    ``index``: the site's window index if the caller already built it."""
     data = PatientWindows(site, seed=seed, windows_per_patient=config.windows_per_patient,
-                          inputs=inputs)
+                          inputs=inputs, index=index)
     if len(data) == 0:
         return TrainResult(steps=0, mean_loss=float("nan"))
     optimizer = make_adam(model, config, optimizer_state)

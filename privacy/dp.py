@@ -42,11 +42,12 @@ def csprng_seed() -> int:
     return secrets.randbits(63)
 
 
-def patient_examples(site: SiteData, config: TrainingConfig, inputs=None) -> PatientWindows:
+def patient_examples(site: SiteData, config: TrainingConfig, inputs=None, index=None) -> PatientWindows:
     """The node's DP examples, one per patient with at least one window, CSPRNG-seeded;
-    ``inputs``: how the model reads a window (``surrogate.inputs_for``)."""
+    ``inputs``: how the model reads a window (``surrogate.inputs_for``); ``index``: the site's
+    ``WindowIndex`` if the caller already built it."""
     return PatientWindows(site, seed=csprng_seed(), windows_per_patient=config.windows_per_patient,
-                          inputs=inputs)
+                          inputs=inputs, index=index)
 
 
 PER_SAMPLE_METHODS = ("auto", "linear", "hooks")
