@@ -93,6 +93,41 @@ class SecAggConfig(BaseModel):
     correctness_bits: Annotated[int, Field(ge=1, le=64)] = 20
 
 
+# The normalised forecast error's histogram edges (see twinfed.models.calibration): fine where
+# the 80% and 95% quantiles usually fall (scores of 1-3), coarse above, where every bin's DP noise
+# adds to the tail the quantile is read from.
+DEFAULT_EDGES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0)
+
+
+class CalibrationConfig(BaseModel):
+    """Prediction intervals by split conformal prediction, calibrated at the end of a study.
+
+    Each node keeps ``holdout_fraction`` of its consented patients out of training (chosen by a
+    hash of the plan and the patient id, the same every round) and, once the twin is trained,
+    releases the histogram of their normalised forecast errors with Gaussian noise of
+    ``noise_multiplier`` (sensitivity: one patient moves at most one unit of mass per state),
+    charged to its ledger within the plan's epsilon. The coordinator reads each level's quantile
+    off the summed histogram (``twinfed.models.calibration``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    holdout_fraction: Annotated[float, Field(gt=0, le=0.9)] = 0.25
+    noise_multiplier: Annotated[float, Field(gt=0, le=1e4)] = 3.0
+    levels: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = (0.8, 0.95)
+    edges: tuple[Annotated[float, Field(gt=0)], ...] = DEFAULT_EDGES
+    # Each calibration patient's first hours identify them (as evaluation and what-if do); the
+    # windows after them are scored.
+    identify_hours: Annotated[float, Field(gt=0, le=24 * 366)] = 48.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CalibrationConfig:
+        if list(self.edges) != sorted(set(self.edges)) or len(self.edges) < 2:
+            raise ValueError("calibration edges must be at least two increasing numbers")
+        if list(self.levels) != sorted(set(self.levels)) or not self.levels:
+            raise ValueError("calibration levels must be increasing, e.g. (0.8, 0.95)")
+        return self
+
+
 class PrivacyConfig(BaseModel):
     """Patient-level DP-SGD at every node, and secure aggregation of the nodes' updates."""
 
@@ -142,6 +177,9 @@ class TrainingPlan(BaseModel):
     strategy: str = "fedavg"
     # The DP-released figures the nodes report (see twinfed.wire); nothing else can be asked for.
     metrics: tuple[str, ...] = ("patients_used", "patients_excluded")
+    # Prediction intervals calibrated at the study's end (None: no intervals). Left out of the
+    # canonical JSON when None, so plans written before intervals existed keep their hashes.
+    calibration: CalibrationConfig | None = None
 
     def unsupported_metrics(self) -> list[str]:
         """Metrics this plan asks for that no node ever releases (e.g. a training loss)."""
@@ -161,7 +199,10 @@ class TrainingPlan(BaseModel):
         return self.spec.purpose
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        doc = self.model_dump(mode="json")
+        if doc.get("calibration") is None:
+            doc.pop("calibration", None)
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
     def sha256(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()

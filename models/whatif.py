@@ -36,6 +36,8 @@ class Scenario:
     ops: tuple[Op, ...] = field(default_factory=tuple)
 
     def apply(self, spec: TwinSpec, future_controls: np.ndarray) -> np.ndarray:
+        """``future_controls`` ``[T, C]`` (or ``[..., T, C]``) changed by the scenario's operations;
+        ``@MIN`` counts minutes from the first of the ``T`` steps."""
         out = future_controls.copy()
         cols = spec.control_columns
         for op in self.ops:
@@ -43,18 +45,19 @@ class Scenario:
             if op.minute is None:
                 rows = slice(None)
             else:
-                if op.minute % spec.step_minutes or not 0 <= op.minute < spec.horizon_minutes:
+                span = out.shape[-2] * spec.step_minutes  # the horizon in a what-if, a trial's duration
+                if op.minute % spec.step_minutes or not 0 <= op.minute < span:
                     raise ScenarioError(f"scenario {self.name}: minute {op.minute} must be a multiple of "
-                                        f"{spec.step_minutes} below the horizon ({spec.horizon_minutes} min)")
+                                        f"{spec.step_minutes} below {span} min (the span it applies to)")
                 rows = slice(op.minute // spec.step_minutes, op.minute // spec.step_minutes + 1)
             if op.op == "*":
-                out[rows, j] *= op.value
+                out[..., rows, j] *= op.value
             elif op.op == "=":
-                out[rows, j] = op.value
+                out[..., rows, j] = op.value
             else:
-                out[rows, j] += op.value
+                out[..., rows, j] += op.value
             c = spec.controls[j]
-            if (out[:, j] < c.min).any() or (out[:, j] > c.max).any():
+            if (out[..., j] < c.min).any() or (out[..., j] > c.max).any():
                 raise ScenarioError(f"scenario {self.name}: {op.column} leaves the spec's range "
                                     f"[{c.min:g}, {c.max:g}] {c.unit}; choose a smaller change")
         return out

@@ -30,7 +30,7 @@ def test_scale_set_and_add_at_a_minute():
     ("x=heparin*2", "not a control of the twin (controls: insulin_u, carbs_g)"),
     ("x=carbs_g+30", "'+' needs a minute"),
     ("x=carbs_g+30@7", "minute 7 must be a multiple of 5"),
-    ("x=carbs_g+30@60", "below the horizon"),
+    ("x=carbs_g+30@60", "below 60 min"),
     ("x=insulin_u=500", "leaves the spec's range"),
     ("insulin_u*2", "write NAME=OP"),
     ("x=insulin_u/2", "cannot read"),

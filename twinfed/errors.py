@@ -57,3 +57,7 @@ class AuditError(TwinfedError):
 
 class NodeStateError(TwinfedError):
     """A node's or coordinator's state directory is missing, incomplete or already initialised."""
+
+
+class TrialError(TwinfedError):
+    """An in-silico trial's arms file is malformed, or the trial cannot run on the data given."""
