@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from twinfed.errors import ScenarioError
 from twinfed.models.site_data import SiteData
 from twinfed.models.spec import TwinSpec
-from twinfed.models.twin import Twin
 from twinfed.models.windows import Batch, context_at
+
+if TYPE_CHECKING:  # annotations only: parsing and applying scenarios (trial arms) needs no torch
+    from twinfed.models.twin import Twin
 
 _OP = re.compile(r"^(?P<col>[A-Za-z_][A-Za-z0-9_]*)\s*(?P<op>[*=+])\s*(?P<val>[-+0-9.eE]+)"
                  r"(?:\s*@\s*(?P<at>[0-9]+))?$")
