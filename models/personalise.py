@@ -37,17 +37,26 @@ PRIOR_WEIGHT = 0.02
 @dataclass
 class Identified:
     """Per patient: the fitted ``offset`` (``[P, n_params]``, added to the encoder's ``z``) and
-    how many windows each fit used (0: no full window before ``until``; the offset is then 0)."""
+    how many windows each fit used (0: no full window before ``until``; the offset is then 0).
+
+    The windows themselves: ``starts`` (row indices into the site, grouped by patient) and
+    ``owner`` (each window's row of ``offset``, i.e. its position in ``patients``, the site
+    indices fitted), so what is computed on the fit's own windows (a patient's error scale for
+    prediction intervals, ``twinfed.models.calibration``) needs no second selection."""
 
     offset: torch.Tensor
     n_windows: np.ndarray
+    starts: np.ndarray
+    owner: np.ndarray
+    patients: np.ndarray
 
 
-def identify(model, site: SiteData, patients: np.ndarray, until_steps: np.ndarray, *,
-             windows: int = WINDOWS, steps: int = STEPS, prior_weight: float = PRIOR_WEIGHT,
-             seed: int = 0) -> Identified:
-    """Fit each of ``patients`` (indices into ``site``) on its windows whose horizon ends at or
-    before its ``until_steps`` (the site's time grid)."""
+def identification_windows(site: SiteData, patients: np.ndarray, until_steps: np.ndarray, *,
+                           windows: int = WINDOWS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The windows an identification reads: for each of ``patients``, up to ``windows`` of its
+    windows whose horizon ends at or before its ``until_steps``, drawn without replacement.
+    Returns the window starts (grouped by patient, in the order of ``patients``) and the count
+    per patient."""
     index = WindowIndex.build(site)
     rng = np.random.default_rng(seed)
     h, k = site.spec.history_steps, site.spec.horizon_steps
@@ -59,15 +68,25 @@ def identify(model, site: SiteData, patients: np.ndarray, until_steps: np.ndarra
             own = np.sort(rng.choice(own, windows, replace=False))
         counts.append(own.size)
         starts.append(own)
-    counts = np.array(counts, dtype=np.int64)
+    flat = np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64)
+    return flat, np.array(counts, dtype=np.int64)
+
+
+def identify(model, site: SiteData, patients: np.ndarray, until_steps: np.ndarray, *,
+             windows: int = WINDOWS, steps: int = STEPS, prior_weight: float = PRIOR_WEIGHT,
+             seed: int = 0) -> Identified:
+    """Fit each of ``patients`` (indices into ``site``) on its windows whose horizon ends at or
+    before its ``until_steps`` (the site's time grid)."""
+    patients = np.asarray(patients, dtype=np.int64)
+    starts, counts = identification_windows(site, patients, until_steps, windows=windows, seed=seed)
+    owner_np = np.repeat(np.arange(len(patients)), counts)
     offset = torch.zeros(len(patients), len(model.binding.params), requires_grad=True)
     if counts.sum() == 0:
-        return Identified(offset.detach(), counts)
-    owner = torch.from_numpy(np.repeat(np.arange(len(patients)), counts))
+        return Identified(offset.detach(), counts, starts, owner_np, patients)
+    owner = torch.from_numpy(owner_np)
     model.eval()
     with torch.no_grad():  # what does not depend on the offset, once
-        batch = gather(site, np.concatenate(starts), np.repeat(np.asarray(patients), counts),
-                       with_context=True)
+        batch = gather(site, starts, patients[owner_np], with_context=True)
         u = model.unpack(torch.from_numpy(model.inputs.batch_features(batch)))
         y = torch.from_numpy(model.inputs.targets(batch))
         z_windows = model.parameters_of(u)
@@ -85,4 +104,4 @@ def identify(model, site: SiteData, patients: np.ndarray, until_steps: np.ndarra
             m.mul_(b1).add_(grad, alpha=1 - b1)
             v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
             offset -= LEARNING_RATE * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + 1e-8)
-    return Identified(offset.detach(), counts)
+    return Identified(offset.detach(), counts, starts, owner_np, patients)
