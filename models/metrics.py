@@ -12,6 +12,8 @@ from twinfed.models.site_data import SiteData
 from twinfed.models.windows import Batch, WindowIndex, gather
 
 Forecaster = Callable[[Batch], np.ndarray]  # batch -> [B, K, S]
+# Sees each scored batch and every forecaster's forecast of it (e.g. to count interval coverage).
+Observer = Callable[[Batch, dict[str, np.ndarray]], None]
 
 
 @dataclass
@@ -26,10 +28,11 @@ class _Acc:
 
 def evaluate_site(site: SiteData, forecasters: dict[str, Forecaster], *,
                   stride: int = 1, chunk: int = 50_000, with_context: bool = False,
-                  origin_from: np.ndarray | None = None) -> dict:
+                  origin_from: np.ndarray | None = None, observe: Observer | None = None) -> dict:
     """RMSE and MAE by horizon step for each forecaster, plus persistence, over every window
     (every ``stride``-th), or only those whose forecast origin is at or after ``origin_from``
-    (per patient, on the site's time grid).
+    (per patient, on the site's time grid). ``observe``, if given, is called with every scored
+    batch and the forecasters' forecasts of it; it changes nothing returned here.
 
     Returns ``{"n_patients", "n_windows", "states": {col: {"<name>_rmse_by_step": [...], ...}}}``.
     """
@@ -49,8 +52,11 @@ def evaluate_site(site: SiteData, forecasters: dict[str, Forecaster], *,
         batch = gather(site, index.starts[sel], patients_all[sel], with_context=with_context)
         truth = batch.future_states
         accs["persistence"].add(persistence(batch.history[:, -1, :s], k) - truth)
-        for name, fn in forecasters.items():
-            accs[name].add(fn(batch) - truth)
+        preds = {name: fn(batch) for name, fn in forecasters.items()}
+        for name, pred in preds.items():
+            accs[name].add(pred - truth)
+        if observe is not None:
+            observe(batch, preds)
     n = max(int(take.size), 1)
     states = {}
     for j, col in enumerate(spec.state_columns):

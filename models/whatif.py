@@ -117,6 +117,13 @@ class WhatIf:
     clinical: dict[str, float] | None = None
     parameters_from: str | None = None
     identification_windows: int = 0
+    # Prediction intervals (twinfed.models.calibration), when the model has a calibration and the
+    # patient an error scale: the scale [K, S], each scenario's bands by level key ("80", "95":
+    # (lower, upper), each [K, S]) and the calibration's label; otherwise why not.
+    scales: np.ndarray | None = None
+    bands: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] | None = None
+    intervals: dict | None = None
+    intervals_note: str | None = None
 
 
 def origin_batch(site: SiteData, p: int, end: int, history: np.ndarray) -> Batch:
@@ -132,11 +139,15 @@ def origin_batch(site: SiteData, p: int, end: int, history: np.ndarray) -> Batch
 
 
 def run_whatif(twin: Twin, site: SiteData, patient_id: str, at_min: float,
-               scenarios: list[Scenario], *, personalise: bool = True) -> WhatIf:
+               scenarios: list[Scenario], *, personalise: bool = True, calibration=None) -> WhatIf:
     """Forecast the patient from ``at_min`` under each scenario. A hybrid twin identifies the
     patient's core parameters from their record up to ``at_min`` (never after it) unless
-    ``personalise`` is off."""
+    ``personalise`` is off. With a ``calibration`` (``IntervalCalibration``) each scenario gets
+    prediction intervals around its forecast, from the patient's error scale on the
+    identification's windows (a personalised patient only)."""
     spec = twin.spec
+    if calibration is not None:
+        calibration.check_twin(twin)
     if patient_id not in site.patient_ids:
         raise ScenarioError("no such patient in the site data; check --patient")
     p = site.patient_ids.index(patient_id)
@@ -159,22 +170,47 @@ def run_whatif(twin: Twin, site: SiteData, patient_id: str, at_min: float,
     recorded = series[end + 1: end + 1 + k, s:] if future_known else np.zeros((k, len(spec.controls)), np.float32)
     observed = series[end + 1: end + 1 + k, :s] if future_known else None
     origin = origin_batch(site, p, end, history)
-    offset, clinical, source, n_fit = None, None, None, 0
+    offset, clinical, source, n_fit, fitted = None, None, None, 0, None
     if twin.hybrid:
-        offset, source, n_fit = _identification(twin, site, p, at, personalise)
+        offset, source, n_fit, fitted = _identification(twin, site, p, at, personalise)
         clinical = _clinical(twin, origin, offset)
     forecasts, controls = {}, {}
     for sc in scenarios:
         fc = sc.apply(spec, recorded.astype(np.float32))
         controls[sc.name] = fc
         forecasts[sc.name] = twin.forecast(origin.with_future_controls(fc[None]), offset=offset)[0]
+    scales, note = _scales(twin, site, p, at, fitted, calibration)
+    bands = None
+    if scales is not None:
+        from twinfed.models.calibration import interval_bands
+
+        bands = {name: interval_bands(fc, scales, calibration, spec)
+                 for name, fc in forecasts.items()}
     return WhatIf(
         minutes=[(i + 1) * spec.step_minutes for i in range(k)],
         history_minutes=[(i - h + 1) * spec.step_minutes for i in range(h)],
         history=history[:, :s], observed=observed, forecasts=forecasts, controls=controls,
         recorded_future_known=bool(future_known), clinical=clinical, parameters_from=source,
-        identification_windows=n_fit,
+        identification_windows=n_fit, scales=scales, bands=bands,
+        intervals=None if bands is None else calibration.label(), intervals_note=note,
     )
+
+
+def _scales(twin: Twin, site: SiteData, p: int, at_step: int, fitted, calibration):
+    """The patient's error scale ``[K, S]`` for the intervals, or None and why there is none."""
+    if calibration is None:
+        return None, ("the model has no calibration (model/calibration.json); `twinfed calibrate` "
+                      "makes one from patients the twin was not trained on")
+    from twinfed.models.calibration import identification_scales, identify_patients
+
+    if twin.hybrid and fitted is None:
+        return None, ("the patient was not personalised (no full window of record before --at, or "
+                      "--no-personalise): the intervals are calibrated for the personalised twin")
+    if fitted is None:  # not a hybrid: the same windows, the plain forecast
+        fitted = identify_patients(twin, site, np.array([p]), np.array([at_step]))
+        if fitted.n_windows[0] == 0:
+            return None, "no full window of record before --at to compute the patient's error scale from"
+    return identification_scales(twin, site, fitted)[0], None
 
 
 def _identification(twin: Twin, site: SiteData, p: int, at_step: int, personalise: bool):
@@ -185,8 +221,8 @@ def _identification(twin: Twin, site: SiteData, p: int, at_step: int, personalis
 
         fitted = identify(twin.surrogate, site, np.array([p]), np.array([at_step]))
         if fitted.n_windows[0] > 0:
-            return fitted.offset, "personalised", int(fitted.n_windows[0])
-    return None, "population", 0
+            return fitted.offset, "personalised", int(fitted.n_windows[0]), fitted
+    return None, "population", 0, None
 
 
 def _clinical(twin: Twin, origin: Batch, offset) -> dict[str, float]:
