@@ -27,6 +27,8 @@ def run(tmp_path_factory):
 def _cases(root, patient):
     holdout = root / "cohort" / HOLDOUT
     return {
+        # --force: the case is idempotent, whatever ran before it in this module
+        ("calibrate",): ["calibrate", "--model", str(root / "run"), "--data", str(holdout), "--force", "--json"],
         ("evaluate",): ["evaluate", "--model", str(root / "run"), "--spec", str(root / "cohort" / "spec.toml"),
                         "--data", str(holdout), "--identify-hours", "24", "--json"],
         ("whatif",): ["whatif", "--model", str(root / "run"), "--data", str(holdout), "--patient", patient,
@@ -48,7 +50,8 @@ def _commands_with_json(parser: argparse.ArgumentParser, prefix=()) -> set[tuple
     return found
 
 
-JSON_COMMANDS = [("evaluate",), ("whatif",), ("audit", "verify"), ("audit", "show"), ("ledger", "show")]
+# calibrate first: evaluate and whatif then show the intervals it calibrated.
+JSON_COMMANDS = [("calibrate",), ("evaluate",), ("whatif",), ("audit", "verify"), ("audit", "show"), ("ledger", "show")]
 
 
 def test_the_table_covers_every_json_output():

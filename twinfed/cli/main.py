@@ -21,7 +21,7 @@ privacy officers:  plan show|approve|revoke|list, consent grant|withdraw|status,
                    audit verify|show|report, ledger show|rebuild|set-budget
 coordinators:      simulate (a whole study on one machine), demo,
                    deploy certs (TLS for a real consortium), deploy local (real Flower processes)
-everyone:          evaluate, whatif (use a trained twin)
+everyone:          evaluate, whatif, calibrate (use a trained twin)
 """
 
 

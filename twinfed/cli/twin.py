@@ -1,4 +1,4 @@
-"""``twinfed evaluate`` and ``twinfed whatif``: using a trained twin."""
+"""``twinfed evaluate``, ``twinfed whatif`` and ``twinfed calibrate``: using a trained twin."""
 
 from __future__ import annotations
 
@@ -45,6 +45,23 @@ def register(sub) -> None:
                          "from the record before --at)")
     wi.set_defaults(func=cmd_whatif)
 
+    ca = sub.add_parser("calibrate", help="calibrate a twin's prediction intervals on a site's patients",
+                        description="Split conformal calibration of the twin's prediction intervals "
+                                    "(80% and 95%, or the plan's levels) on the patients in DIR, all "
+                                    "of them: they must be patients the twin was NOT trained on (e.g. "
+                                    "a cohort's holdout), or the intervals come out too narrow. Each "
+                                    "patient's first hours (the plan's identify_hours, default 48) "
+                                    "identify them; later windows are scored. Writes "
+                                    "RUN/model/calibration.json (the histogram of normalised errors and "
+                                    "its quantiles; no differential privacy: made from this site alone), "
+                                    "which evaluate and whatif then use.")
+    ca.add_argument("--model", type=Path, required=True, metavar="RUN", help="run directory of a study")
+    ca.add_argument("--data", type=Path, required=True, metavar="DIR",
+                    help="site directory of patients the twin was not trained on")
+    ca.add_argument("--force", action="store_true", help="replace an existing calibration")
+    ca.add_argument("--json", action="store_true", help="print JSON for machines")
+    ca.set_defaults(func=cmd_calibrate)
+
 
 def _warn_if_not_private(label: dict) -> None:
     if label.get("warning"):
@@ -69,10 +86,17 @@ def cmd_evaluate(args) -> int:
                  m["mae_by_step"][i]] for i in range(k)]
         print(f"\n{col}")
         print(format_table(["horizon", "RMSE twin", "RMSE persistence", "MAE twin"], rows))
+        if m.get("coverage"):
+            print("interval coverage: " + ", ".join(
+                f"{key}% -> {m['coverage'][key]:.1%} of patients' steps ({m['coverage_windows'][key]:.1%} "
+                "of windows)" for key in m["coverage"]))
+    if report.get("intervals_note"):
+        print(f"\nno prediction intervals: {report['intervals_note']}")
     return 0
 
 
 def cmd_whatif(args) -> int:
+    from twinfed.models.calibration import load_calibration
     from twinfed.models.site_data import load_site
     from twinfed.models.twin import Twin
     from twinfed.models.whatif import default_scenarios, parse_scenario, run_whatif
@@ -82,7 +106,8 @@ def cmd_whatif(args) -> int:
     _warn_if_not_private(twin.plan.privacy.label())
     scenarios = [parse_scenario(s, spec) for s in args.scenario] or default_scenarios(spec)
     site = load_site(args.data, spec)
-    res = run_whatif(twin, site, args.patient, args.at, scenarios, personalise=not args.no_personalise)
+    res = run_whatif(twin, site, args.patient, args.at, scenarios, personalise=not args.no_personalise,
+                     calibration=load_calibration(args.model))
     if args.plot:
         from twinfed.cli.plots import plot_whatif
 
@@ -93,8 +118,11 @@ def cmd_whatif(args) -> int:
             "recorded_future_known": res.recorded_future_known,
             "scenarios": {name: {"controls": {c: fc[:, j].tolist() for j, c in enumerate(spec.control_columns)},
                                  "states": {c: res.forecasts[name][:, j].tolist()
-                                            for j, c in enumerate(spec.state_columns)}}
+                                            for j, c in enumerate(spec.state_columns)},
+                                 "intervals": _bands_json(res, name, spec)}
                           for name, fc in res.controls.items()},
+            "intervals": res.intervals,
+            "intervals_note": res.intervals_note,
             "privacy": twin.plan.privacy.label(),
             "observed": None if res.observed is None else
             {c: res.observed[:, j].tolist() for j, c in enumerate(spec.state_columns)},
@@ -125,6 +153,7 @@ def cmd_whatif(args) -> int:
             rows.append(row)
         print(f"{col} ({unit}), forecast from time_min {args.at:g}")
         print(format_table(headers, rows))
+    _print_last_intervals(res, spec)
     totals = [[c, *(float(res.controls[n][:, j].sum()) for n in names)]
               for j, c in enumerate(spec.control_columns)]
     if totals:
@@ -132,4 +161,66 @@ def cmd_whatif(args) -> int:
         print(format_table(["control", *names], totals))
     if args.plot:
         print(f"\nplot: {args.plot}")
+    return 0
+
+
+def _bands_json(res, name: str, spec) -> dict | None:
+    """One scenario's intervals: {STATE: {"80": {"lower": [...], "upper": [...]}, ...}}."""
+    if res.bands is None:
+        return None
+    return {col: {key: {"lower": lo[:, j].tolist(), "upper": hi[:, j].tolist()}
+                  for key, (lo, hi) in res.bands[name].items()}
+            for j, col in enumerate(spec.state_columns)}
+
+
+def _print_last_intervals(res, spec) -> None:
+    """The widest interval of each scenario at the horizon's last step, one line per state."""
+    if res.bands is None:
+        print(f"no prediction intervals: {res.intervals_note}")
+        return
+    key = list(next(iter(res.bands.values())))[-1]  # the highest level
+    for j, col in enumerate(spec.state_columns):
+        spans = ", ".join(f"{name} {lo[-1, j]:.4g}-{hi[-1, j]:.4g}"
+                          for name, (lo, hi) in ((n, b[key]) for n, b in res.bands.items()))
+        print(f"{key}% interval at +{res.minutes[-1]} min, {col} ({spec.states[j].unit}): {spans}")
+
+
+def cmd_calibrate(args) -> int:
+    import numpy as np
+
+    from twinfed.errors import ModelError
+    from twinfed.models.calibration import (IntervalCalibration, calibration_histogram, calibration_path,
+                                            save_calibration, twin_weights_sha256)
+    from twinfed.models.plan import CalibrationConfig
+    from twinfed.models.site_data import load_site
+    from twinfed.models.twin import Twin
+
+    twin = Twin.load(args.model)
+    path = calibration_path(args.model)
+    if path.exists() and not args.force:
+        raise ModelError(f"{path} already exists; pass --force to replace it")
+    spec = twin.spec
+    site = load_site(args.data, spec)
+    config = twin.plan.calibration or CalibrationConfig()
+    histogram, n = calibration_histogram(twin, site, np.arange(site.n_patients), config)
+    if n == 0:
+        raise ModelError(f"{args.data}: no patient has {config.identify_hours:g} h of record to identify "
+                         "them from and a full window after it; calibrate on longer records")
+    cal = IntervalCalibration.from_histogram(histogram, spec, config, differential_privacy=False,
+                                             noise_multiplier=None, sites=1,
+                                             source=f"local: {args.data.name}'s patients, no DP",
+                                             weights_sha256=twin_weights_sha256(twin))
+    path = save_calibration(args.model, cal)
+    if args.json:
+        print(json.dumps({"path": str(path), "patients": n, "intervals": cal.label(),
+                          "states": {col: st.model_dump() for col, st in cal.states.items()}}))
+        return 0
+    print(f"calibrated on {n} patients of {args.data} (local, no differential privacy): {path}")
+    keys = cal.level_keys()
+    print(format_table(["state", *(f"{k}% quantile (x scale)" for k in keys)],
+                       [[col, *(st.quantiles[k] if st.quantiles[k] is not None else "inf" for k in keys)]
+                        for col, st in cal.states.items()]))
+    for col, st in cal.states.items():
+        for key, note in st.notes.items():
+            print(f"note: {col} {key}%: {note}")
     return 0
