@@ -258,3 +258,10 @@ def test_a_twin_retrained_into_the_run_refuses_the_old_calibration(calibrated, c
     assert main(_whatif(root, patient, "--json", run="retrained")) == 1
     err = capsys.readouterr().err.strip()
     assert "was made for other weights than the twin's; recalibrate" in err and "\n" not in err
+
+
+def test_calibrates_help_says_the_patients_must_not_be_training_patients(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--help"])
+    assert exc.value.code == 0
+    assert "must be patients the twin was NOT trained on" in " ".join(capsys.readouterr().out.split())
