@@ -70,15 +70,19 @@ class GlucoseInsulinCore(torch.nn.Module):
         fine = min(FINE_STEPS, length)
         n_coarse = (length - fine) // COARSE
         head = length - fine - n_coarse * COARSE  # a few leftover oldest steps, stepped finely
-        blocks = [(t, t + 1) for t in range(head)]
-        blocks += [(head + b * COARSE, head + (b + 1) * COARSE) for b in range(n_coarse)]
-        blocks += [(t, t + 1) for t in range(length - fine, length)]
+        # Each block's amounts, summed in one operation (not one per block: a fit differentiates
+        # through the warm-up dozens of times).
+        coarse = given[..., head: head + n_coarse * COARSE, :]
+        coarse = coarse.reshape(*coarse.shape[:-2], n_coarse, COARSE, coarse.shape[-1]).sum(-2)
+        blocks = [(1, given[..., t, :]) for t in range(head)]
+        blocks += [(COARSE, coarse[..., b, :]) for b in range(n_coarse)]
+        blocks += [(1, given[..., t, :]) for t in range(length - fine, length)]
         decays = {}
-        for lo, hi in blocks:
-            h = self.h * (hi - lo)
+        for n, amount in blocks:
+            h = self.h * n
             if h not in decays:
                 decays[h] = self._decays(theta, tau, h)
-            s1, s2, x, _ = self._step(theta, tau, s1, s2, x, given[..., lo:hi, :].sum(-2), h, decays[h])
+            s1, s2, x, _ = self._step(theta, tau, s1, s2, x, amount, h, decays[h])
         return {"s1": s1[..., 0], "s2": s2[..., 0], "x": x, "q1": s1[..., 1], "q2": s2[..., 1]}
 
     @staticmethod
@@ -103,9 +107,12 @@ class GlucoseInsulinCore(torch.nn.Module):
         return s1, s2, x_new, (0.5 * (x + x_new), ra)
 
     def forward(self, theta: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
-                g0: torch.Tensor, insulin: torch.Tensor, carbs: torch.Tensor) -> torch.Tensor:
+                g0: torch.Tensor, insulin: torch.Tensor, carbs: torch.Tensor, *,
+                carry: bool = False):
         """Glucose ``[..., K]`` (mg/dL) at the end of each future step, from the warmed-up
-        ``state``, the last reading ``g0`` and the planned amounts ``[..., K]``."""
+        ``state``, the last reading ``g0`` and the planned amounts ``[..., K]``. ``carry``: also
+        return the compartments at the end (a state like :meth:`warmup`'s), so a forecast can
+        be continued exactly (a trial's roll-forward)."""
         h = self.h
         tau = self._taus(theta)
         s1 = torch.stack([state["s1"], state["q1"]], -1)
@@ -122,7 +129,10 @@ class GlucoseInsulinCore(torch.nn.Module):
             g = g * torch.exp(-c * h) + (inflow_base + ra) * (-torch.expm1(-c * h)) / c
             g = g.clamp(G_FLOOR, G_CEIL)
             out.append(g)
-        return torch.stack(out, dim=-1)
+        path = torch.stack(out, dim=-1)
+        if not carry:
+            return path
+        return path, {"s1": s1[..., 0], "s2": s2[..., 0], "x": x, "q1": s1[..., 1], "q2": s2[..., 1]}
 
     @staticmethod
     def clinical(theta: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
