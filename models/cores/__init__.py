@@ -73,18 +73,29 @@ class CoreBinding:
     def origin(self, theta: dict, u: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def run(self, theta: dict, state: dict, u: dict) -> dict[str, torch.Tensor]:
+    def run(self, theta: dict, state: dict, u: dict, *, carry: bool = False):
+        """Each bound state's path over ``u["future"]``, by role; with ``carry`` also the core's
+        state at the end (to continue from it)."""
         raise NotImplementedError
 
     def forecast(self, z: torch.Tensor, u: dict) -> tuple[torch.Tensor, dict]:
         """The bound states ``[..., K, S]`` (spec units; NaN for states the core does not bind)."""
         theta = self.theta(z, u)
         state = self.origin(theta, u)
-        paths = self.run(theta, state, u)
+        return self._stacked(self.run(theta, state, u)), {"theta": theta, "state": state}
+
+    def continued(self, theta: dict, state: dict, u: dict) -> tuple[torch.Tensor, dict]:
+        """The bound states ``[..., k, S]`` over ``u["future"]`` (``k`` steps, any number) from
+        the core's ``state`` and the last readings in ``u["states"]``, and the state after them:
+        a forecast continued without warming the core up again from the record."""
+        paths, end = self.run(theta, state, u, carry=True)
+        return self._stacked(paths), end
+
+    def _stacked(self, paths: dict[str, torch.Tensor]) -> torch.Tensor:
         some = next(iter(paths.values()))
         cols = [paths[self.state_roles[j]] if j in self.state_roles else torch.full_like(some, float("nan"))
                 for j in range(self.n_states)]
-        return torch.stack(cols, dim=-1), {"theta": theta, "state": state}
+        return torch.stack(cols, dim=-1)
 
     def clinical(self, z: torch.Tensor, u: dict) -> dict[str, torch.Tensor]:
         theta = self.theta(z, u)
@@ -106,9 +117,10 @@ class GlucoseBinding(CoreBinding):
         return self.core.warmup(theta, self.recorded(u, "insulin", w), self.recorded(u, "carbs", w),
                                 u["mask"][..., -w:])
 
-    def run(self, theta: dict, state: dict, u: dict) -> dict[str, torch.Tensor]:
-        g = self.core(theta, state, self.last(u, "glucose"), self.planned(u, "insulin"), self.planned(u, "carbs"))
-        return {"glucose": g}
+    def run(self, theta: dict, state: dict, u: dict, *, carry: bool = False):
+        out = self.core(theta, state, self.last(u, "glucose"), self.planned(u, "insulin"),
+                        self.planned(u, "carbs"), carry=carry)
+        return ({"glucose": out[0]}, out[1]) if carry else {"glucose": out}
 
 
 class CardioBinding(CoreBinding):
@@ -135,10 +147,12 @@ class CardioBinding(CoreBinding):
         return self.core.warmup(theta, self._per_kg(self.recorded(u, "dose", w), u),
                                 self.recorded(u, "activity", w), u["mask"][..., -w:])
 
-    def run(self, theta: dict, state: dict, u: dict) -> dict[str, torch.Tensor]:
-        sbp, hr = self.core(theta, state, self.last(u, "sbp"), self.last(u, "hr"),
-                            self._per_kg(self.planned(u, "dose"), u), self.planned(u, "activity"))
-        return {"sbp": sbp, "hr": hr}
+    def run(self, theta: dict, state: dict, u: dict, *, carry: bool = False):
+        out = self.core(theta, state, self.last(u, "sbp"), self.last(u, "hr"),
+                        self._per_kg(self.planned(u, "dose"), u), self.planned(u, "activity"), carry=carry)
+        (sbp, hr), end = out if carry else (out, None)
+        paths = {"sbp": sbp, "hr": hr}
+        return (paths, end) if carry else paths
 
 
 BINDINGS = {"glucose-insulin": GlucoseBinding, "cardio": CardioBinding}

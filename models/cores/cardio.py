@@ -148,10 +148,11 @@ class CardioCore(torch.nn.Module):
         return {"gut": x[..., 0], "central": x[..., 1], "effect": x[..., 2], "q": q}
 
     def forward(self, theta: dict[str, torch.Tensor], state: dict[str, torch.Tensor], sbp: torch.Tensor,
-                hr: torch.Tensor, dose: torch.Tensor, activity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                hr: torch.Tensor, dose: torch.Tensor, activity: torch.Tensor, *, carry: bool = False):
         """SBP (mmHg) and heart rate (bpm) ``[..., K]`` at the end of each future step, from the
         warmed-up ``state``, the last readings ``sbp``, ``hr`` and the planned doses (mg/kg) and
-        activity ``[..., K]``."""
+        activity ``[..., K]``. ``carry``: also return the state at the end (like :meth:`warmup`'s:
+        ``q`` such that ``P = S - q`` holds at the last step), to continue the forecast exactly."""
         h = self.h
         step = self.kinetics(theta, h)
         alpha = torch.exp(-h / theta["tau_p"])
@@ -173,7 +174,10 @@ class CardioCore(torch.nn.Module):
             p = p_new
             sbps.append(s)
             hrs.append(r)
-        return torch.stack(sbps, dim=-1), torch.stack(hrs, dim=-1)
+        paths = torch.stack(sbps, dim=-1), torch.stack(hrs, dim=-1)
+        if not carry:
+            return paths
+        return paths, {"gut": x[..., 0], "central": x[..., 1], "effect": x[..., 2], "q": s - p}
 
     @staticmethod
     def clinical(theta: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
