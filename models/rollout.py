@@ -1,0 +1,185 @@
+"""A patient's twin rolled forward over days: the engine of an in-silico trial.
+
+From a patient's last recorded step (the *origin*) the twin forecasts the next horizon under the
+planned treatment, its forecast becomes the history of the next one, and so on over the whole
+span. Its uncertainty is propagated: each forecast gets an error drawn from the twin's calibrated
+forecast errors (:mod:`twinfed.models.calibration`), so the next horizon starts where the patient
+might be, not only where the twin expects them; ``draws`` such paths per patient. The draws are
+*common random numbers*: every treatment of a patient sees the same error draws, so a paired
+contrast between treatments reflects the treatments, not the dice.
+
+A hybrid twin is rolled forward as a simulation of its core, not as a chain of separately
+warmed-up forecasts:
+- its core parameters are fixed at the origin (the encoder's, plus the patient's identification
+  when personalised): a patient's physiology does not change because the trial changed their
+  treatment;
+- the core's compartments (insulin and carbohydrate on board, drug amounts) carry on exactly from
+  one horizon to the next; each horizon starts from the last forecast reading;
+- the bounded correction reads the rolled-forward readings and the patient's *usual* treatment,
+  never the trial's: treatments differ only through the core, as in a what-if, whose effects have
+  the right direction by construction.
+A neural twin (no core) sees what it always sees: the rolled history and the planned treatment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from twinfed.models.features import DELTA_UNITS
+from twinfed.models.site_data import SiteData
+from twinfed.models.twin import Twin
+from twinfed.models.windows import Batch, context_at
+
+# draw(state j, rng, size) -> |normalised error| samples of state j (a calibration's sampler)
+ScoreSampler = Callable[[int, np.random.Generator, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Origins:
+    """Where each patient's roll-forward starts: the window ending at their origin row."""
+
+    history: np.ndarray  # [P, H, S + C]: the recorded steps up to the origin
+    context: np.ndarray  # [P, Lc, S + C] and its mask [P, Lc]: what a hybrid's encoder reads
+    context_mask: np.ndarray
+    covariates: np.ndarray  # [P, V]
+
+    @classmethod
+    def at(cls, site: SiteData, patients: np.ndarray, origin_rows: np.ndarray) -> Origins:
+        """``origin_rows``: each patient's origin as a row of ``site`` (its history must be
+        ``history_steps`` contiguous rows ending there)."""
+        h = site.spec.history_steps
+        rows = origin_rows[:, None] + np.arange(-h + 1, 1)[None, :]
+        context, mask = context_at(site, origin_rows, patients)
+        return cls(site.series[rows], context, mask, site.covariates[patients])
+
+    def __len__(self) -> int:
+        return len(self.history)
+
+
+@dataclass(frozen=True)
+class Uncertainty:
+    """The twin's forecast errors as calibrated: each patient's error scale per step and state
+    (``[P, K, S]``, from their identification) and a sampler of the normalised error."""
+
+    scales: np.ndarray
+    sample: ScoreSampler
+
+
+def roll_forward(twin: Twin, origins: Origins, controls: np.ndarray, *, usual: np.ndarray | None = None,
+                 offset: torch.Tensor | None = None, uncertainty: Uncertainty | None = None,
+                 draws: int = 1, seed: int = 0) -> np.ndarray:
+    """The twin's states ``[P, draws, T, S]`` over the ``T`` steps after each origin, under the
+    planned ``controls`` ``[P, T, C]``. ``usual`` (``[P, T, C]``, default ``controls``): the
+    patients' usual treatment over the same steps, what a hybrid's correction reads. ``offset``:
+    the patients' identification (hybrid). Without ``uncertainty`` every draw is the twin's
+    expected path; with it, each horizon's forecast gets an error drawn by ``seed`` (the same
+    draws for the same ``seed``, whatever the controls: common random numbers)."""
+    controls = np.asarray(controls, np.float32)
+    usual = controls if usual is None else np.asarray(usual, np.float32)
+    p, t = controls.shape[:2]
+    if p != len(origins) or usual.shape != controls.shape:
+        raise ValueError("controls, usual and origins must hold the same patients and steps")
+    draws = max(1, int(draws))
+    rng = np.random.default_rng(seed)
+    roll = _roll_hybrid if twin.hybrid else _roll_neural
+    with torch.no_grad():
+        return roll(twin, origins, controls, usual, offset, uncertainty, draws, rng)
+
+
+def _repeat(a, draws: int):
+    """Each patient's rows ``draws`` times, patient-major (``[P*draws, ...]``)."""
+    if isinstance(a, torch.Tensor):
+        return a.repeat_interleave(draws, dim=0)
+    return np.repeat(a, draws, axis=0)
+
+
+def _errors(uncertainty: Uncertainty | None, rows: int, draws: int, k: int, n_states: int,
+            rng: np.random.Generator) -> np.ndarray | None:
+    """One horizon's drawn errors ``[P*draws, k, S]``: a normalised error per row and state,
+    with a random sign, times the patient's scale at each step. The error path of a horizon
+    follows the scale's growth over its steps (the calibration's score is normalised by it)."""
+    if uncertainty is None:
+        return None
+    magnitude = np.stack([uncertainty.sample(j, rng, rows) for j in range(n_states)], axis=-1)
+    sign = np.where(rng.random((rows, n_states)) < 0.5, -1.0, 1.0)
+    scales = _repeat(uncertainty.scales[:, :k, :], draws)
+    return ((sign * magnitude)[:, None, :] * scales).astype(np.float32)
+
+
+def _bounds(spec) -> tuple[np.ndarray, np.ndarray]:
+    return (np.array([c.min for c in spec.states], np.float32),
+            np.array([c.max for c in spec.states], np.float32))
+
+
+def _roll_hybrid(twin, origins, controls, usual, offset, uncertainty, draws, rng) -> np.ndarray:
+    model, spec = twin.surrogate, twin.spec
+    binding = model.binding
+    h, k_max, s = spec.history_steps, spec.horizon_steps, len(spec.states)
+    p, t = controls.shape[:2]
+    # The encoder and the core's warm-up read the record up to the origin, never the plan.
+    start = Batch(history=origins.history, future_controls=np.zeros((p, k_max, len(spec.controls)), np.float32),
+                  future_states=np.zeros((p, k_max, s), np.float32), covariates=origins.covariates,
+                  context=origins.context, context_mask=origins.context_mask)
+    u0 = model.unpack(torch.from_numpy(twin.inputs.batch_features(start)))
+    z = model.parameters_of(u0)
+    if offset is not None:
+        z = z + offset
+    theta = binding.theta(z, u0)
+    state = binding.origin(theta, u0)
+    theta = {name: _repeat(v, draws) for name, v in theta.items()}
+    state = {name: _repeat(v, draws) for name, v in state.items()}
+    covariates = _repeat(u0["covariates"], draws)
+    readings = _repeat(torch.from_numpy(origins.history[:, :, :s].copy()), draws)
+    usual_history = _repeat(torch.from_numpy(origins.history[:, :, s:].copy()), draws)
+    half = torch.from_numpy(twin.inputs.half)
+    lo, hi = (torch.from_numpy(b) for b in _bounds(spec))
+    rows = p * draws
+    out = np.empty((rows, t, s), np.float32)
+    for c0 in range(0, t, k_max):
+        k = min(k_max, t - c0)
+        planned = _repeat(torch.from_numpy(controls[:, c0:c0 + k]), draws)
+        core, state = binding.continued(theta, state, {"states": readings, "future": planned,
+                                                       "covariates": covariates})
+        last = readings[:, -1, :]
+        path = torch.where(torch.isfinite(core), core, last[:, None, :])
+        correction = model.corrections({"states": readings, "controls": usual_history,
+                                        "covariates": covariates}).reshape(rows, k_max, s)[:, :k]
+        path = path + correction * half / DELTA_UNITS
+        err = _errors(uncertainty, p, draws, k, s, rng)
+        if err is not None:
+            path = path + torch.from_numpy(err)
+        path = torch.maximum(torch.minimum(path, hi), lo)
+        out[:, c0:c0 + k] = path.numpy()
+        readings = torch.cat([readings, path], dim=1)[:, -h:]
+        usual_history = torch.cat([usual_history, _repeat(torch.from_numpy(usual[:, c0:c0 + k]), draws)],
+                                  dim=1)[:, -h:]
+    return out.reshape(p, draws, t, s)
+
+
+def _roll_neural(twin, origins, controls, usual, offset, uncertainty, draws, rng) -> np.ndarray:
+    spec = twin.spec
+    h, k_max, s, c = spec.history_steps, spec.horizon_steps, len(spec.states), len(spec.controls)
+    p, t = controls.shape[:2]
+    rows = p * draws
+    history = _repeat(origins.history.astype(np.float32), draws)
+    covariates = _repeat(origins.covariates, draws)
+    lo, hi = _bounds(spec)
+    out = np.empty((rows, t, s), np.float32)
+    for c0 in range(0, t, k_max):
+        k = min(k_max, t - c0)
+        planned = np.zeros((rows, k_max, c), np.float32)
+        planned[:, :k] = _repeat(controls[:, c0:c0 + k], draws)
+        batch = Batch(history=history, future_controls=planned,
+                      future_states=np.zeros((rows, k_max, s), np.float32), covariates=covariates)
+        path = twin.forecast(batch)[:, :k]
+        err = _errors(uncertainty, p, draws, k, s, rng)
+        if err is not None:
+            path = path + err
+        path = np.clip(path, lo, hi).astype(np.float32)
+        out[:, c0:c0 + k] = path
+        history = np.concatenate([history, np.concatenate([path, planned[:, :k]], axis=-1)], axis=1)[:, -h:]
+    return out.reshape(p, draws, t, s)
