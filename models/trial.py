@@ -1,0 +1,246 @@
+"""An in-silico trial on one site's twins, and what it releases: per-arm aggregates.
+
+For each consented patient with enough record, the trial
+1. identifies the patient's twin from their record before the start (as a what-if does at its
+   decision time, :mod:`twinfed.models.personalise`), and their forecast error scale
+   (:mod:`twinfed.models.calibration`) when the twin is calibrated;
+2. takes their *usual care* over the trial from the record after the start (the controls of the
+   contiguous record; a record shorter than the trial is repeated whole day by whole day, so
+   meals stay at their times of day);
+3. derives each arm's controls from it (:func:`twinfed.models.arms.arm_controls`) and rolls the
+   twin forward under each (:func:`twinfed.models.rollout.roll_forward`: the same error draws in
+   every arm), and scores the outcomes of each draw; a patient's outcome under an arm is the mean
+   over the draws.
+
+What leaves a site is never a patient's outcome but :func:`contributions` summed over patients:
+per arm and outcome the clipped, scaled outcome and its square, per non-reference arm and
+outcome the clipped, scaled paired difference with the reference and its square, and a count.
+One patient moves that vector by at most :func:`sensitivity` (L2), so a Gaussian release of the
+sum is differentially private (:mod:`twinfed.privacy.release`). :func:`summarise` turns a sum of
+such vectors (from one machine exactly, or from many sites with noise) into means and 95%
+intervals per arm and of each contrast; with noise, the intervals include it.
+
+A patient is *excluded* (counted, never named) when their record has no contiguous history of
+``history_steps`` ending at the step before the start, no identification window before it, or
+less than a day of record (or the whole trial, if shorter) after it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from twinfed.errors import TrialError
+from twinfed.models.arms import TrialDesign, arm_controls, outcome_values
+from twinfed.models.site_data import SiteData
+
+Z95 = 1.959963984540054  # the normal distribution's 97.5% point
+MINUTES_PER_DAY = 1440
+CHUNK_PATIENTS = 256  # patients rolled forward together (memory: chunk x draws x steps x states)
+
+
+@dataclass(frozen=True)
+class SiteOutcomes:
+    """One site's trial, per patient: ``values`` ``[P, A, O]`` (arms and outcomes in the
+    design's order, each the mean over the draws). Stays at the site."""
+
+    values: np.ndarray
+    n_excluded: int
+    uncertainty: bool  # forecast errors were propagated (the twin had a calibration)
+
+    @property
+    def n_patients(self) -> int:
+        return int(self.values.shape[0])
+
+
+@dataclass(frozen=True)
+class TrialWindows:
+    """The eligible patients of a site and what their trial starts from."""
+
+    patients: np.ndarray  # indices into the site
+    origins: np.ndarray  # row of each patient's last step before the start
+    usual: np.ndarray  # [P, T, C]: usual care over the trial
+    before: np.ndarray  # [P, day, C]: the recorded controls of the day before the start (NaN: none)
+    n_excluded: int
+
+
+def trial_windows(site: SiteData, design: TrialDesign, *, patients: np.ndarray | None = None) -> TrialWindows:
+    """The patients of ``site`` (all, or those given) who can take part, and their usual care."""
+    spec = site.spec
+    start, duration = design.steps(spec)
+    h, c, s = spec.history_steps, len(spec.controls), len(spec.states)
+    day = MINUTES_PER_DAY // spec.step_minutes
+    need_after = min(duration, day)
+    chosen = np.arange(site.n_patients) if patients is None else np.asarray(patients, dtype=np.int64)
+    keep, origins, usual, before = [], [], [], []
+    for p in chosen:
+        lo, hi = int(site.offsets[p]), int(site.offsets[p + 1])
+        steps = site.steps[lo:hi]
+        at = np.searchsorted(steps, steps[0] + start - 1) if hi > lo else 0
+        if hi == lo or at >= steps.size or steps[at] != steps[0] + start - 1 or at + 1 < h \
+                or steps[at] - steps[at + 1 - h] != h - 1:
+            continue
+        gaps = np.flatnonzero(steps[at + 1:] - steps[at] != np.arange(1, steps.size - at))
+        run = int(gaps[0]) if gaps.size else steps.size - at - 1  # contiguous steps after the origin
+        if run < need_after:
+            continue
+        length = duration if run >= duration else run // day * day  # whole days, repeated
+        rows = lo + at + 1 + (np.arange(duration) % length)
+        keep.append(p)
+        origins.append(lo + at)
+        usual.append(site.series[rows, s:])
+        prev = np.full((day, c), np.nan, np.float32)
+        first_prev = at + 1 - day
+        back = np.arange(max(0, first_prev), at + 1)
+        contiguous = steps[back] == steps[at] - (at - back)
+        prev[back[contiguous] - first_prev] = site.series[lo + back[contiguous], s:]
+        before.append(prev)
+    n = len(keep)
+    return TrialWindows(np.array(keep, dtype=np.int64), np.array(origins, dtype=np.int64),
+                        np.array(usual, np.float32).reshape(n, duration, c),
+                        np.array(before, np.float32).reshape(n, day, c), int(chosen.size - n))
+
+
+def run_site_trial(twin, site: SiteData, design: TrialDesign, *, calibration=None,
+                   patients: np.ndarray | None = None, seed: int | None = None) -> SiteOutcomes:
+    """Every arm of ``design`` on every eligible patient of ``site`` (or of ``patients``) through
+    that patient's personalised twin; ``calibration`` (an ``IntervalCalibration``) propagates
+    the twin's forecast uncertainty, else each patient's arm is the twin's expected path."""
+    from twinfed.models import conformal
+    from twinfed.models.calibration import identification_scales, identify_patients
+    from twinfed.models.rollout import Origins, Uncertainty, roll_forward
+
+    spec = twin.spec
+    if calibration is not None:
+        calibration.check_twin(twin)
+    win = trial_windows(site, design, patients=patients)
+    if win.patients.size:
+        identified = identify_patients(twin, site, win.patients, site.steps[win.origins])
+        ok = identified.n_windows > 0
+    else:
+        ok = np.zeros(0, dtype=bool)
+    n_excluded = win.n_excluded + int((~ok).sum())
+    keep = np.flatnonzero(ok)
+    values = np.zeros((keep.size, len(design.arms), len(design.outcomes)))
+    if keep.size == 0:
+        return SiteOutcomes(values, n_excluded, calibration is not None)
+    offset = identified.offset[keep] if twin.hybrid else None
+    scales = identification_scales(twin, site, identified)[keep] if calibration is not None else None
+    draws = design.draws if calibration is not None else 1
+    base_seed = design.seed if seed is None else seed
+
+    def sampler(j: int, rng, size):
+        state = calibration.states[spec.state_columns[j]]
+        return conformal.sample_scores(np.asarray(state.histogram), calibration.edges, rng, size)
+
+    for c0 in range(0, keep.size, CHUNK_PATIENTS):
+        part = keep[c0:c0 + CHUNK_PATIENTS]
+        origins = Origins.at(site, win.patients[part], win.origins[part])
+        usual, before = win.usual[part], win.before[part]
+        unc = None if scales is None else Uncertainty(scales[c0:c0 + CHUNK_PATIENTS], sampler)
+        for a, arm in enumerate(design.arms):
+            controls = arm_controls(design, arm, spec, usual, before)
+            states = roll_forward(twin, origins, controls, usual=usual,
+                                  offset=None if offset is None else offset[c0:c0 + CHUNK_PATIENTS],
+                                  uncertainty=unc, draws=draws, seed=base_seed + c0)
+            values[c0:c0 + part.size, a] = outcome_values(design, spec, states).mean(axis=1)
+    return SiteOutcomes(values, n_excluded, calibration is not None)
+
+
+# -- what a site releases ---------------------------------------------------------------------
+
+def layout(design: TrialDesign) -> list[tuple[str, str, str, str]]:
+    """The release vector's components, in order: ``(what, arm, outcome, moment)`` with what
+    ``arm`` (an arm's outcome) or ``contrast`` (an arm minus the reference), moment ``sum`` or
+    ``square``; and a last ``("count", "", "", "sum")``."""
+    out = []
+    for arm in design.arms:
+        for o in design.outcomes:
+            out += [("arm", arm.name, o.name, "sum"), ("arm", arm.name, o.name, "square")]
+    for arm in design.arms:
+        if arm.name != design.reference:
+            for o in design.outcomes:
+                out += [("contrast", arm.name, o.name, "sum"), ("contrast", arm.name, o.name, "square")]
+    return out + [("count", "", "", "sum")]
+
+
+def sensitivity(design: TrialDesign) -> float:
+    """The L2 norm one patient's contribution can reach: every component is in [-1, 1]."""
+    return math.sqrt(len(layout(design)))
+
+
+def contributions(values: np.ndarray, design: TrialDesign) -> np.ndarray:
+    """``values`` ``[P, A, O]`` -> ``[P, F]``: each patient's clipped, scaled part of the release
+    vector (:func:`layout`). An arm's outcome is clipped to the outcome's ``bounds`` and scaled
+    to [0, 1]; a paired difference is clipped to ``[-contrast_bound, contrast_bound]`` and
+    scaled to [-1, 1]."""
+    values = np.asarray(values, dtype=np.float64)
+    p = values.shape[0]
+    lo = np.array([o.bounds[0] for o in design.outcomes])
+    width = np.array([o.bounds[1] - o.bounds[0] for o in design.outcomes])
+    bound = np.array([o.contrast_bound for o in design.outcomes])
+    ref = [a.name for a in design.arms].index(design.reference)
+    cols = []
+    for a in range(len(design.arms)):
+        u = (np.clip(values[:, a], lo, lo + width) - lo) / width
+        cols += [u, u ** 2]
+    for a in range(len(design.arms)):
+        if a != ref:
+            v = np.clip(values[:, a] - values[:, ref], -bound, bound) / bound
+            cols += [v, v ** 2]
+    # [P, O] blocks in layout order: interleave sum and square per outcome
+    blocks = [np.stack([cols[i], cols[i + 1]], axis=-1).reshape(p, -1) for i in range(0, len(cols), 2)]
+    return np.concatenate([*blocks, np.ones((p, 1))], axis=1)
+
+
+def summarise(total: np.ndarray, design: TrialDesign, spec, *, noise_var: np.ndarray | float = 0.0) -> dict:
+    """Means and 95% intervals from a summed release vector ``total`` (``[F]``, :func:`layout`).
+
+    ``noise_var``: the variance of the Gaussian noise on each component of ``total`` (0: an
+    exact sum). An interval is the normal approximation over patients, widened by the noise on
+    the sum and on the count (delta method); the square's noise affects only the spread."""
+    total = np.asarray(total, dtype=np.float64)
+    names = layout(design)
+    if total.shape != (len(names),):
+        raise TrialError(f"trial {design.name}: an aggregate of {total.size} figures, the design has "
+                         f"{len(names)}")
+    var = np.broadcast_to(np.asarray(noise_var, dtype=np.float64), total.shape)
+    n = float(total[-1])
+    if not n >= 2:
+        raise TrialError(f"trial {design.name}: fewer than 2 patients took part ({max(n, 0):.0f}, "
+                         "counted with noise for a federated trial); no interval can be given")
+    index = {key[:3] + (key[3],): i for i, key in enumerate(names)}
+    units = {o.name: _unit(spec, o) for o in design.outcomes}
+
+    def estimate(what, arm, o, scale, offset):
+        i1, i2 = index[(what, arm, o, "sum")], index[(what, arm, o, "square")]
+        m = total[i1] / n
+        second = total[i2] / n
+        spread = max(second - m * m, 0.0) * n / (n - 1)
+        se2 = spread / n + var[i1] / n ** 2 + m * m * var[-1] / n ** 2
+        half = Z95 * math.sqrt(se2)
+        mean = offset + scale * m
+        return {"mean": mean, "ci95": [mean - scale * half, mean + scale * half],
+                "sd": scale * math.sqrt(spread)}
+
+    arms = {}
+    for arm in design.arms:
+        arms[arm.name] = {"outcomes": {o.name: estimate("arm", arm.name, o.name, o.bounds[1] - o.bounds[0],
+                                                        o.bounds[0]) for o in design.outcomes}}
+    contrasts = {}
+    for arm in design.arms:
+        if arm.name != design.reference:
+            contrasts[arm.name] = {o.name: estimate("contrast", arm.name, o.name, o.contrast_bound, 0.0)
+                                   for o in design.outcomes}
+    return {"trial": design.name, "n_patients": int(round(n)), "arms": arms, "contrasts": contrasts,
+            "reference": design.reference, "units": units,
+            "interval": "95%, normal approximation over patients" +
+                        (", including the differential-privacy noise" if np.any(var > 0) else "")}
+
+
+def _unit(spec, outcome) -> str:
+    if outcome.kind == "mean":
+        return spec.column(outcome.state).unit
+    return "% of time"
