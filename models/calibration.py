@@ -22,6 +22,7 @@ personalisation: its scale is computed the same way from its plain forecast on t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -202,6 +203,18 @@ def save_calibration(model_dir, cal: IntervalCalibration) -> Path:
 
 
 # -- per-patient scales and the local calibration -----------------------------------------------
+
+
+def held_out(plan_sha256: str, patient_ids: list[str], fraction: float) -> np.ndarray:
+    """Which of a node's patients it keeps out of a study's training to calibrate the twin's
+    intervals on (bool per id): a hash of the plan and the id, so the same patients in every
+    round of the study (none of them is ever trained on) and other patients in another study.
+    The ids never leave the node; nor does the split."""
+    out = np.empty(len(patient_ids), dtype=bool)
+    for i, pid in enumerate(patient_ids):
+        digest = hashlib.sha256(f"{plan_sha256}:{pid}".encode()).digest()
+        out[i] = int.from_bytes(digest[:8], "big") < fraction * 2.0 ** 64
+    return out
 
 
 def identify_patients(twin, site, patients: np.ndarray, until_steps: np.ndarray, *, seed: int = 0):

@@ -1,7 +1,7 @@
 """Virtual cohorts on disk: one site directory per hospital in the data contract's layout.
 
 ``DIR/spec.toml``, ``DIR/<site>/{timeseries,patients,consent}.csv`` (every patient granted for
-the spec's purpose), optionally ``DIR/holdout/`` (patients from every population, for testing
+the spec's purpose and for in-silico trials), optionally ``DIR/holdout/`` (patients from every population, for testing
 only), and ``DIR/truth/<site>.csv`` with each patient's simulator parameters, outside the site
 directories, so what-if forecasts can be checked against the mechanistic truth.
 
@@ -38,6 +38,9 @@ SIMULATORS: dict[str, dict[str, str]] = {
 }
 HOLDOUT = "holdout"
 CONSENT_TIME = "2026-01-05T09:00:00+00:00"
+# Virtual patients consent to the twin's training and to in-silico trials on their twins (the
+# purpose of the example arms files): a hospital's real consent records name their own purposes.
+TRIAL_PURPOSE = "in-silico-trial"
 
 
 def simulator_name(twin: str, name: str | None = None) -> str:
@@ -205,7 +208,8 @@ def write_site(site_dir: Path, spec: TwinSpec, cohort: SimCohort) -> None:
         pcols[col] = pa.array(np.round(cohort.covariates[col], 1))
     pacsv.write_csv(pa.table(pcols), site_dir / "patients.csv")
     lines = ["patient_id,status,purpose,recorded_at"]
-    lines += [f"{pid},granted,{spec.purpose},{CONSENT_TIME}" for pid in cohort.patient_ids]
+    for purpose in dict.fromkeys((spec.purpose, TRIAL_PURPOSE)):
+        lines += [f"{pid},granted,{purpose},{CONSENT_TIME}" for pid in cohort.patient_ids]
     (site_dir / "consent.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -206,3 +206,19 @@ class TrainingPlan(BaseModel):
 
     def sha256(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+TRIAL_PLAN_KIND = "in-silico-trial"
+
+
+def parse_any_plan(text: str | bytes):
+    """A training plan, or an in-silico trial's plan (``twinfed.models.trial_plan``: its JSON
+    says ``"kind": "in-silico-trial"``; a training plan has no kind), from its JSON.
+    ``ValueError`` (pydantic's ``ValidationError`` among them) if it is neither. The trial plan's
+    module (numpy) is imported only for a trial plan: governance starts light."""
+    doc = json.loads(text)
+    if isinstance(doc, dict) and doc.get("kind") == TRIAL_PLAN_KIND:
+        from twinfed.models.trial_plan import TrialPlan
+
+        return TrialPlan.model_validate(doc)
+    return TrainingPlan.model_validate(doc)

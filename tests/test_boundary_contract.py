@@ -38,6 +38,9 @@ AUDIT_FIELDS = {
                      "epsilon_spent", "epsilon_study", "noise_multiplier", "patients_excluded",
                      "patients_used", "plan_sha256", "round", "steps", "update_clip_fraction"],
     "model_sent": ["plan_sha256", "round", "secure_aggregation", "update_sha256"],
+    "aggregate_released": ["aggregate_sha256", "components", "coordinator.hash", "coordinator.seq",
+                           "epsilon_spent", "kind", "noise_multiplier", "patients_excluded",
+                           "patients_used", "plan_sha256", "round", "sensitivity"],
     "unmask_refused": ["contributors", "min_sites", "plan_sha256", "refusal.code", "refusal.column",
                        "refusal.file", "refusal.row", "round"],
     "study_started": ["differential_privacy", "epsilon_per_site", "min_nodes", "plan_sha256", "purpose",
@@ -51,12 +54,16 @@ AUDIT_FIELDS = {
     "round_skipped": ["code", "coordinator.hash", "coordinator.seq", "min_sites", "node_heads.hash",
                       "node_heads.seq", "plan_sha256", "round", "sites_refused.code", "sites_refused.column",
                       "sites_refused.file", "sites_refused.row", "sites_trained"],
-    "study_finished": ["coordinator.hash", "coordinator.seq", "plan_sha256", "rounds", "rounds_with_update",
-                       "skipped_rounds", "weights_file_sha256", "weights_sha256"],
+    "study_finished": ["calibration_file_sha256", "coordinator.hash", "coordinator.seq", "plan_sha256",
+                       "rounds", "rounds_with_update", "skipped_rounds", "weights_file_sha256",
+                       "weights_sha256"],
+    "trial_finished": ["node_heads.hash", "node_heads.seq", "plan_sha256", "results_file_sha256",
+                       "sites_refused.code", "sites_refused.column", "sites_refused.file",
+                       "sites_refused.row", "sites_released"],
     "study_closed": ["node_heads.hash", "node_heads.seq", "nodes_silent", "plan_sha256"],
     "study_aborted": ["code", "plan_sha256"],
 }
-NODE_ONLY = {"round_joined", "study_calibrated"}  # events that may hold exact counts
+NODE_ONLY = {"round_joined", "study_calibrated", "aggregate_released"}  # may hold exact counts
 FORBIDDEN = ("loss", "reason", "value", "path", "patient_id", "message")
 
 

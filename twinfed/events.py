@@ -102,7 +102,7 @@ class PrivacySpent(AuditEvent):
     EVENT = "privacy_spent"
     round: Round  # 0: a study-level release (the noisy patient counts)
     plan_sha256: Hex64
-    mechanism: Literal["dp-sgd", "gaussian-count"]
+    mechanism: Literal["dp-sgd", "gaussian-count", "gaussian-sum"]
     sample_rate: Annotated[float, Field(gt=0, le=1)]
     noise_multiplier: Annotated[float, Field(gt=0)]
     steps: Annotated[int, Field(ge=1)]
@@ -194,6 +194,26 @@ class ModelSent(AuditEvent):
     secure_aggregation: bool
 
 
+class AggregateReleased(AuditEvent):
+    """A node released a DP aggregate: a trial's per-arm sums or the calibration histogram of its
+    held-out patients. The exact number of patients stays here, at the node; what left was the
+    sum with Gaussian noise of ``noise_multiplier`` x ``sensitivity`` on every one of its
+    ``components`` (already reserved in the ledger)."""
+
+    EVENT = "aggregate_released"
+    round: Round
+    plan_sha256: Hex64
+    kind: Literal["trial", "calibration"]
+    coordinator: LogHead | None = None
+    patients_used: Count  # exact
+    patients_excluded: Count  # exact: consented, but without the record the release needs
+    components: Count
+    sensitivity: Annotated[float, Field(gt=0)]
+    noise_multiplier: Annotated[float, Field(gt=0)] | None = None  # None: a non-DP baseline
+    epsilon_spent: Epsilon | None = None  # the site's total once this release is counted
+    aggregate_sha256: Hex64  # digest of the vector as sent (before masking)
+
+
 class UnmaskRefused(AuditEvent):
     """The node withheld its unmasking shares: too few sites contributed to the sum."""
 
@@ -277,6 +297,19 @@ class StudyFinished(AuditEvent):
     weights_sha256: Hex64
     weights_file_sha256: Hex64
     coordinator: LogHead | None = None  # node: the coordinator's study_finished entry
+    # SHA-256 of model/calibration.json as written, when the study calibrated prediction intervals
+    calibration_file_sha256: Hex64 | None = None
+
+
+class TrialFinished(AuditEvent):
+    """The end of a federated in-silico trial at the coordinator: what it combined and wrote."""
+
+    EVENT = "trial_finished"
+    plan_sha256: Hex64
+    sites_released: Count
+    sites_refused: dict[str, Refusal]
+    node_heads: dict[str, LogHead]
+    results_file_sha256: Hex64 | None = None  # trial.json as written (None: nothing to combine)
 
 
 class StudyClosed(AuditEvent):
@@ -299,6 +332,6 @@ EVENTS: dict[str, type[AuditEvent]] = {
         NodeInitialised, CoordinatorInitialised, ConsentImported, ConsentChanged, PlanApproved,
         PlanRevoked, PrivacyBudgetSet, PrivacySpent, PrivacyLedgerRebuilt, StudyCalibrated,
         ModelReceived, PlanRefused, BudgetExhausted, RoundRefused, RoundJoined, ModelSent,
-        UnmaskRefused, StudyStarted, RoundStarted, NodeSeen, RoundAggregated, RoundSkipped,
-        StudyFinished, StudyClosed, StudyAborted)
+        AggregateReleased, UnmaskRefused, StudyStarted, RoundStarted, NodeSeen, RoundAggregated,
+        RoundSkipped, StudyFinished, TrialFinished, StudyClosed, StudyAborted)
 }

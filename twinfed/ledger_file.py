@@ -22,7 +22,9 @@ from twinfed.errors import TwinfedError
 
 LEDGER_FILE = "privacy_ledger.json"
 Accountant = Literal["rdp", "prv"]
-Mechanism = Literal["dp-sgd", "gaussian-count"]
+# gaussian-sum: a Gaussian release of a vector of clipped per-patient sums (an in-silico trial's
+# aggregates, a calibration histogram), its noise multiplier relative to the vector's L2 sensitivity.
+Mechanism = Literal["dp-sgd", "gaussian-count", "gaussian-sum"]
 
 
 class LedgerError(TwinfedError):
@@ -32,8 +34,9 @@ class LedgerError(TwinfedError):
 class Segment(BaseModel):
     """``steps`` releases of one mechanism at one sample rate and noise multiplier.
 
-    A Gaussian count release of sensitivity 1 and noise ``sigma`` is the subsampled Gaussian at
-    rate 1 for one step, so the accountant composes both kinds alike."""
+    A Gaussian release (a count of sensitivity 1, or a vector of per-patient sums of L2 sensitivity
+    ``D``) with noise ``sigma`` x the sensitivity is the subsampled Gaussian at rate 1 for one
+    step, so the accountant composes every kind alike."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

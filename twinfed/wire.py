@@ -39,6 +39,7 @@ CONTRACT_FILES = ("timeseries.csv", "timeseries.parquet", "patients.csv", "patie
 ColumnName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=64)]
 REPLY_KEY = "twinfed-reply"  # the one metrics key a node's reply travels under
 INSTRUCTION_KEY = "twinfed-instruction"  # the one config key a round instruction travels under
+TRIAL_KEY = "twinfed-trial"  # the config key of an in-silico trial's instruction
 FINISH_RECORD = "twinfed-finish"  # the config record of the end-of-study message
 ROLL_CALL_RECORD = "twinfed-roll-call"  # the config record of the before-the-study message
 
@@ -61,6 +62,7 @@ class RefusalCode(str, Enum):
     BUDGET_EXHAUSTED = "budget_exhausted"
     LEDGER_MISMATCH = "ledger_mismatch"  # the privacy ledger and the signed log disagree
     NO_ELIGIBLE_PATIENTS = "no_eligible_patients"  # no consented patient with a full window
+    MODEL_MISMATCH = "model_mismatch"  # the weights sent are not the twin the approved plan names
     DATA_INVALID = "data_invalid"  # the site's export breaks the data contract
     NODE_NOT_INITIALISED = "node_not_initialised"
     AUDIT_UNAVAILABLE = "audit_unavailable"  # the node's audit log cannot be read or appended
@@ -120,10 +122,29 @@ class DPPrivacy(_Frozen):
     site_epsilon_budget: Annotated[float, Field(gt=0)]
 
 
+class DPAggregate(_Frozen):
+    """The privacy figures of a node's Gaussian release of a vector of clipped per-patient sums
+    (an in-silico trial's aggregates, or the calibration histogram of its held-out patients).
+    The vector itself travels as the (masked) update; these say how much noise is in it, so the
+    coordinator's intervals can include it. The noise is calibrated from the plan and the node's
+    ledger (itself made of DP releases and declared constants): post-processing."""
+
+    kind: Literal["trial", "calibration"]
+    sensitivity: Annotated[float, Field(gt=0)]  # declared: the plan's design fixes it
+    noise_multiplier: Annotated[float, Field(gt=0)]
+    noise_std: Annotated[float, Field(gt=0)]  # on every component, in the vector's units
+    epsilon: Annotated[float, Field(ge=0)]  # what this release cost the site
+    delta: Annotated[float, Field(gt=0, lt=1)]
+    accountant: Literal["rdp", "prv"]
+    site_epsilon_spent: Annotated[float, Field(ge=0)]
+    site_epsilon_budget: Annotated[float, Field(gt=0)]
+
+
 class Released(_Frozen):
     steps: Annotated[int, Field(ge=0)]  # the plan's local steps: declared
     counts: DPCounts | None = None
     privacy: DPPrivacy | None = None
+    aggregate: DPAggregate | None = None
 
 
 class NodeReply(_Frozen):
@@ -161,6 +182,9 @@ class RoundInstruction(_Frozen):
     round: Annotated[int, Field(ge=1)]
     coordinator: LogHead | None = None  # the coordinator's round_started entry (its commitment)
     skipped_rounds: tuple[int, ...] = ()  # earlier rounds the coordinator did not unmask
+    # "calibrate": after the last round, release the calibration histogram of the held-out
+    # patients for the weights sent (the plan's ``calibration``), instead of training.
+    stage: Literal["train", "calibrate"] = "train"
 
     @model_validator(mode="after")
     def _plan_hashes(self) -> RoundInstruction:
@@ -174,6 +198,30 @@ class RoundInstruction(_Frozen):
     @classmethod
     def from_config(cls, config: dict) -> RoundInstruction:
         return cls.model_validate_json(str(config[INSTRUCTION_KEY]))
+
+
+class TrialInstruction(_Frozen):
+    """What the coordinator asks of a node in a federated in-silico trial: run the approved trial
+    plan (``twinfed.models.trial_plan``) on the twin whose weights travel with it, and release its
+    aggregates."""
+
+    plan_json: str
+    plan_sha256: Hex64
+    round: Literal[1] = 1
+    coordinator: LogHead | None = None
+
+    @model_validator(mode="after")
+    def _plan_hashes(self) -> TrialInstruction:
+        if hashlib.sha256(self.plan_json.encode()).hexdigest() != self.plan_sha256:
+            raise ValueError("plan_json does not hash to plan_sha256")
+        return self
+
+    def to_config(self) -> dict[str, str]:
+        return {TRIAL_KEY: self.model_dump_json()}
+
+    @classmethod
+    def from_config(cls, config: dict) -> TrialInstruction:
+        return cls.model_validate_json(str(config[TRIAL_KEY]))
 
 
 class StudyFinish(_Frozen):
@@ -205,6 +253,11 @@ RELEASE: dict[str, str] = {
     "released.privacy.segments.noise_multiplier": DP,
     "released.privacy.segments.steps": DECLARED,
     "released.privacy.site_epsilon_spent": DP, "released.privacy.site_epsilon_budget": DECLARED,
+    "released.aggregate.kind": PROTOCOL, "released.aggregate.sensitivity": DECLARED,
+    "released.aggregate.noise_multiplier": DP, "released.aggregate.noise_std": DP,
+    "released.aggregate.epsilon": DP, "released.aggregate.delta": DECLARED,
+    "released.aggregate.accountant": DECLARED, "released.aggregate.site_epsilon_spent": DP,
+    "released.aggregate.site_epsilon_budget": DECLARED,
 }
 
 
