@@ -24,7 +24,7 @@ import hashlib
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -34,7 +34,10 @@ from twinfed.events import PlanApproved, PlanRevoked
 from twinfed.governance.audit_log import AuditEntry, format_time
 from twinfed.governance.layout import open_audit, read_info, state_paths, verified_entries
 from twinfed.locking import state_lock
-from twinfed.models.plan import TrainingPlan
+from twinfed.models.plan import TrainingPlan, parse_any_plan
+
+if TYPE_CHECKING:  # imported only when a trial plan is met: governance starts without numpy
+    from twinfed.models.trial_plan import TrialPlan
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -57,8 +60,9 @@ class PlanApproval(BaseModel):
     def active(self) -> bool:
         return self.revoked_at is None
 
-    def plan(self) -> TrainingPlan:
-        return TrainingPlan.model_validate_json(self.plan_json)
+    def plan(self) -> TrainingPlan | TrialPlan:
+        """The approved plan: a training plan, or an in-silico trial's plan."""
+        return parse_any_plan(self.plan_json)
 
 
 class ApprovalsFile(BaseModel):
@@ -70,8 +74,9 @@ class ApprovalsFile(BaseModel):
     plans: dict[str, PlanApproval] = {}
 
 
-def load_plan_file(path: str | Path) -> TrainingPlan:
-    """A plan from ``plan.json``, or from a model directory holding ``plan.json`` or ``model/plan.json``."""
+def load_plan_file(path: str | Path) -> TrainingPlan | TrialPlan:
+    """A plan (a training plan, or an in-silico trial's plan) from its JSON file, or from a model
+    directory holding ``plan.json`` or ``model/plan.json``."""
     path = Path(path)
     if path.is_dir():
         for cand in (path / "plan.json", path / "model" / "plan.json"):
@@ -81,13 +86,17 @@ def load_plan_file(path: str | Path) -> TrainingPlan:
         else:
             raise PlanError(f"{path}: no plan.json in this directory or its model/ subdirectory")
     try:
-        return TrainingPlan.model_validate_json(path.read_bytes())
+        raw = path.read_bytes()
+        return parse_any_plan(raw)
     except FileNotFoundError:
         raise PlanError(f"{path}: no such plan file") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in err.get("loc", ())) or "(top level)"
-        raise PlanError(f"{path}: not a valid training plan: {loc}: {err['msg']}") from None
+        kind = "trial plan" if b'"in-silico-trial"' in raw else "training plan"
+        raise PlanError(f"{path}: not a valid {kind}: {loc}: {err['msg']}") from None
+    except (ValueError, OSError) as exc:  # not JSON, unreadable
+        raise PlanError(f"{path}: not a plan file ({str(exc).splitlines()[0]})") from None
 
 
 def list_approvals(state_dir: str | Path) -> list[PlanApproval]:
@@ -113,7 +122,7 @@ def standing_approvals(entries: list[AuditEntry]) -> set[str]:
 
 
 def require_approved(state_dir: str | Path, sha256: str, *,
-                     entries: list[AuditEntry] | None = None) -> TrainingPlan:
+                     entries: list[AuditEntry] | None = None) -> TrainingPlan | TrialPlan:
     """The approved plan with this hash, or :class:`PlanNotApproved` saying why not.
 
     ``entries`` are the node's audit entries, already verified against its pinned key (as
@@ -160,7 +169,7 @@ def find_approval(state_dir: str | Path, sha_or_prefix: str) -> PlanApproval:
     return hits[0]
 
 
-def approve_plan(state_dir: str | Path, plan: TrainingPlan, *, actor: str,
+def approve_plan(state_dir: str | Path, plan: TrainingPlan | TrialPlan, *, actor: str,
                  at: datetime | None = None) -> PlanApproval:
     """Approve ``plan`` (again, if it was revoked); audited first, then effective."""
     read_info(state_dir)

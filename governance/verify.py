@@ -145,7 +145,7 @@ def _sites_named(entries: list[AuditEntry]) -> set[str]:
     for e in entries:
         if e.event == "node_seen":
             named.add(str(e.details.get("site")))
-        elif e.event in ("round_aggregated", "round_skipped", "study_closed"):
+        elif e.event in ("round_aggregated", "round_skipped", "study_closed", "trial_finished"):
             heads = e.details.get("node_heads")
             named.update(str(site) for site in (heads if isinstance(heads, dict) else {}))
     return named
@@ -300,7 +300,7 @@ def _study_ends(file: str, entries: list[AuditEntry]) -> list[Issue]:
     for e in entries:
         if e.event == "study_started":
             open_study = e
-        elif e.event in ("study_finished", "study_aborted"):
+        elif e.event in ("study_finished", "study_aborted", "trial_finished"):
             open_study = None
     if open_study is None:
         return []
@@ -327,6 +327,14 @@ def _model_matches(path: Path, coord: _State) -> list[Issue]:
     if hashlib.sha256(weights.read_bytes()).hexdigest() != expected:
         return [Issue(file=str(weights), reason=f"does not match the hash the coordinator recorded at "
                                                 f"study_finished (seq {last.seq}): the weights were replaced")]
+    calibration, recorded = path / "model" / "calibration.json", last.details.get("calibration_file_sha256")
+    if recorded and not calibration.is_file():
+        return [Issue(file=str(calibration), reason=f"is missing but the coordinator recorded it at "
+                                                    f"study_finished (seq {last.seq})")]
+    if recorded and hashlib.sha256(calibration.read_bytes()).hexdigest() != recorded:
+        return [Issue(file=str(calibration), reason=f"does not match the hash the coordinator recorded at "
+                                                    f"study_finished (seq {last.seq}): the prediction "
+                                                    "intervals' calibration was replaced")]
     return []
 
 
@@ -373,7 +381,7 @@ def _cross_check(path: Path, coord: _State, nodes: list[_State], places: list[Pa
                 issues.append(Issue(file=coord_file, seq=e.seq, reason=f"site {site!r} shows key {fp[:16]}... "
                                     f"but was pinned with {pins[site][0][:16]}... at seq {pins[site][1]}"))
             pins.setdefault(site, (fp, e.seq))
-        elif e.event in ("round_aggregated", "round_skipped", "study_closed"):
+        elif e.event in ("round_aggregated", "round_skipped", "study_closed", "trial_finished"):
             for site, head in (d.get("node_heads") or {}).items():
                 try:
                     a = Anchor(seq=head["seq"], hash=head["hash"],
@@ -395,7 +403,8 @@ def _cross_check(path: Path, coord: _State, nodes: list[_State], places: list[Pa
                                 f"{pin[0][:16]}... for site {n.name!r} at its seq {pin[1]}: the node's "
                                 "key was replaced and its log re-signed"))
         for e in n.entries:
-            if e.event in ("round_joined", "round_refused", "round_skipped", "study_finished"):
+            if e.event in ("round_joined", "round_refused", "round_skipped", "study_finished",
+                           "aggregate_released"):
                 c = e.details.get("coordinator")
                 if c is None or not _in_studies(e, studies):
                     continue  # a node serves many runs: only this coordinator's studies anchor it

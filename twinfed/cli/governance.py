@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from twinfed.errors import TwinfedError
+from twinfed.models.plan import TRIAL_PLAN_KIND
 
 
 def register(sub) -> None:
@@ -300,6 +301,8 @@ def cmd_plan_show(args) -> int:
     print(f"plan sha256: {plan.sha256()}")
     if status:
         print(f"status:      {status}")
+    if getattr(plan, "kind", None) == TRIAL_PLAN_KIND:
+        return _show_trial_plan(plan)
     print(f"purpose:     {plan.purpose}")
     print(f"twin:        {plan.spec.name}")
     print(f"rounds:      {plan.rounds}")
@@ -324,6 +327,38 @@ def cmd_plan_show(args) -> int:
     return 0
 
 
+def _show_trial_plan(plan) -> int:
+    """``plan show`` of an in-silico trial's plan: what the trial computes and what leaves."""
+    from twinfed.models.trial import layout, sensitivity
+    from twinfed.wire import reply_field_table
+
+    d, p = plan.design, plan.privacy
+    cal = plan.twin.calibration
+    print(f"kind:        in-silico trial {d.name!r}")
+    print(f"purpose:     {d.purpose}")
+    print(f"twin:        {plan.spec.name}, weights {plan.twin.weights_sha256[:16]}..., trained under plan "
+          f"{plan.twin.training_plan().sha256()[:16]}...; intervals "
+          + ("none (no uncertainty propagated)" if cal is None else f"from {cal.source}"))
+    print(f"arms:        {', '.join(a.name for a in d.arms)} (reference {d.reference}); from "
+          f"{d.start_hours:g} h after each patient's first record for {d.duration_days:g} days, "
+          f"{d.draws} draws per patient")
+    print(f"outcomes:    {', '.join(o.name for o in d.outcomes)}")
+    print(f"privacy:     epsilon {p.epsilon:g} per site for this trial, delta {p.delta:g}, DP "
+          f"{'on' if p.enabled else 'OFF'}, secure aggregation {'on' if p.secure_aggregation else 'OFF'}")
+    print(f"secure sum:  never unmasked over fewer than {p.secagg.min_sites} sites")
+    print(f"release:     once per site: {len(layout(d))} sums over its patients (per arm and outcome the "
+          "clipped outcome and its square, per contrast the clipped paired difference and its square, "
+          f"a count), one patient moving them by at most {sensitivity(d):.3g} (L2); Gaussian noise "
+          "calibrated to the epsilon above, charged to the site's ledger")
+    for warning in _plan_warnings(plan):
+        print(f"WARNING:     {warning}")
+    print("leaves each node, besides its masked sums (field: kind):")
+    for name, kind in reply_field_table():
+        print(f"  {name}: {kind}")
+    print(json.dumps(json.loads(plan.canonical_json()), indent=2, sort_keys=True))
+    return 0
+
+
 def _plan_warnings(plan) -> list[str]:
     """What an officer must not miss before approving a plan."""
     out = []
@@ -331,6 +366,8 @@ def _plan_warnings(plan) -> list[str]:
         out.append("DIFFERENTIAL PRIVACY IS OFF: deployed nodes refuse this plan (simulated baselines only)")
     if not plan.privacy.secure_aggregation:
         out.append("SECURE AGGREGATION IS OFF: the coordinator would see each site's update")
+    if getattr(plan, "kind", None) == TRIAL_PLAN_KIND:
+        return out
     if plan.unsupported_metrics():
         out.append(f"asks nodes to release {', '.join(plan.unsupported_metrics())}, which no node "
                    "releases: every node will refuse it")
@@ -341,7 +378,7 @@ def cmd_plan_approve(args) -> int:
     from twinfed.governance.approvals import approve_plan, load_plan_file
 
     plan = load_plan_file(args.plan)
-    if plan.unsupported_metrics():
+    if getattr(plan, "kind", None) != TRIAL_PLAN_KIND and plan.unsupported_metrics():
         raise TwinfedError(f"the plan asks nodes to release {', '.join(plan.unsupported_metrics())}; "
                            "nodes release only DP figures (patients_used, patients_excluded): fix "
                            "the plan's metrics")
