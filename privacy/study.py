@@ -7,8 +7,10 @@ At a study's first admitted round the node, under its state lock:
    sample rate (the plan's expected batch over it), the batch size gradients are averaged over,
    and delta (``min(plan delta, 1 / count)``). Being post-processing of a DP release, they may
    leave the node; the exact count never does;
-3. calibrates the noise multiplier so that the whole study (the counts and every planned step)
-   lands within the plan's epsilon on top of what the site already spent (Opacus's accountant).
+3. calibrates the noise multiplier so that the whole study (the counts, every planned step and,
+   when the plan calibrates prediction intervals, the end-of-study release of the calibration
+   histogram) lands within the plan's epsilon on top of what the site already spent (Opacus's
+   accountant).
 Each round then reserves its steps in the ledger (audited) before training starts.
 
 The neighbouring relation is add/remove one patient at the site; with the exact size never
@@ -87,6 +89,18 @@ def count_segment(plan: TrainingPlan) -> Segment:
                    plan_sha256=plan.sha256(), round=0, mechanism="gaussian-count")
 
 
+def calibration_segment(plan: TrainingPlan) -> Segment | None:
+    """The end-of-study release of the held-out patients' calibration histogram (round
+    ``rounds + 1``), if the plan calibrates prediction intervals: planned from the start, so the
+    study's DP-SGD noise leaves room for it within the plan's epsilon."""
+    if plan.calibration is None:
+        return None
+    from twinfed.privacy.release import release_segment
+
+    return release_segment(plan_sha256=plan.sha256(), server_round=plan.rounds + 1,
+                           noise_multiplier=plan.calibration.noise_multiplier)
+
+
 @dataclass(frozen=True)
 class Calibration:
     """What a site's size decides, computed from its released count only."""
@@ -105,10 +119,11 @@ def calibrate(plan: TrainingPlan, n_released: int, *, history=(), accountant="rd
     n = max(1, n_released)
     delta = min(plan.privacy.delta, 1.0 / n)
     q = sample_rate(n, plan.training.batch_size)
-    spent = epsilon_of([s for s in history if s.mechanism != "gaussian-count" or s.plan_sha256 != plan.sha256()],
+    spent = epsilon_of([s for s in history if s.mechanism == "dp-sgd" or s.plan_sha256 != plan.sha256()],
                        delta, accountant)
+    planned = [seg for seg in (calibration_segment(plan),) if seg is not None]
     sigma = noise_for_budget(target_epsilon=spent + plan.privacy.epsilon, delta=delta, sample_rate=q,
-                             steps=plan.rounds * plan.training.local_steps, spent=list(history),
+                             steps=plan.rounds * plan.training.local_steps, spent=[*history, *planned],
                              accountant=accountant)
     return Calibration(n_released=n, sample_rate=q, expected_batch=max(1, round(q * n)), delta=delta,
                        noise_multiplier=sigma)
