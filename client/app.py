@@ -30,10 +30,15 @@ class TwinClient(NumPyClient):
         self.ctx = context
 
     def fit(self, parameters, config):
-        from twinfed.client.gate import serve_round
         from twinfed.privacy.secagg import min_sum, remember_round, secagg_view
+        from twinfed.wire import TRIAL_KEY
 
-        result = serve_round(self.node, dict(config), list(parameters), secagg=secagg_view(self.ctx))
+        config = dict(config)
+        if TRIAL_KEY in config:  # an in-silico trial: a release of aggregates, not a training round
+            from twinfed.client.release_gate import serve_release as serve
+        else:
+            from twinfed.client.gate import serve_round as serve
+        result = serve(self.node, config, list(parameters), secagg=secagg_view(self.ctx))
         if result.plan is not None:
             remember_round(self.ctx, plan_sha256=result.plan.sha256(), server_round=result.round,
                            min_required=min_sum(result.plan))

@@ -57,7 +57,11 @@ def serve_round(node: NodeConfig, config: dict, weights: list[np.ndarray], *,
         instruction = RoundInstruction.from_config(config)
     except (KeyError, ValueError) as exc:
         tell_node_console(site, "round refused", exc)
-        return RoundResult(zeros, _reply(node, Refusal(code=RefusalCode.PLAN_MALFORMED)), None, 0)
+        return RoundResult(zeros, refused_reply(node, Refusal(code=RefusalCode.PLAN_MALFORMED)), None, 0)
+    if instruction.stage == "calibrate":  # after the last round: a release, not training
+        from twinfed.client.release_gate import serve_release
+
+        return serve_release(node, config, weights, secagg=secagg)
     try:
         from twinfed.governance.layout import open_audit, read_info
 
@@ -65,7 +69,7 @@ def serve_round(node: NodeConfig, config: dict, weights: list[np.ndarray], *,
         fingerprint = read_info(node.state_dir).key_fingerprint
     except TwinfedError as exc:
         tell_node_console(site, f"round {instruction.round} refused", exc)
-        return RoundResult(zeros, _reply(node, refusal_for(exc)), None, instruction.round)
+        return RoundResult(zeros, refused_reply(node, refusal_for(exc)), None, instruction.round)
 
     base = {"round": instruction.round, "plan_sha256": instruction.plan_sha256}
     plan: TrainingPlan | None = None
@@ -78,7 +82,7 @@ def serve_round(node: NodeConfig, config: dict, weights: list[np.ndarray], *,
     except Exception as exc:  # the boundary: nothing but a coded refusal leaves the node
         columns = set(plan.spec.state_columns + plan.spec.control_columns + plan.spec.covariate_columns) \
             if plan is not None else set()
-        return RoundResult(zeros, _refuse(node, audit, base, instruction, exc, fingerprint, columns),
+        return RoundResult(zeros, refuse(node, audit, base, instruction, exc, fingerprint, columns),
                            plan, instruction.round)
     try:
         study = admission.study
@@ -95,7 +99,7 @@ def serve_round(node: NodeConfig, config: dict, weights: list[np.ndarray], *,
         sent = audit.append(ModelSent(**base, update_sha256=weights_sha256(outcome.update),
                                       secure_aggregation=secagg.masked))
     except TwinfedError as exc:  # trained, but the outcome cannot be audited: send nothing
-        return RoundResult(zeros, _refuse(node, audit, base, instruction, exc, fingerprint, set()),
+        return RoundResult(zeros, refuse(node, audit, base, instruction, exc, fingerprint, set()),
                            plan, instruction.round)
     reply = NodeReply(site=site, status="ok", audit_head=LogHead(seq=sent.seq, hash=sent.hash),
                       key_fingerprint=fingerprint, released=released)
@@ -107,14 +111,14 @@ def _admit(node: NodeConfig, plan: TrainingPlan, instruction: RoundInstruction, 
     from twinfed.governance.approvals import require_approved
 
     _check_plan(node, plan, secagg)
-    entries = _own_entries(node)
+    entries = own_entries(node)
     require_approved(node.state_dir, plan.sha256(), entries=entries)  # before any data is read
     _acknowledge_skips(audit, entries, instruction)
     site, windows, used, excluded = _consented_site(node, plan)
     study = None
     with state_lock(node.state_dir):
         if plan.privacy.enabled:
-            entries = _own_entries(node)
+            entries = own_entries(node)
             require_approved(node.state_dir, plan.sha256(), entries=entries)
             study, privacy = _reserve_privacy(node, plan, instruction.round, audit, entries,
                                               used=used, excluded=excluded)
@@ -129,12 +133,18 @@ def _admit(node: NodeConfig, plan: TrainingPlan, instruction: RoundInstruction, 
 
 
 def _check_plan(node: NodeConfig, plan: TrainingPlan, secagg: SecAggView) -> None:
-    from twinfed.privacy.secagg import weaker_than_plan
-
     if plan.unsupported_metrics():
         raise RoundRefused(RefusalCode.PLAN_UNSUPPORTED,
                            f"the plan asks nodes to release {', '.join(plan.unsupported_metrics())}, "
                            "which no twinfed node releases")
+    check_protections(node, plan, secagg)
+
+
+def check_protections(node: NodeConfig, plan, secagg: SecAggView) -> None:
+    """A deployed node releases only under DP; a plan requiring SecAgg+ gets nothing unmasked or
+    under a set-up weaker than its assumptions (a training or a trial plan alike)."""
+    from twinfed.privacy.secagg import weaker_than_plan
+
     if not plan.privacy.enabled and not node.simulated:
         raise RoundRefused(RefusalCode.DP_REQUIRED,
                            "this node trains only differentially private plans; a plan without DP "
@@ -150,7 +160,7 @@ def _check_plan(node: NodeConfig, plan: TrainingPlan, secagg: SecAggView) -> Non
             raise RoundRefused(RefusalCode.SECAGG_SETUP_WEAK, why)
 
 
-def _own_entries(node: NodeConfig) -> list:
+def own_entries(node: NodeConfig) -> list:
     """The node's own audit entries, verified against its own key (a few ms per 10,000)."""
     from twinfed.governance.layout import verified_entries
 
@@ -166,15 +176,36 @@ def _acknowledge_skips(audit, entries: list, instruction: RoundInstruction) -> N
                                   coordinator=instruction.coordinator))
 
 
-def _consented_site(node: NodeConfig, plan: TrainingPlan):
+def consented_site(node: NodeConfig, spec, purpose: str):
+    """The site's patients whose consent covers ``purpose`` (the registry, read now), and how
+    many others the export holds."""
     from twinfed.governance.consent_registry import granted_patients
     from twinfed.models.site_data import load_site
+
+    site = load_site(node.site_data, spec)
+    in_export = site.n_patients
+    used = site.subset(granted_patients(node.state_dir, purpose), reuse=True)
+    return used, in_export - used.n_patients  # ``site``'s arrays now hold ``used``
+
+
+def training_patients(site, plan: TrainingPlan):
+    """The consented patients a study trains on: all, or all but those it holds out to
+    calibrate its prediction intervals (``twinfed.models.calibration.held_out``)."""
+    if plan.calibration is None:
+        return site
+    from twinfed.models.calibration import held_out
+
+    out = held_out(plan.sha256(), site.patient_ids, plan.calibration.holdout_fraction)
+    return site.subset({pid for pid, h in zip(site.patient_ids, out) if not h}, reuse=True)
+
+
+def _consented_site(node: NodeConfig, plan: TrainingPlan):
     from twinfed.models.windows import WindowIndex
 
-    site = load_site(node.site_data, plan.spec)
-    in_export = site.n_patients
-    used = site.subset(granted_patients(node.state_dir, plan.purpose), reuse=True)
-    del site  # its arrays now hold ``used``
+    consented, excluded = consented_site(node, plan.spec, plan.purpose)
+    used = training_patients(consented, plan)
+    del consented  # its arrays now hold ``used``
+    in_export = used.n_patients + excluded
     windows = WindowIndex.build(used) if used.n_patients else None
     if windows is None or windows.patients_with_windows().size == 0:
         raise ConsentError(f"site {node.site_name}: no patient has granted consent for purpose "
@@ -201,7 +232,7 @@ def _named_counts(counts: DPCounts, plan: TrainingPlan) -> DPCounts | None:
     return counts if {"patients_used", "patients_excluded"} & set(plan.metrics) else None
 
 
-def _refuse(node: NodeConfig, audit, base: dict, instruction: RoundInstruction, exc: BaseException,
+def refuse(node: NodeConfig, audit, base: dict, instruction: RoundInstruction, exc: BaseException,
             fingerprint: str, columns: set[str]) -> NodeReply:
     refusal = refusal_for(exc, columns=columns)
     tell_node_console(node.site_name, f"round {instruction.round} refused ({refusal})", exc)
@@ -216,10 +247,10 @@ def _refuse(node: NodeConfig, audit, base: dict, instruction: RoundInstruction, 
         head = LogHead(seq=entry.seq, hash=entry.hash)
     except TwinfedError as audit_exc:  # e.g. a torn audit log: refuse, and say so locally
         tell_node_console(node.site_name, "the refusal could not be audited", audit_exc)
-    return _reply(node, refusal, head, fingerprint)
+    return refused_reply(node, refusal, head, fingerprint)
 
 
-def _reply(node: NodeConfig, refusal: Refusal, head: LogHead | None = None,
+def refused_reply(node: NodeConfig, refusal: Refusal, head: LogHead | None = None,
            fingerprint: str | None = None) -> NodeReply:
     return NodeReply(site=node.site_name, status="refused", refusal=refusal, audit_head=head,
                      key_fingerprint=fingerprint or None)
