@@ -286,16 +286,17 @@ class LocalConsortium:
 
     def run_study(self, run_config: dict, *, app_dir: Path | None = None,
                   timeout: float = STUDY_TIMEOUT_S, watch_nodes: bool = True,
-                  log_name: str = "flwr-run") -> dict:
-        """``flwr run`` the app with ``run_config``; the summary the ServerApp wrote to its
-        ``out-dir``. With ``watch_nodes=False`` a node may die (fault tests)."""
+                  log_name: str = "flwr-run", results: str = "summary.json") -> dict:
+        """``flwr run`` the app with ``run_config``; the results (``results``: summary.json of a
+        study, trial.json of a trial) the ServerApp wrote to its ``out-dir``. With
+        ``watch_nodes=False`` a node may die (fault tests)."""
         import tomli_w
 
         app_dir = Path(app_dir or default_app_dir())
         out_dir = Path(run_config["out-dir"])
         cfg_path = self.deploy_dir / f"{log_name}-config.toml"
         cfg_path.write_text(tomli_w.dumps(run_config))
-        summary_path = out_dir / "summary.json"
+        summary_path = out_dir / results
         run = ManagedProcess("flwr run", flower.flwr_run_argv(app_dir, cfg_path),
                              self.logs / f"{log_name}.log", env=self.cli_env, cwd=self.deploy_dir)
         with self._lock:
@@ -423,6 +424,31 @@ def run_deployed_study(sites: dict[str, Path], run_dir: str | Path, plan, *,
             consortium.provision(plan, operator=approve_as)
         consortium.start()
         return consortium.run_study(run_config, app_dir=app_dir, timeout=timeout)
+
+
+def run_deployed_trial(sites: dict[str, Path], out_dir: str | Path, plan, model_dir: Path, *,
+                       app_dir: Path | None = None, state_root: Path | None = None,
+                       approve_as: str | None = DEPLOY_OPERATOR, timeout: float = STUDY_TIMEOUT_S,
+                       progress: Progress | None = None) -> dict:
+    """Run a federated in-silico trial (``plan``: a ``TrialPlan``) on a consortium of ``sites`` on
+    loopback, the coordinator sending the twin of ``model_dir``; then stop everything. The
+    results (``trial.json``)."""
+    from twinfed.privacy.secagg import check_secagg
+    from twinfed.server.trial import RESULTS_FILE, check_new_trial
+
+    check_secagg(plan, len(sites))
+    check_new_trial(Path(out_dir))
+    app_dir = Path(app_dir or default_app_dir())
+    run_config = {"trial-plan": plan.canonical_json(), "trial-plan-sha256": plan.sha256(),
+                  "trial-model": str(Path(model_dir).resolve()), "out-dir": str(Path(out_dir).resolve()),
+                  "min-nodes": len(sites)}
+    check_run_config_keys(run_config, app_run_config_keys(app_dir), app_dir)
+    with sigterm_as_interrupt(), LocalConsortium(out_dir, sites, state_root=state_root,
+                                                 progress=progress) as consortium:
+        if approve_as is not None:
+            consortium.provision(plan, operator=approve_as)
+        consortium.start()
+        return consortium.run_study(run_config, app_dir=app_dir, timeout=timeout, results=RESULTS_FILE)
 
 
 def site_map(sites: Sequence) -> dict[str, Path]:

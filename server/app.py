@@ -81,7 +81,9 @@ def run_study(grid: Grid, context: Context, plan: TrainingPlan, *, out_dir: Path
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=plan.rounds),
                                strategy=strategy)
         DefaultWorkflow(fit_workflow=fit)(grid, legacy)
-        summary = _finish(grid, plan, strategy, audit, out_dir, started, extra)
+        calibration = _calibrate(grid, context, plan, strategy, audit, min_nodes=min_nodes,
+                                 progress=progress)
+        summary = _finish(grid, plan, strategy, audit, out_dir, started, extra, calibration)
     except BaseException as exc:
         audit.append(StudyAborted(plan_sha256=plan.sha256(),
                                   code="interrupted" if isinstance(exc, KeyboardInterrupt) else "error"))
@@ -89,14 +91,62 @@ def run_study(grid: Grid, context: Context, plan: TrainingPlan, *, out_dir: Path
     return summary
 
 
+def _calibrate(grid: Grid, context: Context, plan: TrainingPlan, strategy: TwinStrategy, audit, *,
+               min_nodes: int, progress: Progress) -> tuple[object | None, dict] | None:
+    """After the last round, when the plan calibrates prediction intervals: one release round in
+    which every node sends the (DP) histogram of its held-out patients' normalised errors for the
+    final weights; their sum gives the intervals. ``(IntervalCalibration or None, record)``."""
+    if plan.calibration is None:
+        return None
+    from twinfed.models.calibration import IntervalCalibration, twin_weights_sha256
+    from twinfed.models.conformal import n_bins
+    from twinfed.models.twin import Twin
+    from twinfed.server.release import run_release
+    from twinfed.wire import RoundInstruction
+
+    release_round = plan.rounds + 1
+
+    def instruction(head):
+        return RoundInstruction(plan_json=strategy.plan_json, plan_sha256=plan.sha256(), round=release_round,
+                                coordinator=head, skipped_rounds=tuple(strategy.skipped_rounds),
+                                stage="calibrate").to_config()
+
+    result, _ = run_release(grid, context, plan, strategy.final_weights, instruction=instruction,
+                            release_round=release_round, label="calibration of prediction intervals",
+                            min_nodes=min_nodes, masked=plan.privacy.secure_aggregation, audit=audit,
+                            progress=progress)
+    record = {"round": release_round, "sites_released": result.sites_released, "sites": result.sites,
+              "releases": result.aggregates, "history": result.history}
+    if result.total is None or not result.sites_released:
+        progress("no prediction intervals: the calibration was not released by enough sites")
+        return None, record | {"note": "not calibrated: too few sites released their calibration"}
+    cfg = plan.calibration
+    dp = plan.privacy.enabled
+    twin = Twin.from_weights(plan, strategy.final_weights)
+    cal = IntervalCalibration.from_histogram(
+        result.total.reshape(len(plan.spec.states), n_bins(cfg.edges)), plan.spec, cfg,
+        differential_privacy=dp, noise_multiplier=cfg.noise_multiplier if dp else None,
+        sites=result.sites_released,
+        source=(f"federated: held-out patients of {result.sites_released} sites, "
+                + (f"DP histogram (noise multiplier {cfg.noise_multiplier:g})" if dp else "NO DP")),
+        weights_sha256=twin_weights_sha256(twin))
+    return cal, record
+
+
 def _finish(grid: Grid, plan: TrainingPlan, strategy: TwinStrategy, audit, out_dir: Path,
-            started: float, extra: dict | None) -> dict:
+            started: float, extra: dict | None, calibration=None) -> dict:
     from twinfed.models.digest import weights_sha256
     from twinfed.models.twin import Twin, write_text_atomic
     from twinfed.server.closing import close_study
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = Twin.from_weights(plan, strategy.final_weights).save(out_dir)
+    cal, cal_record = calibration if calibration is not None else (None, None)
+    cal_sha = None
+    if cal is not None:
+        from twinfed.models.calibration import save_calibration
+
+        cal_sha = hashlib.sha256(save_calibration(model_dir, cal).read_bytes()).hexdigest()
     rounds_with_update = sum(1 for h in strategy.history if h["sites_trained"] and not h["skipped"])
     summary = {
         "twin": plan.spec.name,
@@ -110,15 +160,17 @@ def _finish(grid: Grid, plan: TrainingPlan, strategy: TwinStrategy, audit, out_d
                   "pretrained_sha256": plan.model.pretrained_sha256},
         "sites": {name: rec.summary() for name, rec in sorted(strategy.sites.items())},
         "history": strategy.history,
+        "intervals": None if cal is None else cal.label(),
         "model_dir": "model",
         "seconds": round(time.perf_counter() - started, 3),
-    } | (extra or {})
+    } | ({"calibration": cal_record} if cal_record is not None else {}) | (extra or {})
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     finished = audit.append(StudyFinished(
         plan_sha256=plan.sha256(), rounds=plan.rounds, rounds_with_update=rounds_with_update,
         skipped_rounds=tuple(strategy.skipped_rounds),
         weights_sha256=weights_sha256(strategy.final_weights),
-        weights_file_sha256=hashlib.sha256((model_dir / "weights.npz").read_bytes()).hexdigest()))
+        weights_file_sha256=hashlib.sha256((model_dir / "weights.npz").read_bytes()).hexdigest(),
+        calibration_file_sha256=cal_sha))
     close_study(grid, audit, finished, timeout=FINISH_TIMEOUT_S)
     return summary
 
@@ -152,6 +204,9 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     try:
         settings = StudySettings.from_run_config(dict(context.run_config))
+        if settings.trial_plan:
+            _main_trial(grid, context, settings)
+            return
         plan = settings.plan()
         if settings.sites:  # flwr run on the simulation engine: this process set up the nodes
             from twinfed.governance.provision import provision_run_config_sites
@@ -165,3 +220,20 @@ def main(grid: Grid, context: Context) -> None:
         # failed run for Flower, without a traceback.
         _stderr(f"twinfed: error: {exc}")
         raise SystemExit(1) from None
+
+
+def _main_trial(grid: Grid, context: Context, settings: StudySettings) -> None:
+    """``flwr run`` of a federated in-silico trial (run-config keys ``trial-plan``,
+    ``trial-plan-sha256``, ``trial-model``)."""
+    from twinfed.models.surrogate import get_weights
+    from twinfed.models.twin import Twin
+    from twinfed.server.trial import run_trial
+
+    plan = settings.trial()
+    weights = get_weights(Twin.load(settings.trial_model).surrogate)
+    if settings.sites:
+        from twinfed.governance.provision import provision_run_config_sites
+
+        provision_run_config_sites(settings.out_dir, settings.sites, plan)
+    run_trial(grid, context, plan, weights, out_dir=settings.out_dir, min_nodes=settings.min_nodes,
+              progress=_stderr, extra={"engine": "flwr-run"})

@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from twinfed.errors import PlanError
-from twinfed.models.plan import ModelConfig, PrivacyConfig, SecAggConfig, TrainingConfig, TrainingPlan
+from twinfed.models.plan import (CalibrationConfig, ModelConfig, PrivacyConfig, SecAggConfig, TrainingConfig,
+                                 TrainingPlan)
 from twinfed.models.spec import load_spec
 
 
@@ -23,6 +24,11 @@ class StudySettings(BaseModel):
     plan_json: str = Field("", alias="plan")  # a whole plan's canonical JSON; wins over the rest
     plan_sha256: str = ""
     pretrained: str = ""  # the model directory of the pretrained weights the plan names, if any
+    # A federated in-silico trial instead of a study: the trial plan's canonical JSON (checked
+    # against its hash) and the model directory of the twin it names.
+    trial_plan: str = ""
+    trial_plan_sha256: str = ""
+    trial_model: str = ""
 
     spec: str = "glucose"  # a spec file or a built-in twin name
     rounds: Annotated[int, Field(gt=0)] = 5
@@ -45,6 +51,10 @@ class StudySettings(BaseModel):
     accountant: Literal["rdp", "prv"] = PrivacyConfig().accountant
     secure_aggregation: bool = PrivacyConfig().secure_aggregation
     secagg_min_sites: Annotated[int, Field(ge=2)] = SecAggConfig().min_sites
+    # Prediction intervals, calibrated at the study's end on patients each node holds out.
+    calibration: bool = True
+    calibration_holdout: Annotated[float, Field(gt=0, le=0.9)] = CalibrationConfig().holdout_fraction
+    calibration_noise: Annotated[float, Field(gt=0)] = CalibrationConfig().noise_multiplier
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> StudySettings:
@@ -55,6 +65,22 @@ class StudySettings(BaseModel):
             err = exc.errors()[0]
             key = ".".join(str(x) for x in err["loc"]).replace("_", "-")
             raise PlanError(f"run config key {key}: {err['msg']}") from None
+
+    def trial(self):
+        """The trial plan the run config carries (``trial-plan``), checked against its hash."""
+        from twinfed.models.trial_plan import TrialPlan
+
+        try:
+            plan = TrialPlan.model_validate_json(self.trial_plan)
+        except ValidationError as exc:
+            raise PlanError(f"run config key trial-plan: not a valid trial plan "
+                            f"({exc.errors()[0]['msg']})") from None
+        if self.trial_plan_sha256 and plan.sha256() != self.trial_plan_sha256:
+            raise PlanError("run config key trial-plan does not hash to trial-plan-sha256; pass the plan "
+                            "as written by twinfed (its canonical JSON)")
+        if not self.trial_model:
+            raise PlanError("run config key trial-model: give the model directory of the trial's twin")
+        return plan
 
     def plan(self) -> TrainingPlan:
         if self.plan_json:
@@ -84,4 +110,6 @@ class StudySettings(BaseModel):
                                   accountant=self.accountant,
                                   secure_aggregation=self.secure_aggregation,
                                   secagg=SecAggConfig(min_sites=self.secagg_min_sites)),
+            calibration=CalibrationConfig(holdout_fraction=self.calibration_holdout,
+                                          noise_multiplier=self.calibration_noise) if self.calibration else None,
         )

@@ -198,13 +198,18 @@ class TwinStrategy(FedAvg):
         if self._secagg:
             entry["secagg"] = dict(zip(("sampled", "shares", "threshold"), self._secagg))
         self.history.append(entry | ({"skip_code": code} if code else {}))
-        label = "" if self.plan.privacy.enabled else " [NO DIFFERENTIAL PRIVACY]"
         if skipped:
             what = f"SKIPPED ({code}): the sum was not unmasked"
         else:
             what = f"update norm {norm:.4g}" if norm is not None else "no update"
-        self.progress(f"round {server_round}/{self.plan.rounds}{label}: {trained} site(s) trained, "
-                      f"{replied - trained} refused, {failures} failed, {what}, {seconds:.1f} s")
+        self.progress(self._round_line(server_round, trained, replied, failures, what, seconds))
+
+    def _round_line(self, server_round: int, trained: int, replied: int, failures: int, what: str,
+                    seconds: float) -> str:
+        """The coordinator's one line per round (never a loss: there is none)."""
+        label = "" if self.plan.privacy.enabled else " [NO DIFFERENTIAL PRIVACY]"
+        return (f"round {server_round}/{self.plan.rounds}{label}: {trained} site(s) trained, "
+                f"{replied - trained} refused, {failures} failed, {what}, {seconds:.1f} s")
 
     def __repr__(self) -> str:
         return "TwinStrategy(FedAvg)"

@@ -3,7 +3,8 @@
 import pytest
 
 from twinfed.errors import PlanError
-from twinfed.models.plan import ModelConfig, PrivacyConfig, SecAggConfig, TrainingConfig, TrainingPlan
+from twinfed.models.plan import (CalibrationConfig, ModelConfig, PrivacyConfig, SecAggConfig,
+                                 TrainingConfig, TrainingPlan)
 from twinfed.models.spec import load_spec
 from twinfed.server.settings import StudySettings
 
@@ -58,7 +59,9 @@ def _every_field_changed() -> TrainingPlan:
         privacy=PrivacyConfig(epsilon=2.5, delta=1e-7, clipping_norm=0.3, accountant="prv",
                               update_clip=0.25, count_noise=7.5, secagg=SecAggConfig(
                                   min_sites=4, corrupt_fraction=0.05, dropout_fraction=0.2,
-                                  security_bits=48, correctness_bits=24)))
+                                  security_bits=48, correctness_bits=24)),
+        calibration=CalibrationConfig(holdout_fraction=0.3, noise_multiplier=2.5, levels=(0.5, 0.9, 0.99),
+                                      edges=(0.5, 1.0, 2.0, 4.0), identify_hours=24.0))
 
 
 def _leaves(obj, prefix=""):

@@ -1,0 +1,122 @@
+"""The coordinator's federated in-silico trial: every node runs the approved trial on its own
+consented patients' twins and releases DP aggregates; the coordinator sums them (SecAgg+) into
+the trial's results, with intervals that include the noise.
+
+Anchored like a study: ``study_started`` (the trial plan's hash, one round), the round's
+commitment (``round_started``), the nodes' heads (``round_aggregated``) and, at the end,
+``trial_finished`` with the hash of ``trial.json`` as written. The weights sent are the twin's
+whose digest the plan names: checked here before anything is sent, and by every node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from twinfed.errors import TwinfedError
+from twinfed.events import StudyAborted, StudyStarted, TrialFinished
+
+RESULTS_FILE = "trial.json"
+
+
+def check_new_trial(out_dir: Path) -> None:
+    """A trial writes a new directory's ``trial.json``; it never replaces one."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TwinfedError(f"{out_dir} is a file; give a directory for the trial's results")
+    if (out_dir / RESULTS_FILE).exists():
+        raise TwinfedError(f"{out_dir} already holds a trial ({RESULTS_FILE}); results are never "
+                           "overwritten: choose a new --out")
+
+
+def run_trial(grid, context, plan, weights, *, out_dir: Path, min_nodes: int, progress,
+              extra: dict | None = None) -> dict:
+    """Run ``plan`` (a :class:`twinfed.models.trial_plan.TrialPlan`) on the nodes of ``grid``
+    with the twin ``weights``; write and return the results."""
+    from twinfed.models.digest import weights_sha256
+    from twinfed.models.trial import summarise
+    from twinfed.models.twin import write_text_atomic
+    from twinfed.privacy.secagg import check_secagg, min_sampled
+    from twinfed.server.app import COORDINATOR_DIRNAME, coordinator_audit
+    from twinfed.server.prompt_grid import prompt
+    from twinfed.server.release import run_release
+    from twinfed.server.roll_call import roll_call
+    from twinfed.wire import TrialInstruction
+
+    started = time.perf_counter()
+    grid = prompt(grid)
+    check_new_trial(out_dir)
+    if weights_sha256(weights) != plan.twin.weights_sha256:
+        raise TwinfedError("the model's weights are not the twin the trial plan names; give the model "
+                           "directory the plan was made from")
+    masked = plan.privacy.secure_aggregation
+    check_secagg(plan, min_nodes)
+    audit = coordinator_audit(Path(out_dir) / COORDINATOR_DIRNAME)
+    audit.append(StudyStarted(
+        plan_sha256=plan.sha256(), purpose=plan.purpose, rounds=1, min_nodes=min_nodes,
+        differential_privacy=plan.privacy.enabled, epsilon_per_site=plan.privacy.epsilon,
+        secure_aggregation=masked, secagg_min_sites=plan.privacy.secagg.min_sites if masked else None))
+    try:
+        roll_call(grid, max(min_nodes, min_sampled(plan)) if masked else min_nodes, secure=masked)
+        plan_json = plan.canonical_json()
+
+        def instruction(head):
+            return TrialInstruction(plan_json=plan_json, plan_sha256=plan.sha256(), coordinator=head).to_config()
+
+        result, strategy = run_release(grid, context, plan, weights, instruction=instruction, release_round=1,
+                                       label=f"trial {plan.design.name}", min_nodes=min_nodes, masked=masked,
+                                       audit=audit, progress=progress)
+        report = {"trial": plan.design.name, "n_patients": 0, "arms": {}, "contrasts": {}}
+        if result.total is not None and result.sites_released:
+            report = summarise(result.total, plan.design, plan.spec, noise_var=result.noise_var)
+        else:
+            report["note"] = "no result: too few sites released the trial's aggregates (see sites)"
+        report |= {
+            "plan_sha256": plan.sha256(),
+            "privacy": plan.privacy.label() | {"noise_variance_in_sums": result.noise_var,
+                                                "sites": result.aggregates},
+            "uncertainty": _uncertainty(plan),
+            "design": {"start_hours": plan.design.start_hours, "duration_days": plan.design.duration_days,
+                       "draws": plan.design.draws, "purpose": plan.design.purpose},
+            "sites": {name: {k: s[k] for k in ("rounds_joined", "rounds_refused", "refusals")}
+                      for name, s in result.sites.items()},
+            "sites_released": result.sites_released,
+            "seconds": round(time.perf_counter() - started, 3),
+        } | (extra or {})
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(report, indent=2) + "\n"
+        write_text_atomic(out_dir / RESULTS_FILE, text)
+        audit.append(TrialFinished(
+            plan_sha256=plan.sha256(), sites_released=result.sites_released,
+            sites_refused=strategy.refusals(), node_heads=strategy.node_heads(),
+            results_file_sha256=hashlib.sha256(text.encode()).hexdigest()))
+    except BaseException as exc:
+        audit.append(StudyAborted(plan_sha256=plan.sha256(),
+                                  code="interrupted" if isinstance(exc, KeyboardInterrupt) else "error"))
+        raise
+    return report
+
+
+def _uncertainty(plan) -> str:
+    if plan.twin.calibration is None:
+        return ("none propagated: the twin has no calibrated intervals, so each patient's arm is the "
+                "twin's expected path; the intervals reflect the patients' spread and the DP noise only")
+    return (f"each patient's forecast errors drawn from the twin's calibration ({plan.twin.calibration.source}), "
+            f"{plan.design.draws} draws per patient, the same draws in every arm")
+
+
+def make_trial_server_app(plan, weights, *, out_dir: Path, min_nodes: int, progress,
+                          extra: dict | None = None):
+    from flwr.server import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid, context) -> None:
+        run_trial(grid, context, plan, weights, out_dir=out_dir, min_nodes=min_nodes, progress=progress,
+                  extra=extra)
+
+    return app
