@@ -73,7 +73,9 @@ def test_cohort_generate_writes_the_contract_layout_and_keeps_truth_outside_site
     assert [manifest["sites"][s]["profiles"] for s in ("site-a", "site-b", "site-c")] == \
         [["paediatric"], ["adult"], ["elderly"]]
     consent = (out / "site-a" / "consent.csv").read_text().splitlines()
-    assert len(consent) == 5 and all(",granted,twin-training," in line for line in consent[1:])
+    # every virtual patient consents to the twin's training and to in-silico trials on it
+    assert sorted(line.split(",")[2] for line in consent[1:]) == ["in-silico-trial"] * 4 + ["twin-training"] * 4
+    assert all(",granted," in line for line in consent[1:])
 
 
 def test_cohort_generate_is_reproducible_from_its_seed(tmp_path):

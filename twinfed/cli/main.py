@@ -20,13 +20,16 @@ hospital IT:       data validate, cohort generate (virtual data for trials),
 privacy officers:  plan show|approve|revoke|list, consent grant|withdraw|status,
                    audit verify|show|report, ledger show|rebuild|set-budget
 coordinators:      simulate (a whole study on one machine), demo,
-                   deploy certs (TLS for a real consortium), deploy local (real Flower processes)
-everyone:          evaluate, whatif, calibrate (use a trained twin)
+                   deploy certs (TLS for a real consortium), deploy local (real Flower processes),
+                   trial --site (an in-silico trial across hospitals, DP aggregates only)
+privacy officers:  plan show|approve of a trial plan (trial --write-plan)
+everyone:          evaluate, whatif, calibrate (use a trained twin),
+                   trial --data (an in-silico trial on one machine's patients)
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from twinfed.cli import data, deploy, governance, ledger, study, twin
+    from twinfed.cli import data, deploy, governance, ledger, study, trial, twin
 
     parser = argparse.ArgumentParser(prog="twinfed", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.register(sub)
     study.register(sub)
     twin.register(sub)
+    trial.register(sub)
     governance.register(sub)
     ledger.register(sub)
     deploy.register(sub)

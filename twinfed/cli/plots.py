@@ -47,3 +47,48 @@ def plot_whatif(res: WhatIf, spec: TwinSpec, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_trial(report: dict, path: Path, values=None) -> None:
+    """An in-silico trial's outcomes, one panel per outcome. ``values`` ``[P, A, O]`` (a trial on
+    one machine): each arm's distribution over patients (violins), its mean and 95% interval.
+    Without them (a federated trial: only aggregates left the sites): each arm's mean and 95%
+    interval, and the spread over patients as mean +- one standard deviation (DP-released)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(report["arms"])
+    outcomes = list(next(iter(report["arms"].values()))["outcomes"]) if arms else []
+    fig, axes = plt.subplots(1, max(1, len(outcomes)), figsize=(3.6 * max(1, len(outcomes)), 3.8),
+                             squeeze=False)
+    x = list(range(len(arms)))
+    for o, name in enumerate(outcomes):
+        ax = axes[0][o]
+        est = [report["arms"][a]["outcomes"][name] for a in arms]
+        if values is not None:
+            parts = ax.violinplot([values[:, a, o] for a in range(len(arms))], positions=x, widths=0.8,
+                                  showextrema=False)
+            for body in parts["bodies"]:
+                body.set_alpha(0.35)
+        else:
+            ax.bar(x, [2 * e["sd"] for e in est], bottom=[e["mean"] - e["sd"] for e in est], width=0.6,
+                   alpha=0.25, label="mean +- 1 SD over patients")
+        ax.errorbar(x, [e["mean"] for e in est],
+                    yerr=[[e["mean"] - e["ci95"][0] for e in est], [e["ci95"][1] - e["mean"] for e in est]],
+                    fmt="o", color="black", capsize=4, label="mean, 95% interval")
+        ax.set_xticks(x, arms, rotation=20, fontsize=8)
+        ax.set_title(f"{name} ({report.get('units', {}).get(name, '')})", fontsize=9)
+        ref = report.get("reference")
+        lines = [f"{a} - {ref}: {c[name]['mean']:+.2f} [{c[name]['ci95'][0]:+.2f}, {c[name]['ci95'][1]:+.2f}]"
+                 for a, c in report.get("contrasts", {}).items()]
+        ax.set_xlabel("\n".join(lines), fontsize=7)
+    axes[0][0].legend(fontsize=7, loc="best")
+    where = "federated" if values is None else "one machine"
+    fig.suptitle(f"in-silico trial {report['trial']}: {report['n_patients']} patients' twins ({where})",
+                 fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

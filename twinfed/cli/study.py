@@ -9,7 +9,8 @@ from pathlib import Path
 
 from twinfed.cli.table import format_table
 from twinfed.errors import TwinfedError
-from twinfed.models.plan import ModelConfig, PrivacyConfig, SecAggConfig, TrainingConfig
+from twinfed.models.plan import (CalibrationConfig, ModelConfig, PrivacyConfig, SecAggConfig,
+                                 TrainingConfig)
 
 
 NO_UPDATE = ("no round updated the model: every round was refused by the sites or skipped (fewer "
@@ -92,6 +93,15 @@ def _study_flags(p, rounds: int = 5) -> None:
                    help="BASELINES ONLY: train without differential privacy (labelled in every output)")
     p.add_argument("--no-secagg", action="store_true",
                    help="BENCHMARKS ONLY: send updates without secure aggregation")
+    cal = CalibrationConfig()
+    p.add_argument("--no-calibration", action="store_true",
+                   help="no prediction intervals: hold no patients out of training to calibrate them")
+    p.add_argument("--calibration-holdout", type=float, default=cal.holdout_fraction, metavar="F",
+                   help=f"share of each site's consented patients kept out of training to calibrate the "
+                        f"twin's prediction intervals at the study's end (default {cal.holdout_fraction:g})")
+    p.add_argument("--calibration-noise", type=float, default=cal.noise_multiplier, metavar="Z",
+                   help="noise multiplier of each site's DP release of its calibration histogram, within "
+                        f"the study's epsilon (default {cal.noise_multiplier:g})")
     p.add_argument("--secagg-min-sites", type=int, default=SecAggConfig().min_sites, metavar="N",
                    help="never unmask a sum of fewer than N sites that trained (default "
                         f"{SecAggConfig().min_sites}; at least 2): such a round is skipped")
@@ -121,6 +131,8 @@ def _plan(spec, args):
                                   clipping_norm=args.clip, accountant=args.accountant,
                                   secure_aggregation=not args.no_secagg,
                                   secagg=SecAggConfig(min_sites=args.secagg_min_sites)),
+            calibration=None if args.no_calibration else CalibrationConfig(
+                holdout_fraction=args.calibration_holdout, noise_multiplier=args.calibration_noise),
         )
     except ValidationError as exc:
         err = exc.errors()[0]
@@ -131,7 +143,8 @@ def _plan(spec, args):
 
 
 # The flag that sets each plan field, for error messages.
-FLAGS = {"rounds": "--rounds", "local_steps": "--local-steps", "batch_size": "--batch-size",
+FLAGS = {"holdout_fraction": "--calibration-holdout", "noise_multiplier": "--calibration-noise",
+         "rounds": "--rounds", "local_steps": "--local-steps", "batch_size": "--batch-size",
          "learning_rate": "--lr", "windows_per_patient": "--windows-per-patient", "epsilon": "--epsilon",
          "delta": "--delta", "clipping_norm": "--clip", "min_sites": "--secagg-min-sites",
          "hidden": "--hidden", "layers": "--layers", "seed": "--seed"}
