@@ -97,13 +97,14 @@ def _repeat(a, draws: int):
     return np.repeat(a, draws, axis=0)
 
 
-def _errors(uncertainty: Uncertainty | None, rows: int, draws: int, k: int, n_states: int,
+def _errors(uncertainty: Uncertainty | None, patients: int, draws: int, k: int, n_states: int,
             rng: np.random.Generator) -> np.ndarray | None:
     """One horizon's drawn errors ``[P*draws, k, S]``: a normalised error per row and state,
     with a random sign, times the patient's scale at each step. The error path of a horizon
     follows the scale's growth over its steps (the calibration's score is normalised by it)."""
     if uncertainty is None:
         return None
+    rows = patients * draws
     magnitude = np.stack([uncertainty.sample(j, rng, rows) for j in range(n_states)], axis=-1)
     sign = np.where(rng.random((rows, n_states)) < 0.5, -1.0, 1.0)
     scales = _repeat(uncertainty.scales[:, :k, :], draws)
