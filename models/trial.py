@@ -216,13 +216,16 @@ def summarise(total: np.ndarray, design: TrialDesign, spec, *, noise_var: np.nda
 
     def estimate(what, arm, o, scale, offset):
         i1, i2 = index[(what, arm, o, "sum")], index[(what, arm, o, "square")]
-        m = total[i1] / n
-        second = total[i2] / n
+        lo = 0.0 if what == "arm" else -1.0  # the scaled values' range: [0, 1] or [-1, 1]
+        # Noise can carry a sum outside what clipped values can reach: estimates are clipped back
+        # (post-processing; a mean time below 70 of -5% would say nothing).
+        m = min(max(total[i1] / n, lo), 1.0)
+        second = min(max(total[i2] / n, 0.0), 1.0)
         spread = max(second - m * m, 0.0) * n / (n - 1)
         se2 = spread / n + var[i1] / n ** 2 + m * m * var[-1] / n ** 2
         half = Z95 * math.sqrt(se2)
-        mean = offset + scale * m
-        return {"mean": mean, "ci95": [mean - scale * half, mean + scale * half],
+        ci = [max(m - half, lo), min(m + half, 1.0)]
+        return {"mean": offset + scale * m, "ci95": [offset + scale * ci[0], offset + scale * ci[1]],
                 "sd": scale * math.sqrt(spread)}
 
     arms = {}
