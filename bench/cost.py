@@ -169,7 +169,7 @@ def _dp_step_of(ws: Workspace, sizes: Sizes, twin: str, kind: str, *, other_mode
 
     torch.set_num_threads(1)  # as the node trains
     _, spec, site = _glucose_site(ws, sizes, twin)
-    plan = default_plan(spec, sizes.rounds, kind=kind)
+    plan = default_plan(spec, sizes.rounds, kind=kind, calibrate=False)
     cfg = plan.training
     data = patient_examples(site, cfg, inputs_for(spec, plan.model))
     # As the node calibrates (here from the exact count: nothing is released).
@@ -302,7 +302,7 @@ def secagg_round(ws: Workspace, sizes: Sizes) -> dict:
     spec = ws.spec(cohort)
     seconds, rounds, fastest = {}, {}, {}
     for secagg in (False, True):
-        plan = default_plan(spec, sizes.secagg_rounds, secure_aggregation=secagg)
+        plan = default_plan(spec, sizes.secagg_rounds, secure_aggregation=secagg, calibrate=False)
         study = ws.federated(plan, cohort, f"cost-secagg-{'on' if secagg else 'off'}")
         seconds[secagg] = steady_round_seconds(study)
         rounds[secagg] = study.round_seconds()
@@ -343,7 +343,7 @@ def quantisation(ws: Workspace, sizes: Sizes) -> dict:
     world = sizes.worlds["glucose"][0]
     cohort = world_cohort(ws, sizes, "glucose", world)
     spec = ws.spec(cohort)
-    plan = default_plan(spec, sizes.rounds, dp=True, epsilon=eps)
+    plan = default_plan(spec, sizes.rounds, dp=True, epsilon=eps, calibrate=False)
     run_dir = ws.models.get(("glucose", world, "federated_dp", eps))
     if run_dir is not None:  # late in training, where updates are smallest
         start = get_weights(Twin.load(run_dir).surrogate)

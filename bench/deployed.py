@@ -42,7 +42,7 @@ _LINE = re.compile(r"^(?P<t>\d+\.\d+) (?P<pid>\d+) .*?(?P<what>Receiving|Sending
 def run(ws: Workspace, sizes: Sizes) -> dict:
     cohort = ws.cohort("glucose", sites=3, patients=sizes.deployed_patients, days=sizes.deployed_days)
     spec = ws.spec(cohort)
-    plan = default_plan(spec, sizes.deployed_rounds)
+    plan = default_plan(spec, sizes.deployed_rounds, calibrate=False)
     simulated = ws.federated(plan, cohort, "deployed-sim")
     sim_round = _steady(simulated.summary)
     summary, run_dir, deployed_seconds = _deployed(ws, plan, cohort)

@@ -36,7 +36,7 @@ TARGET_MEMORY_GIB = 1.2  # DESIGN.md section 6, issue 14
 def run(ws: Workspace, sizes: Sizes) -> dict:
     out = rounds_per_site(ws, sizes)
     out.update(secret_sharing(sizes))
-    out.update(secagg_cost.run(default_plan(load_spec("glucose"), sizes.scale_rounds),
+    out.update(secagg_cost.run(default_plan(load_spec("glucose"), sizes.scale_rounds, calibrate=False),
                                sizes.secagg_cost_sites))
     out.update(node_memory(ws, sizes))
     return out
@@ -58,7 +58,7 @@ def secret_sharing(sizes: Sizes) -> dict:
     from twinfed.models.spec import load_spec
     from twinfed.privacy.secagg import required_setup
 
-    plan = default_plan(load_spec("glucose"), sizes.scale_rounds)
+    plan = default_plan(load_spec("glucose"), sizes.scale_rounds, calibrate=False)
     out = {}
     for n in sizes.scale_sites:
         num_shares, t = required_setup(n, plan)
@@ -85,7 +85,7 @@ def rounds_per_site(ws: Workspace, sizes: Sizes) -> dict:
         runs += [(n, False) for n in (small, large)]
     for n, secagg in runs:
         cohort = ws.cohort("glucose", sites=n, patients=sizes.scale_patients, days=sizes.scale_days)
-        plan = default_plan(ws.spec(cohort), sizes.scale_rounds, secure_aggregation=secagg)
+        plan = default_plan(ws.spec(cohort), sizes.scale_rounds, secure_aggregation=secagg, calibrate=False)
         label = f"scale-{n}-sites{'' if secagg else '-no-secagg'}"
         study = ws.federated(plan, cohort, label)
         seconds = steady_round_seconds(study)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twinfed.models.plan import ModelConfig, PrivacyConfig, TrainingPlan
+from twinfed.models.plan import CalibrationConfig, ModelConfig, PrivacyConfig, TrainingPlan
 from twinfed.models.spec import TwinSpec, load_spec
 
 HOLDOUT = "holdout"
@@ -32,7 +32,7 @@ Progress = Callable[[str], None]
 
 def default_plan(spec: TwinSpec, rounds: int, *, dp: bool = True, epsilon: float | None = None,
                  secure_aggregation: bool = True, kind: str = "auto",
-                 pretrained: Path | None = None) -> TrainingPlan:
+                 pretrained: Path | None = None, calibrate: bool = True) -> TrainingPlan:
     """The plan a consortium gets by default (its model ``auto``: the hybrid for a spec with a
     core), changed only where the benchmark says so; ``pretrained``: a model directory whose
     weights the study starts from, named in the plan by their digest."""
@@ -43,7 +43,9 @@ def default_plan(spec: TwinSpec, rounds: int, *, dp: bool = True, epsilon: float
     model = ModelConfig(kind=kind)
     if pretrained is not None:
         model = pretrained_config(model, pretrained)
-    return TrainingPlan(spec=spec, rounds=rounds, privacy=privacy, model=model)
+    # As the CLI does by default: each site holds patients out to calibrate prediction intervals.
+    return TrainingPlan(spec=spec, rounds=rounds, privacy=privacy, model=model,
+                        calibration=CalibrationConfig() if calibrate else None)
 
 
 def plan_conditions(plan: TrainingPlan) -> dict:
