@@ -73,42 +73,67 @@ def roll_forward(twin: Twin, origins: Origins, controls: np.ndarray, *, usual: n
                  offset: torch.Tensor | None = None, uncertainty: Uncertainty | None = None,
                  draws: int = 1, seed: int = 0) -> np.ndarray:
     """The twin's states ``[P, draws, T, S]`` over the ``T`` steps after each origin, under the
-    planned ``controls`` ``[P, T, C]``. ``usual`` (``[P, T, C]``, default ``controls``): the
-    patients' usual treatment over the same steps, what a hybrid's correction reads. ``offset``:
-    the patients' identification (hybrid). Without ``uncertainty`` every draw is the twin's
-    expected path; with it, each horizon's forecast gets an error drawn by ``seed`` (the same
-    draws for the same ``seed``, whatever the controls: common random numbers)."""
+    planned ``controls`` ``[P, T, C]``; or ``[A, P, draws, T, S]`` under ``A`` treatments at once
+    (``controls`` ``[A, P, T, C]``: one pass, and the same error draws in each). ``usual``
+    (``[P, T, C]``, default the first treatment): the patients' usual treatment over the same
+    steps, what a hybrid's correction reads. ``offset``: the patients' identification (hybrid).
+    Without ``uncertainty`` every draw is the twin's expected path; with it, each horizon's
+    forecast gets an error drawn by ``seed`` (the same draws for the same ``seed``, whatever the
+    controls: common random numbers)."""
     controls = np.asarray(controls, np.float32)
-    usual = controls if usual is None else np.asarray(usual, np.float32)
-    p, t = controls.shape[:2]
-    if p != len(origins) or usual.shape != controls.shape:
+    single = controls.ndim == 3
+    if single:
+        controls = controls[None]
+    usual = controls[0] if usual is None else np.asarray(usual, np.float32)
+    arms, p, t = controls.shape[:3]
+    if p != len(origins) or usual.shape != controls.shape[1:]:
         raise ValueError("controls, usual and origins must hold the same patients and steps")
     draws = max(1, int(draws))
     rng = np.random.default_rng(seed)
     roll = _roll_hybrid if twin.hybrid else _roll_neural
     with torch.no_grad():
-        return roll(twin, origins, controls, usual, offset, uncertainty, draws, rng)
+        out = roll(twin, origins, controls, usual, offset, uncertainty, _Rows(arms, draws), rng)
+    out = out.reshape(arms, p, draws, t, out.shape[-1])
+    return out[0] if single else out
 
 
-def _repeat(a, draws: int):
-    """Each patient's rows ``draws`` times, patient-major (``[P*draws, ...]``)."""
-    if isinstance(a, torch.Tensor):
-        return a.repeat_interleave(draws, dim=0)
-    return np.repeat(a, draws, axis=0)
+@dataclass(frozen=True)
+class _Rows:
+    """How a roll-forward lays out its rows: treatment-major, then patient, then draw."""
+
+    arms: int
+    draws: int
+
+    def of_patients(self, a):
+        """Per-patient rows ``[P, ...]`` -> ``[A * P * draws, ...]``."""
+        if isinstance(a, torch.Tensor):
+            a = a.repeat_interleave(self.draws, dim=0)
+            return a.repeat(self.arms, *([1] * (a.dim() - 1)))
+        a = np.repeat(a, self.draws, axis=0)
+        return np.tile(a, (self.arms,) + (1,) * (a.ndim - 1))
+
+    def of_treatments(self, a):
+        """Per-treatment-and-patient rows ``[A, P, ...]`` -> ``[A * P * draws, ...]``."""
+        a = a.reshape(-1, *a.shape[2:])
+        if isinstance(a, torch.Tensor):
+            return a.repeat_interleave(self.draws, dim=0)
+        return np.repeat(a, self.draws, axis=0)
 
 
-def _errors(uncertainty: Uncertainty | None, patients: int, draws: int, k: int, n_states: int,
+def _errors(uncertainty: Uncertainty | None, rows: _Rows, patients: int, k: int, n_states: int,
             rng: np.random.Generator) -> np.ndarray | None:
-    """One horizon's drawn errors ``[P*draws, k, S]``: a normalised error per row and state,
-    with a random sign, times the patient's scale at each step. The error path of a horizon
-    follows the scale's growth over its steps (the calibration's score is normalised by it)."""
+    """One horizon's drawn errors ``[A * P * draws, k, S]``: a normalised error per patient, draw
+    and state, with a random sign, times the patient's scale at each step; the same for every
+    treatment. The error path of a horizon follows the scale's growth over its steps (the
+    calibration's score is normalised by it)."""
     if uncertainty is None:
         return None
-    rows = patients * draws
-    magnitude = np.stack([uncertainty.sample(j, rng, rows) for j in range(n_states)], axis=-1)
-    sign = np.where(rng.random((rows, n_states)) < 0.5, -1.0, 1.0)
-    scales = _repeat(uncertainty.scales[:, :k, :], draws)
-    return ((sign * magnitude)[:, None, :] * scales).astype(np.float32)
+    n = patients * rows.draws
+    magnitude = np.stack([uncertainty.sample(j, rng, n) for j in range(n_states)], axis=-1)
+    sign = np.where(rng.random((n, n_states)) < 0.5, -1.0, 1.0)
+    scales = np.repeat(uncertainty.scales[:, :k, :], rows.draws, axis=0)
+    err = ((sign * magnitude)[:, None, :] * scales).astype(np.float32)
+    return np.tile(err, (rows.arms, 1, 1))
 
 
 def _bounds(spec) -> tuple[np.ndarray, np.ndarray]:
@@ -116,11 +141,11 @@ def _bounds(spec) -> tuple[np.ndarray, np.ndarray]:
             np.array([c.max for c in spec.states], np.float32))
 
 
-def _roll_hybrid(twin, origins, controls, usual, offset, uncertainty, draws, rng) -> np.ndarray:
+def _roll_hybrid(twin, origins, controls, usual, offset, uncertainty, rows: _Rows, rng) -> np.ndarray:
     model, spec = twin.surrogate, twin.spec
     binding = model.binding
     h, k_max, s = spec.history_steps, spec.horizon_steps, len(spec.states)
-    p, t = controls.shape[:2]
+    _, p, t = controls.shape[:3]
     # The encoder and the core's warm-up read the record up to the origin, never the plan.
     start = Batch(history=origins.history, future_controls=np.zeros((p, k_max, len(spec.controls)), np.float32),
                   future_states=np.zeros((p, k_max, s), np.float32), covariates=origins.covariates,
@@ -131,56 +156,56 @@ def _roll_hybrid(twin, origins, controls, usual, offset, uncertainty, draws, rng
         z = z + offset
     theta = binding.theta(z, u0)
     state = binding.origin(theta, u0)
-    theta = {name: _repeat(v, draws) for name, v in theta.items()}
-    state = {name: _repeat(v, draws) for name, v in state.items()}
-    covariates = _repeat(u0["covariates"], draws)
-    readings = _repeat(torch.from_numpy(origins.history[:, :, :s].copy()), draws)
-    usual_history = _repeat(torch.from_numpy(origins.history[:, :, s:].copy()), draws)
+    theta = {name: rows.of_patients(v) for name, v in theta.items()}
+    state = {name: rows.of_patients(v) for name, v in state.items()}
+    covariates = rows.of_patients(u0["covariates"])
+    readings = rows.of_patients(torch.from_numpy(origins.history[:, :, :s].copy()))
+    usual_history = rows.of_patients(torch.from_numpy(origins.history[:, :, s:].copy()))
     half = torch.from_numpy(twin.inputs.half)
     lo, hi = (torch.from_numpy(b) for b in _bounds(spec))
-    rows = p * draws
-    out = np.empty((rows, t, s), np.float32)
+    n = readings.shape[0]
+    out = np.empty((n, t, s), np.float32)
     for c0 in range(0, t, k_max):
         k = min(k_max, t - c0)
-        planned = _repeat(torch.from_numpy(controls[:, c0:c0 + k]), draws)
+        planned = rows.of_treatments(torch.from_numpy(np.ascontiguousarray(controls[:, :, c0:c0 + k])))
         core, state = binding.continued(theta, state, {"states": readings, "future": planned,
                                                        "covariates": covariates})
         last = readings[:, -1, :]
         path = torch.where(torch.isfinite(core), core, last[:, None, :])
         correction = model.corrections({"states": readings, "controls": usual_history,
-                                        "covariates": covariates}).reshape(rows, k_max, s)[:, :k]
+                                        "covariates": covariates}).reshape(n, k_max, s)[:, :k]
         path = path + correction * half / DELTA_UNITS
-        err = _errors(uncertainty, p, draws, k, s, rng)
+        err = _errors(uncertainty, rows, p, k, s, rng)
         if err is not None:
             path = path + torch.from_numpy(err)
         path = torch.maximum(torch.minimum(path, hi), lo)
         out[:, c0:c0 + k] = path.numpy()
         readings = torch.cat([readings, path], dim=1)[:, -h:]
-        usual_history = torch.cat([usual_history, _repeat(torch.from_numpy(usual[:, c0:c0 + k]), draws)],
+        usual_history = torch.cat([usual_history, rows.of_patients(torch.from_numpy(usual[:, c0:c0 + k]))],
                                   dim=1)[:, -h:]
-    return out.reshape(p, draws, t, s)
+    return out
 
 
-def _roll_neural(twin, origins, controls, usual, offset, uncertainty, draws, rng) -> np.ndarray:
+def _roll_neural(twin, origins, controls, usual, offset, uncertainty, rows: _Rows, rng) -> np.ndarray:
     spec = twin.spec
     h, k_max, s, c = spec.history_steps, spec.horizon_steps, len(spec.states), len(spec.controls)
-    p, t = controls.shape[:2]
-    rows = p * draws
-    history = _repeat(origins.history.astype(np.float32), draws)
-    covariates = _repeat(origins.covariates, draws)
+    _, p, t = controls.shape[:3]
+    history = rows.of_patients(origins.history.astype(np.float32))
+    covariates = rows.of_patients(origins.covariates)
+    n = history.shape[0]
     lo, hi = _bounds(spec)
-    out = np.empty((rows, t, s), np.float32)
+    out = np.empty((n, t, s), np.float32)
     for c0 in range(0, t, k_max):
         k = min(k_max, t - c0)
-        planned = np.zeros((rows, k_max, c), np.float32)
-        planned[:, :k] = _repeat(controls[:, c0:c0 + k], draws)
+        planned = np.zeros((n, k_max, c), np.float32)
+        planned[:, :k] = rows.of_treatments(controls[:, :, c0:c0 + k])
         batch = Batch(history=history, future_controls=planned,
-                      future_states=np.zeros((rows, k_max, s), np.float32), covariates=covariates)
+                      future_states=np.zeros((n, k_max, s), np.float32), covariates=covariates)
         path = twin.forecast(batch)[:, :k]
-        err = _errors(uncertainty, p, draws, k, s, rng)
+        err = _errors(uncertainty, rows, p, k, s, rng)
         if err is not None:
             path = path + err
         path = np.clip(path, lo, hi).astype(np.float32)
         out[:, c0:c0 + k] = path
         history = np.concatenate([history, np.concatenate([path, planned[:, :k]], axis=-1)], axis=1)[:, -h:]
-    return out.reshape(p, draws, t, s)
+    return out

@@ -140,12 +140,11 @@ def run_site_trial(twin, site: SiteData, design: TrialDesign, *, calibration=Non
         origins = Origins.at(site, win.patients[part], win.origins[part])
         usual, before = win.usual[part], win.before[part]
         unc = None if scales is None else Uncertainty(scales[c0:c0 + CHUNK_PATIENTS], sampler)
-        for a, arm in enumerate(design.arms):
-            controls = arm_controls(design, arm, spec, usual, before)
-            states = roll_forward(twin, origins, controls, usual=usual,
-                                  offset=None if offset is None else offset[c0:c0 + CHUNK_PATIENTS],
-                                  uncertainty=unc, draws=draws, seed=base_seed + c0)
-            values[c0:c0 + part.size, a] = outcome_values(design, spec, states).mean(axis=1)
+        controls = np.stack([arm_controls(design, arm, spec, usual, before) for arm in design.arms])
+        states = roll_forward(twin, origins, controls, usual=usual,
+                              offset=None if offset is None else offset[c0:c0 + CHUNK_PATIENTS],
+                              uncertainty=unc, draws=draws, seed=base_seed + c0)  # [A, P, D, T, S]
+        values[c0:c0 + part.size] = outcome_values(design, spec, states).mean(axis=2).transpose(1, 0, 2)
     return SiteOutcomes(values, n_excluded, calibration is not None)
 
 
