@@ -27,7 +27,8 @@ from twinfed.models.twin import Twin
 from twinfed.models.windows import gather
 
 SPEC = load_spec("glucose")
-CONFIG = CalibrationConfig()  # 80% and 95%, the default edges, 48 h of identification
+# 80% and 95%, 48 h of identification, 13 edges (14 bins) the hand-made histograms below fill
+CONFIG = CalibrationConfig(edges=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0))
 
 
 @pytest.fixture(scope="module", autouse=True)
