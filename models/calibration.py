@@ -115,7 +115,9 @@ class IntervalCalibration(BaseModel):
                 "identify_hours": self.identify_hours}
 
     def check_spec(self, spec: TwinSpec) -> None:
-        if list(self.states) != spec.state_columns:
+        # By name, not by order: the file is JSON with sorted keys (the cardio twin's sbp_mmhg,
+        # hr_bpm come back as hr_bpm, sbp_mmhg), and every reader looks a state up by its column.
+        if sorted(self.states) != sorted(spec.state_columns):
             raise ModelError(f"the calibration is for states {list(self.states)}, the twin has "
                              f"{spec.state_columns}; recalibrate with `twinfed calibrate --force`")
 

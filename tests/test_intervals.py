@@ -185,6 +185,19 @@ def _evaluate(root, *flags):
             "--data", str(root / "cohort" / "site-a"), *flags]
 
 
+def test_a_calibration_file_fits_a_twin_whose_states_are_not_in_alphabetical_order(tmp_path):
+    spec = load_spec("cardio")
+    assert spec.state_columns != sorted(spec.state_columns)  # the file's keys come back sorted
+    histogram = np.tile([3.0, 2, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0], (len(spec.states), 1))
+    cal = IntervalCalibration.from_histogram(histogram, spec, CONFIG, differential_privacy=False,
+                                             noise_multiplier=None, sites=1, source="test")
+    (tmp_path / "model").mkdir()
+    save_calibration(tmp_path, cal)
+    loaded = load_calibration(tmp_path)
+    loaded.check_spec(spec)
+    assert all(loaded.states[col] == cal.states[col] for col in spec.state_columns)
+
+
 def test_without_a_calibration_whatif_says_why_there_are_no_intervals(run, capsys):
     root, patient = run
     assert not calibration_path(root / "run").exists()
