@@ -4,6 +4,9 @@ tooling reads. The table must name every sub-command that has a --json flag."""
 import argparse
 import csv
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -24,15 +27,45 @@ def run(tmp_path_factory):
     return root, patient
 
 
+# A short trial the 2.5-day cohort can hold: 30 h of record before the start, a day after it.
+TRIAL_ARMS = """
+[trial]
+name = "json-trial"
+purpose = "in-silico-trial"
+reference = "usual-care"
+start_hours = 30
+duration_days = 1
+outcomes = ["time_in_range", "mean_glucose"]
+draws = 2
+
+[[trial.arms]]
+name = "usual-care"
+
+[[trial.arms]]
+name = "less-insulin"
+scenario = "insulin_u*0.8"
+"""
+
+
 def _cases(root, patient):
     holdout = root / "cohort" / HOLDOUT
+    arms = root / "trial-arms.toml"
+    arms.write_text(TRIAL_ARMS)
+    # A local recalibration replaces the calibration the coordinator recorded at study_finished,
+    # which audit verify then reports: it recalibrates a copy of the model, not the audited run.
+    recalibrated = root / "recalibrated"
+    if not recalibrated.exists():
+        shutil.copytree(root / "run" / "model", recalibrated / "model")
     return {
         # --force: the case is idempotent, whatever ran before it in this module
-        ("calibrate",): ["calibrate", "--model", str(root / "run"), "--data", str(holdout), "--force", "--json"],
+        ("calibrate",): ["calibrate", "--model", str(recalibrated), "--data", str(holdout), "--force", "--json"],
         ("evaluate",): ["evaluate", "--model", str(root / "run"), "--spec", str(root / "cohort" / "spec.toml"),
                         "--data", str(holdout), "--identify-hours", "24", "--json"],
         ("whatif",): ["whatif", "--model", str(root / "run"), "--data", str(holdout), "--patient", patient,
                       "--at", str(36 * 60), "--scenario", "a=recorded", "--scenario", "b=insulin_u*0", "--json"],
+        # a new --out each time: a trial never overwrites its results
+        ("trial",): ["trial", "--model", str(root / "run"), "--arms", str(arms), "--data", str(holdout),
+                     "--out", str(Path(tempfile.mkdtemp(dir=root)) / "trial"), "--json"],
         ("audit", "verify"): ["audit", "verify", str(root / "run"), "--json"],
         ("audit", "show"): ["audit", "show", str(root / "run"), "--event", "round_joined", "--json"],
         ("ledger", "show"): ["ledger", "show", "--state", str(root / "run" / "nodes" / "site-a"), "--json"],
@@ -50,8 +83,9 @@ def _commands_with_json(parser: argparse.ArgumentParser, prefix=()) -> set[tuple
     return found
 
 
-# calibrate first: evaluate and whatif then show the intervals it calibrated.
-JSON_COMMANDS = [("calibrate",), ("evaluate",), ("whatif",), ("audit", "verify"), ("audit", "show"), ("ledger", "show")]
+# evaluate, whatif and trial show the intervals the study calibrated (simulate calibrates by default).
+JSON_COMMANDS = [("calibrate",), ("evaluate",), ("whatif",), ("trial",), ("audit", "verify"), ("audit", "show"),
+                 ("ledger", "show")]
 
 
 def test_the_table_covers_every_json_output():
