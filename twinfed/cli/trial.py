@@ -113,6 +113,9 @@ def _local(args, twin, design, calibration) -> tuple[dict, object]:
         site = load_site(d, twin.spec)
         consented = site.subset(granted(site_consent(d), design.purpose), reuse=True)
         not_consented += site.n_patients - consented.n_patients
+        if consented.n_patients == 0:
+            _progress(f"{d}: no patient consented for {design.purpose!r}")
+            continue
         _progress(f"{d}: {consented.n_patients} patients consented for {design.purpose!r}; rolling "
                   f"{len(design.arms)} arms forward over {design.duration_days:g} days")
         outcomes = run_site_trial(twin, consented, design, calibration=calibration)

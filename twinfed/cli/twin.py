@@ -195,10 +195,17 @@ def cmd_calibrate(args) -> int:
     from twinfed.models.site_data import load_site
     from twinfed.models.twin import Twin
 
+    from twinfed.models.calibration import load_calibration
+
     twin = Twin.load(args.model)
     path = calibration_path(args.model)
     if path.exists() and not args.force:
         raise ModelError(f"{path} already exists; pass --force to replace it")
+    if path.exists() and load_calibration(args.model).sites > 1:
+        # The study's own calibration: its coordinator recorded the file's hash at study_finished,
+        # so replacing it would make the run fail `twinfed audit verify`.
+        raise ModelError(f"{path} is the study's federated calibration, recorded in its audit log; "
+                         "copy the model directory and calibrate the copy")
     spec = twin.spec
     site = load_site(args.data, spec)
     config = twin.plan.calibration or CalibrationConfig()
