@@ -280,6 +280,13 @@ def test_a_trial_reply_holds_only_allow_listed_figures_and_no_patient_count_id_o
     for text in texts:
         assert not [i for i in ids if i in text]
         assert "patients_used" not in text and "patients_excluded" not in text
+    # The fit result's example count (what FedAvg would weight by) is not the site's patient count.
+    for c in captured:
+        if "config_records/fitres.metrics" in c:
+            site = NodeReply.model_validate_json(c["config_records/fitres.metrics"][REPLY_KEY]).site
+            exact = next(e["details"]["patients_used"] for e in _events(federated.out / "nodes" / site)
+                         if e["event"] == "aggregate_released")
+            assert c["metric_records/fitres.num_examples"]["num_examples"] != exact
     # Besides the reply, nothing but SecAgg+'s protocol: stage names, integers, keys and byte arrays.
     for c in captured:
         for name, record in c.items():
