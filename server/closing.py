@@ -21,7 +21,8 @@ def close_study(grid, audit, finished, *, timeout: float) -> dict[str, LogHead]:
     finish = StudyFinish(plan_sha256=d["plan_sha256"], coordinator=LogHead(seq=finished.seq, hash=finished.hash),
                          rounds=d["rounds"], rounds_with_update=d["rounds_with_update"],
                          skipped_rounds=tuple(d["skipped_rounds"]), weights_sha256=d["weights_sha256"],
-                         weights_file_sha256=d["weights_file_sha256"])
+                         weights_file_sha256=d["weights_file_sha256"],
+                         calibration_file_sha256=d.get("calibration_file_sha256"))
     node_ids = list(grid.get_node_ids())
     content = RecordDict({FINISH_RECORD: ConfigRecord({"finish": finish.model_dump_json()})})
     messages = [Message(content=content, dst_node_id=nid, message_type=MessageType.QUERY)

@@ -234,6 +234,7 @@ class StudyFinish(_Frozen):
     skipped_rounds: tuple[int, ...] = ()
     weights_sha256: Hex64  # digest of the final weights' arrays (twinfed.models.digest)
     weights_file_sha256: Hex64  # SHA-256 of model/weights.npz as written
+    calibration_file_sha256: Hex64 | None = None  # model/calibration.json as written, if any
 
 
 # Every field a node's reply can carry, and what kind of figure it is.
