@@ -4,8 +4,9 @@ A *figure* is one measured number: ``{"value", "unit", "conditions"}`` and, when
 section 6 (or the issue that set it) has a goal for it, ``"target"``, ``"target_bound"`` and
 ``"meets_target"``. Most targets are upper bounds (a ratio "within 1.15x", "1.5x or less", "under
 5 s": ``target_bound`` ``"upper"``, met when ``value <= target``); agreement with the truth is a
-lower bound ("95% or more": ``"lower"``, met when ``value >= target``). Results written before
-targets had a bound are read as upper bounds. The results file groups figures by section, each
+lower bound ("95% or more": ``"lower"``, met when ``value >= target``); a coverage is a range
+("93-97%": ``"range"``, ``target`` is ``[lo, hi]``, met when ``lo <= value <= hi``). Results
+written before targets had a bound are read as upper bounds. The results file groups figures by section, each
 section a flat mapping from a dotted figure name to a figure, beside ``"run"`` (the machine, the
 commit, the sizes).
 """
@@ -23,23 +24,40 @@ SECTIONS = ("accuracy", "whatif", "cost", "scale", "deployed", "capacity", "audi
 
 
 def figure(value: float, unit: str, *, conditions: dict | None = None,
-           target: float | None = None, at_least: bool = False) -> dict:
+           target: float | None = None, at_least: bool = False,
+           target_range: tuple[float, float] | None = None) -> dict:
     """One measured figure; ``target`` is an upper bound (the value must not exceed it), or with
-    ``at_least`` a lower bound (the value must reach it)."""
+    ``at_least`` a lower bound (the value must reach it); ``target_range`` ``(lo, hi)`` instead:
+    the value must lie within it, both ends included."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"a figure's value must be a number, not {type(value).__name__}")
+    if target_range is not None and (target is not None or at_least):
+        raise ValueError("a figure has either a target (with at_least) or a target_range, not both")
     fig: dict = {"value": float(value), "unit": unit}
+    # NaN (a measurement that failed) never meets a target: every comparison with it is false.
     if target is not None:
         fig["target"] = float(target)
         fig["target_bound"] = "lower" if at_least else "upper"
-        # NaN (a measurement that failed) never meets a target.
         fig["meets_target"] = bool(math.isfinite(value) and (value >= target if at_least else value <= target))
+    if target_range is not None:
+        lo, hi = (float(v) for v in target_range)
+        if not lo <= hi:
+            raise ValueError(f"a target range is (lo, hi) with lo <= hi, not ({lo:g}, {hi:g})")
+        fig["target"] = [lo, hi]
+        fig["target_bound"] = "range"
+        fig["meets_target"] = bool(math.isfinite(value) and lo <= value <= hi)
     fig["conditions"] = dict(conditions or {})
     return fig
 
 
 def target_text(fig: dict, suffix: str = "") -> str:
-    """``<= 1.15x`` or ``>= 0.95``: the target with its direction."""
+    """``<= 1.15x``, ``>= 0.95`` or ``93-97%``: the target with its direction (a range of
+    fractions in percent)."""
+    if fig.get("target_bound") == "range":
+        lo, hi = fig["target"]
+        if fig["unit"] == "fraction":
+            return f"{100 * lo:g}-{100 * hi:g}%"
+        return f"{format_value(lo)}-{format_value(hi)}{suffix}"
     sign = ">=" if fig.get("target_bound") == "lower" else "<="
     return f"{sign} {format_value(fig['target'])}{suffix}"
 
@@ -214,3 +232,4 @@ def plot_whatif_case(case: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+

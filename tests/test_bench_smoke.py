@@ -50,6 +50,52 @@ def test_a_failed_measurement_never_meets_its_target(at_least):
     assert figure(math.nan, "x", target=1.5, at_least=at_least)["meets_target"] is False
 
 
+def test_a_figure_with_a_target_range_meets_it_only_inside_the_range_ends_included():
+    assert figure(0.93, "fraction", target_range=(0.93, 0.97))["meets_target"] is True
+    assert figure(0.97, "fraction", target_range=(0.93, 0.97))["meets_target"] is True
+    assert figure(0.9299, "fraction", target_range=(0.93, 0.97))["meets_target"] is False
+    assert figure(0.9701, "fraction", target_range=(0.93, 0.97))["meets_target"] is False
+    assert figure(math.nan, "fraction", target_range=(0.93, 0.97))["meets_target"] is False
+
+
+def test_a_target_range_is_stored_as_its_two_ends_with_the_range_bound():
+    fig = figure(0.95, "fraction", target_range=(0.93, 0.97))
+    assert set(fig) == {"value", "unit", "target", "target_bound", "meets_target", "conditions"}
+    assert fig["target"] == [0.93, 0.97] and fig["target_bound"] == "range"
+    assert json.loads(json.dumps(fig)) == fig
+
+
+@pytest.mark.parametrize("kwargs", [{"target": 0.95}, {"target": 0.95, "at_least": True}, {"at_least": True}])
+def test_a_figure_refuses_a_target_range_beside_a_bound(kwargs):
+    with pytest.raises(ValueError):
+        figure(0.95, "fraction", target_range=(0.93, 0.97), **kwargs)
+
+
+def test_a_target_range_must_not_be_reversed():
+    with pytest.raises(ValueError):
+        figure(0.95, "fraction", target_range=(0.97, 0.93))
+
+
+def test_the_tables_show_a_range_of_fractions_in_percent_and_its_verdict():
+    results = {"trial": {"glucose.bergman.glucose_mgdl.coverage_95":
+                         figure(0.91, "fraction", target_range=(0.93, 0.97)),
+                         "cardio.baroreflex.sbp_mmhg.coverage_95":
+                         figure(0.95, "fraction", target_range=(0.93, 0.97))}}
+    lines = format_table(results).splitlines()[2:]
+    assert lines[0].split()[-2:] == ["93-97%", "MISSED"]
+    assert lines[1].split()[-2:] == ["93-97%", "ok"]
+    rows = markdown_table(results).splitlines()[2:]
+    assert rows[0].endswith("| 0.91 fraction | 93-97% | **no** |")
+    assert rows[1].endswith("| 0.95 fraction | 93-97% | yes |")
+    assert [n for _, n, _ in missed(results)] == ["glucose.bergman.glucose_mgdl.coverage_95"]
+
+
+def test_a_range_of_other_units_is_shown_with_its_unit():
+    results = {"trial": {"x": figure(3.0, "s", target_range=(1, 5))}}
+    assert "1.00-5.00" in format_table(results)
+    assert markdown_table(results).splitlines()[2].endswith("| 3.00 s | 1.00-5.00 s | yes |")
+
+
 def test_a_figure_without_a_target_has_no_target_keys():
     fig = figure(61.5, "mg/dL", conditions={"horizon_minutes": 60})
     assert set(fig) == {"value", "unit", "conditions"}
