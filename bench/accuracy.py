@@ -191,6 +191,8 @@ def run_world(ws: Workspace, sizes: Sizes, twin: str, world: str) -> tuple[dict,
 
     for eps in epsilons:
         add_study(f"federated_dp_eps{eps:g}", *federated_dp(ws, sizes, twin, world, epsilon=eps))
+    # kept for the trial section's coverage figures (the same twin, the same held-out windows)
+    ws.evaluations[(twin, world, "federated_dp", ref_eps)] = reports[f"federated_dp_eps{ref_eps:g}"]
     plan = default_plan(spec, sizes.rounds, dp=False)
     study = ws.federated(plan, cohort, f"{twin}-{world}-federated-nodp")
     ws.models[(twin, world, "federated_nodp", None)] = study.run_dir

@@ -82,6 +82,8 @@ class Workspace:
     cpus: int = 2
     # Twins trained in this run, by (twin, world, regime, epsilon) -> run directory.
     models: dict[tuple, Path] = field(default_factory=dict)
+    # Their held-out evaluations (rmse_at reports), same keys: a later section reuses them.
+    evaluations: dict[tuple, dict] = field(default_factory=dict)
 
     def __post_init__(self):
         self.root = Path(self.root)
@@ -204,7 +206,10 @@ def rmse_at(run_dir: Path, cohort_dir: Path, *, minutes: int = 60, stride: int =
     ``{"states": {col: {"model", "persistence", "population" (hybrid, personalised), and each
     extra forecaster's name}}, "n_patients", "n_windows", "personalised",
     "seconds_per_patient" (of the identification, or None), "identify_hours", "kind",
-    "trained_weights", "seconds"}``."""
+    "trained_weights", "seconds", "intervals"}``; ``"intervals"``: the prediction intervals'
+    figures (None without a calibration): ``{"label", "states": {col: {"coverage",
+    "coverage_windows", "coverage_by_step", "coverage_windows_by_step", "interval_width_by_step"}}}``,
+    each by level key (``"95"``), and ``"intervals_note"``: why there are none."""
     from twinfed.models.evaluation import evaluate
 
     spec = load_spec(cohort_dir / "spec.toml")
@@ -219,7 +224,14 @@ def rmse_at(run_dir: Path, cohort_dir: Path, *, minutes: int = 60, stride: int =
                     for key, by_step in m.items() if key.endswith("rmse_by_step")}
               for col, m in rep["states"].items()}
     info = rep["personalisation"]
+    intervals = None
+    if rep.get("intervals") is not None:
+        keys = ("coverage", "coverage_windows", "coverage_by_step", "coverage_windows_by_step",
+                "interval_width_by_step")
+        intervals = {"label": rep["intervals"],
+                     "states": {col: {k: m[k] for k in keys} for col, m in rep["states"].items()}}
     return {"n_patients": rep["n_patients"], "n_windows": rep["n_windows"], "states": states,
             "personalised": info["personalised"], "seconds_per_patient": info.get("seconds_per_patient"),
             "identify_hours": info["identify_hours"], "kind": rep["model"]["kind"],
-            "trained_weights": rep["model"]["trained_weights"], "seconds": time.perf_counter() - t0}
+            "trained_weights": rep["model"]["trained_weights"], "seconds": time.perf_counter() - t0,
+            "intervals": intervals, "intervals_note": rep.get("intervals_note")}
