@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-SECTIONS = ("accuracy", "whatif", "cost", "scale", "deployed", "capacity", "audit", "soak")
+SECTIONS = ("accuracy", "whatif", "trial", "cost", "scale", "deployed", "capacity", "audit", "soak")
 
 
 def figure(value: float, unit: str, *, conditions: dict | None = None,
@@ -233,3 +233,37 @@ def plot_whatif_case(case: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def plot_trial_contrasts(world: dict, path: Path) -> None:
+    """One in-silico trial checked against the truth: per outcome, the contrast (arm minus the
+    reference) of the "real" parallel-group trial and of the twins' federated trial, each with
+    its 95% interval, and the paired truth of each trial's patients as markers.
+
+    ``world = {"title", "contrast", "real_label", "twins_label", "outcomes": [{"name", "unit",
+    "real": [mean, lo, hi], "twins": [mean, lo, hi], "paired_real", "paired_twins"}]}``.
+    """
+    plt = _pyplot()
+    outcomes = world["outcomes"]
+    fig, axes = plt.subplots(1, len(outcomes), figsize=(max(4.2 * len(outcomes), 10.0), 3.4), squeeze=False)
+    rows = [("real", world["real_label"], "C3", "paired_real"), ("twins", world["twins_label"], "C0", "paired_twins")]
+    for ax, o in zip(axes[0], outcomes):
+        for y, (key, label, color, paired) in enumerate(rows):
+            m, lo, hi = o[key]
+            ax.errorbar([m], [y], xerr=[[m - lo], [hi - m]], fmt="o", color=color, capsize=4,
+                        label=f"{label}, 95% CI")
+            ax.plot([o[paired]], [y], linestyle="none", marker="x", markersize=9, color="black",
+                    label="paired truth of these patients" if y == 0 else None)
+        ax.axvline(0, color="grey", linewidth=0.8)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels(["real trial", "twins"])
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+        ax.set_xlabel(f"{world['contrast']} ({o['unit']})")
+        ax.set_title(o["name"])
+        ax.grid(alpha=0.3, axis="x")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
+    fig.suptitle(world["title"], fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

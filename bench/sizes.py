@@ -79,6 +79,11 @@ class Sizes:
     memory_curve_patients: tuple[int, ...] = (1_000, 10_000, 50_000)
     # audit
     audit_entries: int = 100_000
+    # in-silico trial (issue 15): the "real" trial's patients, the held-out patients of a cohort
+    # of their own (every population mixed, as the training sites together), and that cohort's
+    # seed (other patients than the worlds' seed 0 and the pretraining's)
+    trial_real_patients: int = 400
+    trial_real_seed: int = 15
 
     def conditions(self) -> dict:
         return asdict(self)
@@ -97,5 +102,5 @@ QUICK = Sizes(
     secagg_rounds=2, scale_sites=(3, 4), scale_patients=10, scale_days=1.0, scale_rounds=2,
     scale_without_secagg=False, secagg_cost_sites=(3, 10),
     memory_patients=200, memory_days=1.0, memory_curve_patients=(100, 200, 400), deployed_patients=10,
-    deployed_rounds=2, audit_entries=5_000,
+    deployed_rounds=2, audit_entries=5_000, trial_real_patients=40,
 )

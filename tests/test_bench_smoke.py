@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
@@ -96,6 +97,41 @@ def test_a_range_of_other_units_is_shown_with_its_unit():
     assert markdown_table(results).splitlines()[2].endswith("| 3.00 s | 1.00-5.00 s | yes |")
 
 
+def test_the_trial_section_follows_the_what_if_section():
+    from bench.report import SECTIONS
+
+    assert SECTIONS.index("trial") == SECTIONS.index("whatif") + 1
+
+
+def test_the_real_trials_randomisation_is_balanced_and_seeded():
+    from bench.trial import randomise
+
+    arms = randomise(401, 2, seed=3)
+    assert sorted(np.bincount(arms).tolist()) == [200, 201]
+    assert np.array_equal(arms, randomise(401, 2, seed=3))
+    assert not np.array_equal(arms, randomise(401, 2, seed=4))
+
+
+def test_the_welch_interval_of_a_known_case():
+    from bench.trial import welch
+
+    # means 2 and 5, sample variances 1 and 4, 3 patients each: se = sqrt(1/3 + 4/3), df = 2.94...
+    out = welch(np.array([1.0, 2.0, 3.0]), np.array([3.0, 5.0, 7.0]))
+    se = math.sqrt(5 / 3)
+    df = (5 / 3) ** 2 / ((1 / 3) ** 2 / 2 + (4 / 3) ** 2 / 2)
+    assert out["mean"] == pytest.approx(3.0) and out["se"] == pytest.approx(se) and out["df"] == pytest.approx(df)
+    from scipy.stats import t
+
+    half = t.ppf(0.975, df) * se
+    assert out["ci95"] == pytest.approx([3.0 - half, 3.0 + half])
+
+
+def test_the_welch_interval_of_constant_groups_has_no_width():
+    from bench.trial import welch
+
+    assert welch(np.zeros(5), np.zeros(4)) == {"mean": 0.0, "ci95": [0.0, 0.0], "se": 0.0, "df": math.inf}
+
+
 def test_a_figure_without_a_target_has_no_target_keys():
     fig = figure(61.5, "mg/dL", conditions={"horizon_minutes": 60})
     assert set(fig) == {"value", "unit", "conditions"}
@@ -172,7 +208,8 @@ def test_the_quick_sizes_are_no_bigger_than_the_full_run():
     amounts = ("patients", "holdout", "days", "rounds", "central_steps", "central_hybrid_steps",
                "pretrain_sites", "pretrain_patients", "pretrain_days", "pretrain_steps", "whatif_patients",
                "step_repeats", "whatif_shell_runs", "secagg_sites", "secagg_patients", "secagg_rounds",
-               "scale_patients", "scale_rounds", "memory_patients", "memory_days", "audit_entries")
+               "scale_patients", "scale_rounds", "memory_patients", "memory_days", "audit_entries",
+               "trial_real_patients")
     quick, full = QUICK.conditions(), FULL.conditions()
     for name in amounts:
         if isinstance(quick[name], dict):
@@ -203,3 +240,61 @@ def test_the_full_run_measures_issue_12_at_its_size():
     assert FULL.sites == 3 and set(FULL.patients.values()) == {1000} and FULL.days == 7.0
     assert FULL.rounds == 20 and 3.0 in FULL.epsilons
     assert FULL.pretrain_seed != 0  # the pretraining cohort's patients are not the worlds'
+
+
+def test_the_full_run_checks_the_trial_against_a_real_trial_of_issue_15s_size():
+    assert FULL.trial_real_patients == 400
+    assert FULL.trial_real_seed not in (0, FULL.pretrain_seed)  # other patients than the worlds'
+
+
+def _evaluation(coverage95: float | None) -> dict:
+    """An rmse_at report of a glucose twin (12 steps), with intervals unless ``coverage95`` is None."""
+    by_step = [0.9] * 11 + [0.96]
+    states = {"glucose_mgdl": {"coverage": {"80": 0.81, "95": coverage95},
+                               "coverage_windows": {"80": 0.8, "95": 0.94},
+                               "coverage_by_step": {"80": by_step, "95": by_step},
+                               "coverage_windows_by_step": {"80": by_step, "95": by_step},
+                               "interval_width_by_step": {"80": [10.0] * 12, "95": [20.0] * 11 + [42.0]}}}
+    return {"n_patients": 5, "n_windows": 50, "identify_hours": 48.0, "intervals_note": None,
+            "intervals": None if coverage95 is None else {"label": {"source": "test"}, "states": states}}
+
+
+def _workspace(tmp_path):
+    from twinfed.models.spec import load_spec
+
+    from bench.studies import Workspace
+
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    (cohort / "spec.toml").write_text(load_spec("glucose").to_toml(), encoding="utf-8")
+    return Workspace(root=tmp_path / "work", results=tmp_path / "results", progress=lambda msg: None), cohort
+
+
+def test_the_coverage_figures_reuse_the_accuracy_sections_evaluation_of_the_same_twin(tmp_path):
+    from bench.accuracy import reference_epsilon
+    from bench.trial import coverage_figures
+
+    ws, cohort = _workspace(tmp_path)
+    ws.evaluations[("glucose", "bergman", "federated_dp", reference_epsilon())] = _evaluation(0.95)
+    # No run directory exists: evaluating again would fail.
+    figs = coverage_figures(ws, QUICK, "glucose", "bergman", tmp_path / "no-run", cohort, {})
+    k = "glucose.bergman.glucose_mgdl"
+    assert figs[f"{k}.coverage_95"]["value"] == 0.95 and figs[f"{k}.coverage_95"]["meets_target"] is True
+    assert figs[f"{k}.coverage_95"]["target"] == [0.93, 0.97]
+    assert figs[f"{k}.coverage_95"]["conditions"]["evaluation_reused_from_accuracy"] is True
+    assert "target" not in figs[f"{k}.coverage_80"] and figs[f"{k}.coverage_80"]["value"] == 0.81
+    assert figs[f"{k}.coverage_95_windows"]["value"] == 0.94
+    assert figs[f"{k}.coverage_95_at_60min"]["value"] == 0.96
+    assert figs[f"{k}.interval_width_95_at_60min"]["value"] == 42.0
+    assert figs[f"{k}.interval_width_95_at_60min"]["unit"] == "mg/dL"
+
+
+def test_a_twin_without_intervals_has_coverage_figures_that_miss_their_target(tmp_path):
+    from bench.accuracy import reference_epsilon
+    from bench.trial import coverage_figures
+
+    ws, cohort = _workspace(tmp_path)
+    ws.evaluations[("glucose", "bergman", "federated_dp", reference_epsilon())] = _evaluation(None)
+    figs = coverage_figures(ws, QUICK, "glucose", "bergman", tmp_path / "no-run", cohort, {})
+    fig = figs["glucose.bergman.glucose_mgdl.coverage_95"]
+    assert math.isnan(fig["value"]) and fig["meets_target"] is False
