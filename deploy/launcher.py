@@ -417,13 +417,22 @@ def run_deployed_study(sites: dict[str, Path], run_dir: str | Path, plan, *,
     check_new_run(Path(run_dir))
     app_dir = Path(app_dir or default_app_dir())
     run_config = plan_run_config(plan, out_dir=Path(run_dir), min_nodes=len(sites), pretrained=pretrained)
+    return _in_consortium(sites, run_dir, plan, run_config, app_dir=app_dir, state_root=state_root,
+                          approve_as=approve_as, timeout=timeout, progress=progress)
+
+
+def _in_consortium(sites: dict[str, Path], run_dir, plan, run_config: dict, *, app_dir: Path,
+                   state_root: Path | None, approve_as: str | None, timeout: float,
+                   progress: Progress | None, results: str = "summary.json") -> dict:
+    """Start a consortium of ``sites``, provision it for ``plan`` (unless ``approve_as`` is None),
+    ``flwr run`` the app with ``run_config``, stop everything; the results file's content."""
     check_run_config_keys(run_config, app_run_config_keys(app_dir), app_dir)
     with sigterm_as_interrupt(), LocalConsortium(run_dir, sites, state_root=state_root,
                                                  progress=progress) as consortium:
         if approve_as is not None:
             consortium.provision(plan, operator=approve_as)
         consortium.start()
-        return consortium.run_study(run_config, app_dir=app_dir, timeout=timeout)
+        return consortium.run_study(run_config, app_dir=app_dir, timeout=timeout, results=results)
 
 
 def run_deployed_trial(sites: dict[str, Path], out_dir: str | Path, plan, model_dir: Path, *,
@@ -442,13 +451,8 @@ def run_deployed_trial(sites: dict[str, Path], out_dir: str | Path, plan, model_
     run_config = {"trial-plan": plan.canonical_json(), "trial-plan-sha256": plan.sha256(),
                   "trial-model": str(Path(model_dir).resolve()), "out-dir": str(Path(out_dir).resolve()),
                   "min-nodes": len(sites)}
-    check_run_config_keys(run_config, app_run_config_keys(app_dir), app_dir)
-    with sigterm_as_interrupt(), LocalConsortium(out_dir, sites, state_root=state_root,
-                                                 progress=progress) as consortium:
-        if approve_as is not None:
-            consortium.provision(plan, operator=approve_as)
-        consortium.start()
-        return consortium.run_study(run_config, app_dir=app_dir, timeout=timeout, results=RESULTS_FILE)
+    return _in_consortium(sites, out_dir, plan, run_config, app_dir=app_dir, state_root=state_root,
+                          approve_as=approve_as, timeout=timeout, progress=progress, results=RESULTS_FILE)
 
 
 def site_map(sites: Sequence) -> dict[str, Path]:

@@ -70,29 +70,14 @@ class StudySettings(BaseModel):
         """The trial plan the run config carries (``trial-plan``), checked against its hash."""
         from twinfed.models.trial_plan import TrialPlan
 
-        try:
-            plan = TrialPlan.model_validate_json(self.trial_plan)
-        except ValidationError as exc:
-            raise PlanError(f"run config key trial-plan: not a valid trial plan "
-                            f"({exc.errors()[0]['msg']})") from None
-        if self.trial_plan_sha256 and plan.sha256() != self.trial_plan_sha256:
-            raise PlanError("run config key trial-plan does not hash to trial-plan-sha256; pass the plan "
-                            "as written by twinfed (its canonical JSON)")
+        plan = _parsed(TrialPlan, self.trial_plan, self.trial_plan_sha256, "trial-plan", "trial plan")
         if not self.trial_model:
             raise PlanError("run config key trial-model: give the model directory of the trial's twin")
         return plan
 
     def plan(self) -> TrainingPlan:
         if self.plan_json:
-            try:
-                plan = TrainingPlan.model_validate_json(self.plan_json)
-            except ValidationError as exc:
-                raise PlanError(f"run config key plan: not a valid training plan "
-                                f"({exc.errors()[0]['msg']})") from None
-            if self.plan_sha256 and plan.sha256() != self.plan_sha256:
-                raise PlanError("run config key plan does not hash to plan-sha256; pass the plan "
-                                "as written by twinfed (its canonical JSON)")
-            return plan
+            return _parsed(TrainingPlan, self.plan_json, self.plan_sha256, "plan", "training plan")
         model = ModelConfig(kind=self.model, hidden=self.hidden or None, layers=self.layers or None)
         if self.pretrained:
             from twinfed.models.pretrain import pretrained_config
@@ -113,3 +98,15 @@ class StudySettings(BaseModel):
             calibration=CalibrationConfig(holdout_fraction=self.calibration_holdout,
                                           noise_multiplier=self.calibration_noise) if self.calibration else None,
         )
+
+
+def _parsed(model, text: str, sha256: str, key: str, what: str):
+    """A plan from its canonical JSON under run-config ``key``, checked against ``key-sha256``."""
+    try:
+        plan = model.model_validate_json(text)
+    except ValidationError as exc:
+        raise PlanError(f"run config key {key}: not a valid {what} ({exc.errors()[0]['msg']})") from None
+    if sha256 and plan.sha256() != sha256:
+        raise PlanError(f"run config key {key} does not hash to {key}-sha256; pass the plan as written "
+                        "by twinfed (its canonical JSON)")
+    return plan

@@ -70,3 +70,26 @@ def simulate_from_cli(root: Path, *, patients: int, seed: int, holdout: int, fla
     sites = [a for n in ("site-a", "site-b", "site-c") for a in ("--site", f"{n}={root / 'cohort' / n}")]
     assert main(["simulate", "--spec", str(root / "cohort" / "spec.toml"), *sites, *flags,
                  "--out", str(root / "run")]) == 0
+
+
+# A one-day trial of two arms (usual care, a meal-bolus rule) and two outcomes, two draws: the
+# smallest trial that exercises a rule, a contrast and propagated uncertainty.
+TINY_ARMS = """\
+[trial]
+name = "tiny-carb-ratio"
+purpose = "in-silico-trial"
+reference = "usual-care"
+start_hours = 48
+duration_days = 1
+outcomes = ["time_in_range", "mean_glucose"]
+draws = 2
+seed = 0
+
+[[trial.arms]]
+name = "usual-care"
+scenario = "recorded"
+
+[[trial.arms]]
+name = "ratio-10"
+rule = { kind = "meal-bolus", insulin = "insulin_u", carbs = "carbs_g", grams_per_unit = 10.0, basal_u_per_h = "recorded" }
+"""

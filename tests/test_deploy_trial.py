@@ -14,30 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from builders import TINY_ARMS
 from twinfed.cli.main import main
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
 SITES = ("site-a", "site-b", "site-c")
-ARMS = """\
-[trial]
-name = "tiny-carb-ratio"
-purpose = "in-silico-trial"
-reference = "usual-care"
-start_hours = 48
-duration_days = 1
-outcomes = ["time_in_range", "mean_glucose"]
-draws = 2
-seed = 0
-
-[[trial.arms]]
-name = "usual-care"
-scenario = "recorded"
-
-[[trial.arms]]
-name = "ratio-10"
-rule = { kind = "meal-bolus", insulin = "insulin_u", carbs = "carbs_g", grams_per_unit = 10.0, basal_u_per_h = "recorded" }
-"""
+ARMS = TINY_ARMS
 
 
 def _processes_naming(path: Path) -> list[int]:

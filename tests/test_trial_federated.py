@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from builders import TINY_ARMS
 from twinfed.cli.main import main
 from twinfed.errors import TwinfedError
 from twinfed.models.surrogate import get_weights
@@ -31,25 +32,7 @@ pytestmark = pytest.mark.slow
 SITES = ("a", "b", "c")
 EPSILON = 8.0  # the trial's spend per site: enough noise to widen every interval, little enough to
 # keep the noisy count far from zero (its std is about 4 patients of 75)
-ARMS = """\
-[trial]
-name = "tiny-carb-ratio"
-purpose = "in-silico-trial"
-reference = "usual-care"
-start_hours = 48
-duration_days = 1
-outcomes = ["time_in_range", "mean_glucose"]
-draws = 2
-seed = 0
-
-[[trial.arms]]
-name = "usual-care"
-scenario = "recorded"
-
-[[trial.arms]]
-name = "ratio-10"
-rule = { kind = "meal-bolus", insulin = "insulin_u", carbs = "carbs_g", grams_per_unit = 10.0, basal_u_per_h = "recorded" }
-"""
+ARMS = TINY_ARMS
 
 
 def _quiet(_msg: str) -> None:
