@@ -55,6 +55,7 @@ def plot_trial(report: dict, path: Path, values=None) -> None:
     Without them (a federated trial: only aggregates left the sites): each arm's mean and 95%
     interval, and the spread over patients as mean +- one standard deviation (DP-released)."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -73,8 +74,11 @@ def plot_trial(report: dict, path: Path, values=None) -> None:
             for body in parts["bodies"]:
                 body.set_alpha(0.35)
         else:
-            ax.bar(x, [2 * e["sd"] for e in est], bottom=[e["mean"] - e["sd"] for e in est], width=0.6,
-                   alpha=0.25, label="mean +- 1 SD over patients")
+            lo, hi = (0.0, 100.0) if report.get("units", {}).get(name) == "% of time" else (-np.inf, np.inf)
+            bottom = [max(e["mean"] - e["sd"], lo) for e in est]
+            top = [min(e["mean"] + e["sd"], hi) for e in est]
+            ax.bar(x, [t - b for t, b in zip(top, bottom)], bottom=bottom, width=0.6, alpha=0.25,
+                   label="mean +- 1 SD over patients")
         ax.errorbar(x, [e["mean"] for e in est],
                     yerr=[[e["mean"] - e["ci95"][0] for e in est], [e["ci95"][1] - e["mean"] for e in est]],
                     fmt="o", color="black", capsize=4, label="mean, 95% interval")
