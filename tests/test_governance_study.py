@@ -10,7 +10,7 @@ from twinfed.governance.verify import verify_path
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--rounds", "1", "--local-steps", "2", "--batch-size", "4", "--hidden", "8"]
+SMALL = ["--rounds", "1", "--local-steps", "2", "--batch-size", "4", "--hidden", "8", "--no-calibration"]
 
 
 def _events(state_dir) -> list[dict]:

@@ -34,7 +34,8 @@ def _site_args(sites, n=3):
 
 def test_a_dp_secagg_study_stays_within_budget_and_a_second_study_is_refused(sites, tmp_path, capsys):
     common = ["simulate", "--spec", "glucose", *_site_args(sites), "--rounds", "2", "--local-steps", "3",
-              "--batch-size", "4", "--hidden", "8", "--epsilon", "3", "--state", str(tmp_path / "nodes")]
+              "--batch-size", "4", "--hidden", "8", "--epsilon", "3", "--no-calibration",
+              "--state", str(tmp_path / "nodes")]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert summary["privacy"]["differential_privacy"] and summary["privacy"]["secure_aggregation"]

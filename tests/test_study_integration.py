@@ -22,7 +22,7 @@ def study(tmp_path_factory):
                        "p1,withdrawn,twin-training,2026-02-01T00:00:00Z\n")
     write_site(root / "holdout", n_patients=3, n_steps=100, seed=3)
     code = main(["simulate", "--spec", "glucose", "--site", f"a={root / 'a'}", "--site", f"b={root / 'b'}",
-                 "--rounds", "2", "--local-steps", "3", "--hidden", "16", "--no-secagg",
+                 "--rounds", "2", "--local-steps", "3", "--hidden", "16", "--no-secagg", "--no-calibration",
                  "--out", str(root / "run")])
     assert code == 0
     return root
@@ -93,7 +93,7 @@ def test_a_site_without_consented_patients_is_refused_and_the_study_goes_on(tmp_
 
 
 def test_simulate_without_sites_generates_and_uses_the_builtin_glucose_cohort(tmp_path, capsys):
-    code = main(["simulate", "--rounds", "1", "--local-steps", "2", "--hidden", "8",
+    code = main(["simulate", "--rounds", "1", "--local-steps", "2", "--hidden", "8", "--no-calibration",
                  "--out", str(tmp_path / "run")])
     assert code == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

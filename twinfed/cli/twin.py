@@ -201,9 +201,10 @@ def cmd_calibrate(args) -> int:
     path = calibration_path(args.model)
     if path.exists() and not args.force:
         raise ModelError(f"{path} already exists; pass --force to replace it")
-    if path.exists() and load_calibration(args.model).source.startswith("federated"):
+    if path.exists() and (path.parent.parent / "coordinator").is_dir() \
+            and load_calibration(args.model).source.startswith("federated"):
         # The study's own calibration: its coordinator recorded the file's hash at study_finished,
-        # so replacing it would make the run fail `twinfed audit verify`.
+        # so replacing it in the run would make the run fail `twinfed audit verify`.
         raise ModelError(f"{path} is the study's federated calibration, recorded in its audit log; "
                          "copy the model directory and calibrate the copy")
     spec = twin.spec
