@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-deploy test-fast bench clean
+.PHONY: install demo test test-studies test-deploy test-fast bench clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -25,9 +25,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/twinfed demo --out runs/demo
 
-# The whole suite but the real-process consortium (under 10 minutes on 2 cores); CI runs both.
+# The whole suite but the multi-study files and the real-process consortium (under 10 minutes on
+# 2 cores); CI runs all three targets.
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not deploy"
+	$(BIN)/python -m pytest -m "not deploy and not studies"
+
+# Files that run several whole studies or trials on the real Flower engine (SecAgg+, DP budgets,
+# refusals, flwr run, federated trials): ~7 minutes.
+test-studies: $(STAMP)
+	$(BIN)/python -m pytest -m "studies and not deploy"
 
 # Real SuperLink and SuperNode processes on loopback (TLS, node auth, kills, restarts): ~8 minutes.
 test-deploy: $(STAMP)

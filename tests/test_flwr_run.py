@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.studies]
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SUPERLINK_PORT = 39091  # Flower 1.42's managed local SuperLink (flwr.cli.local_superlink)

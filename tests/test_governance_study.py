@@ -8,7 +8,7 @@ from builders import write_site
 from twinfed.cli.main import main
 from twinfed.governance.verify import verify_path
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.studies]
 
 SMALL = ["--rounds", "1", "--local-steps", "2", "--batch-size", "4", "--hidden", "8", "--no-calibration"]
 

@@ -17,7 +17,7 @@ from twinfed.models.surrogate import build_surrogate, get_weights
 from twinfed.models.twin import Twin
 from twinfed.simulate import SiteRef, run_simulated_study
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.studies]
 # The probes below travel to Ray's workers by value, not by module name.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -15,7 +15,7 @@ from twinfed.models.surrogate import build_surrogate, get_weights
 from twinfed.models.twin import Twin
 from twinfed.simulate import SiteRef, run_simulated_study
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.studies]
 
 
 def _plan(rounds=2, **privacy) -> TrainingPlan:

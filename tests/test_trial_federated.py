@@ -27,7 +27,7 @@ from twinfed.models.twin import Twin
 from twinfed.simulate import SiteRef, run_simulated_trial
 from twinfed.wire import RELEASE, REPLY_KEY, NodeReply, RefusalCode
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.studies]
 
 SITES = ("a", "b", "c")
 EPSILON = 8.0  # the trial's spend per site: enough noise to widen every interval, little enough to
