@@ -109,19 +109,33 @@ def deployed(tmp_path_factory, cohort):
 
 
 def test_deploy_local_writes_the_simulate_layout(deployed, cohort):
+    from twinfed.models.calibration import held_out
+    from twinfed.models.plan import TrainingPlan
+
     summary, run = deployed.summary, deployed.run
     assert summary["rounds"] == 2 and summary["engine"] == "flwr-run"
     assert [h["sites_trained"] for h in summary["history"]] == [3, 3]
+    plan = TrainingPlan.model_validate_json((run / "model" / "plan.json").read_text())
+    assert plan.calibration is not None  # deploy local calibrates the intervals by default
     for name in SITES:
         site = summary["sites"][name]
         assert site["rounds_joined"] == 2 and site["release"]["patients_used"] == "dp-released"
-        exact = {e["details"]["patients_used"] for e in audit_entries(run / "nodes" / name)
-                 if e["event"] == "round_joined"}
-        assert exact == {20}  # the exact count stays in the node's own log
+        entries = audit_entries(run / "nodes" / name)
+        exact = {e["details"]["patients_used"] for e in entries if e["event"] == "round_joined"}
+        ids = [line.split(",")[0].strip('"')
+               for line in (cohort / name / "patients.csv").read_text().splitlines()[1:] if line]
+        calibrating = int(held_out(plan.sha256(), ids, plan.calibration.holdout_fraction).sum())
+        assert 0 < calibrating < 20
+        assert exact == {20 - calibrating}  # the exact count stays in the node's own log
+        released = [e["details"] for e in entries if e["event"] == "aggregate_released"]
+        # (a day of data is shorter than the identification window: all of them are excluded)
+        assert [(r["kind"], r["patients_used"] + r["patients_excluded"]) for r in released] == \
+            [("calibration", calibrating)]
         assert (run / "nodes" / name / "privacy_ledger.json").is_file()
     coordinator = (run / "coordinator" / "audit.jsonl").read_text()
     assert "patients_used" not in coordinator and "loss" not in coordinator
-    assert {p.name for p in (run / "model").iterdir()} >= {"weights.npz", "spec.toml", "plan.json"}
+    assert {p.name for p in (run / "model").iterdir()} >= {"weights.npz", "spec.toml", "plan.json",
+                                                          "calibration.json"}
     assert summary["privacy"]["secure_aggregation"] is True
     assert (run / "coordinator" / "audit.jsonl").is_file()
 
@@ -307,8 +321,11 @@ def test_a_node_killed_mid_round_is_dropped_and_rejoins_the_next_round(consortiu
     runner = threading.Thread(target=study, daemon=True)
     runner.start()
     victim_log = c.logs / "supernode-site-c.log"
-    # SecAgg+ sends four messages per round; the third (collect masked vectors) trains.
-    wait_for(lambda: log_text(victim_log).count("Start `flwr-clientapp` process") >= 3, 240,
+    # SecAgg+ sends four train messages per round; the third (collect masked vectors) trains.
+    # (The roll call before the study is a query message.) A node killed before it has sent its
+    # key shares is Flower's unrecoverable case: its survivors are asked for shares they never
+    # got, and the round is skipped; so the kill waits for the training message.
+    wait_for(lambda: log_text(victim_log).count("Receiving: train message") >= 3, 240,
              "site-c to start training in round 1")
     time.sleep(1.0)
     c.kill_node("site-c")
