@@ -109,6 +109,7 @@ def deployed(tmp_path_factory, cohort):
 
 
 def test_deploy_local_writes_the_simulate_layout(deployed, cohort):
+    from twinfed.governance.consent import granted, site_consent
     from twinfed.models.calibration import held_out
     from twinfed.models.plan import TrainingPlan
 
@@ -122,10 +123,9 @@ def test_deploy_local_writes_the_simulate_layout(deployed, cohort):
         assert site["rounds_joined"] == 2 and site["release"]["patients_used"] == "dp-released"
         entries = audit_entries(run / "nodes" / name)
         exact = {e["details"]["patients_used"] for e in entries if e["event"] == "round_joined"}
-        ids = [line.split(",")[0].strip('"')
-               for line in (cohort / name / "patients.csv").read_text().splitlines()[1:] if line]
-        calibrating = int(held_out(plan.sha256(), ids, plan.calibration.holdout_fraction).sum())
-        assert 0 < calibrating < 20
+        consented = sorted(granted(site_consent(cohort / name), plan.spec.purpose))
+        calibrating = int(held_out(plan.sha256(), consented, plan.calibration.holdout_fraction).sum())
+        assert len(consented) == 20 and 0 < calibrating < 20
         assert exact == {20 - calibrating}  # the exact count stays in the node's own log
         released = [e["details"] for e in entries if e["event"] == "aggregate_released"]
         # (a day of data is shorter than the identification window: all of them are excluded)

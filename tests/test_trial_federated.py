@@ -65,8 +65,9 @@ def _site_refs(cohort: Path) -> list[SiteRef]:
 
 
 def _consented(site_dir: Path, purpose: str) -> list[str]:
-    rows = [line.split(",") for line in (site_dir / "consent.csv").read_text().splitlines()[1:] if line]
-    return sorted({r[0] for r in rows if r[1] == "granted" and r[2] == purpose})
+    from twinfed.governance.consent import granted, site_consent
+
+    return sorted(granted(site_consent(site_dir), purpose))
 
 
 # -- the shared study, the trial plan and the two trials ------------------------------------
