@@ -7,6 +7,10 @@
 - A round where fewer sites trained than the plan's ``secagg.min_sites`` is never unmasked: the
   coordinator would otherwise learn the update of one hospital (or of too few). The round is
   skipped and audited; nodes hear of it with the next instruction.
+- A node lost before its key shares were forwarded is no part of the round: nobody holds a share
+  of its keys and nobody masked with it. Flower 1.42 counts it among the dropped nodes to unmask
+  (``sampled - active``), asks the survivors for shares they never got and halts the round;
+  here the unmask stage sees only the nodes that shared their keys.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class TwinSecAggPlusWorkflow(SecAggPlusWorkflow):
                          quantization_range=QUANTIZATION_RANGE, modulus_range=MODULUS_RANGE,
                          timeout=timeout)
         self.plan = plan
+        self._shared: frozenset[int] = frozenset()  # this round's nodes that shared their keys
 
     def sampled(self, n_sampled: int) -> tuple[int, int, int]:
         """The set-up for exactly the ``n_sampled`` nodes of this round: (sampled, shares,
@@ -52,12 +57,21 @@ class TwinSecAggPlusWorkflow(SecAggPlusWorkflow):
         self.num_shares, self.reconstruction_threshold = required_setup(n_sampled, self.plan)
         return n_sampled, self.num_shares, self.reconstruction_threshold
 
+    def share_keys_stage(self, grid, context, state) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        self._shared = frozenset(state.active_node_ids)
+        return ok
+
     def unmask_stage(self, grid, context, state) -> bool:
         n = trained_sites(state.legacy_results)
         if n < min_sum(self.plan):
             context.strategy.record_skipped(_round(context), state.legacy_results, state.failures,
                                             code="too_few_trained", trained=n)
             return False
+        shared = self._shared
+        state.sampled_node_ids = set(state.sampled_node_ids) & shared
+        state.nid_to_neighbours = {nid: set(nbrs) & shared
+                                   for nid, nbrs in state.nid_to_neighbours.items() if nid in shared}
         return super().unmask_stage(grid, context, state)
 
     def __call__(self, grid, context) -> None:

@@ -322,9 +322,9 @@ def test_a_node_killed_mid_round_is_dropped_and_rejoins_the_next_round(consortiu
     runner.start()
     victim_log = c.logs / "supernode-site-c.log"
     # SecAgg+ sends four train messages per round; the third (collect masked vectors) trains.
-    # (The roll call before the study is a query message.) A node killed before it has sent its
-    # key shares is Flower's unrecoverable case: its survivors are asked for shares they never
-    # got, and the round is skipped; so the kill waits for the training message.
+    # (The roll call before the study is a query message.) The kill waits for the training
+    # message: this is a node lost mid-training; one lost before it shared its keys is
+    # tests/test_privacy_study.py's.
     wait_for(lambda: log_text(victim_log).count("Receiving: train message") >= 3, 240,
              "site-c to start training in round 1")
     time.sleep(1.0)

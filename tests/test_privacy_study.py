@@ -81,10 +81,12 @@ def test_the_secagg_aggregate_equals_the_plain_mean_within_quantisation_error(si
 
 
 class Probe:
-    """Saves what one node's mod layer sees; optionally crashes a node after it shared keys."""
+    """Saves what one node's mod layer sees; optionally crashes node ``drop`` when it is sent
+    the SecAgg+ stage ``drop_at`` (by default after it shared its keys, before its vector)."""
 
-    def __init__(self, out: Path, kind: str, drop: int | None = None):
-        self.out, self.kind, self.drop = out, kind, drop
+    def __init__(self, out: Path, kind: str, drop: int | None = None,
+                 drop_at: str = "collect_masked_vectors"):
+        self.out, self.kind, self.drop, self.drop_at = out, kind, drop, drop_at
 
     def __call__(self, msg, ctxt, call_next):
         from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
@@ -93,8 +95,8 @@ class Probe:
         pid = int(ctxt.node_config["partition-id"])
         configs = msg.content.config_records.get("secaggplus_configs")
         stage = configs.get("stage") if configs is not None else None
-        if self.kind == "outer" and stage == "collect_masked_vectors" and pid == self.drop:
-            raise RuntimeError("node lost after sharing its keys")
+        if self.kind == "outer" and stage == self.drop_at and pid == self.drop:
+            raise RuntimeError(f"node lost at SecAgg+ stage {stage}")
         reply = call_next(msg, ctxt)
         if self.kind == "outer" and stage == "collect_masked_vectors":
             masked = reply.content.config_records["secaggplus_configs"]["masked_params"]
@@ -134,6 +136,25 @@ def test_a_masked_update_reveals_nothing_and_a_round_survives_a_node_lost_after_
     init = np.concatenate([w.ravel() for w in get_weights(build_surrogate(load_spec("glucose"),
                                                                           ModelConfig(hidden=8), seed=3))])
     final = np.concatenate([w.ravel() for w in _weights(tmp_path / "run")])
+    assert np.abs((final - init) - mean).max() <= 2 * 2 * 0.5 / 2**22 + 1e-6
+
+
+def test_a_round_survives_a_node_lost_before_it_shared_its_keys(sites, tmp_path):
+    # Its survivors hold no share of its keys and never masked with it: the sum of the three
+    # others is unmasked as it is (Flower alone asks them for those shares, and halts the round).
+    refs = [SiteRef("abcd"[i], d) for i, d in enumerate(sites)]
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    summary = run_simulated_study(_plan(secagg=True), refs, tmp_path / "run", progress=lambda m: None,
+                                  outer_mods=[Probe(probes, "outer", drop=3, drop_at="share_keys")],
+                                  inner_mods=[Probe(probes, "inner")])
+    assert summary["history"][0]["sites_trained"] == 3
+    assert not (probes / "update-3.npz").exists()
+    mean = np.mean([_load(probes / f"update-{i}.npz") for i in range(3)], axis=0)
+    init = np.concatenate([w.ravel() for w in get_weights(build_surrogate(load_spec("glucose"),
+                                                                          ModelConfig(hidden=8), seed=3))])
+    final = np.concatenate([w.ravel() for w in _weights(tmp_path / "run")])
+    assert np.abs(mean).max() > 100 * 2 * 0.5 / 2**22
     assert np.abs((final - init) - mean).max() <= 2 * 2 * 0.5 / 2**22 + 1e-6
 
 
