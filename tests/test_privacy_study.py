@@ -132,9 +132,11 @@ def test_a_masked_update_reveals_nothing_and_a_round_survives_a_node_lost_after_
     assert masked.size == update.size
     # The masked vector is uniform over the 2^32 ring and uncorrelated with the update.
     u = masked / 2**32
-    assert abs(u.mean() - 0.5) < 0.02 and abs(u.var() - 1 / 12) < 0.01
+    # (Fresh masks each run: bounds a uniform vector breaks about once in 10,000 runs.)
+    assert abs(u.mean() - 0.5) < 4 * np.sqrt(1 / 12 / u.size) and abs(u.var() - 1 / 12) < 0.01
     counts = np.histogram(u, bins=10, range=(0, 1))[0]
-    assert counts.min() > 0.8 * u.size / 10
+    expected = u.size / 10
+    assert ((counts - expected) ** 2 / expected).sum() < 33.72  # chi-square, 9 dof, p = 1e-4
     assert abs(np.corrcoef(u, update)[0, 1]) < 4 / np.sqrt(u.size)  # four standard errors of none
 
     # What the coordinator got is the mean of the three surviving updates, nothing else.
