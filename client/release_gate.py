@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from twinfed.client.gate import (RoundResult, check_protections, consented_site, own_entries,
-                                 refuse, refused_reply)
+                                 refuse, refuse_malformed, refused_reply)
 from twinfed.client.node import NodeConfig
 from twinfed.client.refusals import RoundRefused, refusal_for, tell_node_console
 from twinfed.errors import ConsentError, PlanError, TwinfedError
@@ -33,8 +33,8 @@ from twinfed.events import AggregateReleased, ModelReceived, ModelSent
 from twinfed.locking import state_lock
 from twinfed.models.digest import weights_sha256
 from twinfed.privacy.secagg import SecAggView
-from twinfed.wire import (TRIAL_KEY, DPAggregate, LogHead, NodeReply, Refusal, RefusalCode, Released,
-                          RoundInstruction, TrialInstruction)
+from twinfed.wire import (INSTRUCTION_KEY, TRIAL_KEY, DPAggregate, LogHead, NodeReply, RefusalCode,
+                          Released, RoundInstruction, TrialInstruction)
 
 
 def serve_release(node: NodeConfig, config: dict, weights: list[np.ndarray], *,
@@ -48,7 +48,7 @@ def serve_release(node: NodeConfig, config: dict, weights: list[np.ndarray], *,
     except (KeyError, ValueError) as exc:
         tell_node_console(site, "release refused", exc)
         return RoundResult([np.zeros(1, np.float32)],
-                           refused_reply(node, Refusal(code=RefusalCode.PLAN_MALFORMED)), None, 0)
+                           refuse_malformed(node, config, TRIAL_KEY if trial else INSTRUCTION_KEY), None, 0)
     plan = _parse(instruction, trial)
     zeros = [np.zeros(_shape(plan), np.float32)]
     try:
@@ -65,6 +65,9 @@ def serve_release(node: NodeConfig, config: dict, weights: list[np.ndarray], *,
                                    coordinator=instruction.coordinator))
         if plan is None:
             raise PlanError("the coordinator sent a malformed plan")
+        if plan.sha256() != instruction.plan_sha256:  # one identity for every entry and segment
+            raise PlanError("the coordinator sent a plan that is not in its canonical form (it parses "
+                            "to another plan_sha256 than the instruction names)")
         vector, aggregate, used, excluded = _release(node, plan, instruction, weights, secagg, audit)
         from twinfed.privacy.release import to_update
 
@@ -159,12 +162,17 @@ def _release(node: NodeConfig, plan, instruction, weights, secagg: SecAggView, a
         if weights_sha256(weights) != plan.twin.weights_sha256:
             raise RoundRefused(RefusalCode.MODEL_MISMATCH,
                                "the weights sent are not the twin the approved trial plan names")
+    else:
+        _check_calibration(plan, instruction, weights, entries)  # before any data is read
     site, patients = _patients(node, plan)
     aggregate = None
     z = None
     with state_lock(node.state_dir):
-        if plan.privacy.enabled:
+        if plan.privacy.enabled or not trial:
             entries = own_entries(node)
+        if not trial:  # again under the lock: two calibrations at once never both pass
+            _check_calibration(plan, instruction, weights, entries)
+        if plan.privacy.enabled:
             require_approved(node.state_dir, plan.sha256(), entries=entries)
             z, aggregate = _reserve(node, plan, instruction.round, audit, entries)
     vector, used, excluded = _compute(plan, site, patients, weights)
@@ -173,6 +181,27 @@ def _release(node: NodeConfig, plan, instruction, weights, secagg: SecAggView, a
 
         vector = noisy(vector, sensitivity=_sensitivity(plan), noise_multiplier=z)
     return vector, aggregate, used, excluded
+
+
+def _check_calibration(plan, instruction, weights, entries) -> None:
+    """A study's calibration is released once at a node, after its last round, and (once the
+    node logged the study's end) only for the weights the study ended with; all checked before
+    anything is charged."""
+    sha = plan.sha256()
+    if instruction.round != plan.rounds + 1:
+        raise RoundRefused(RefusalCode.PLAN_MALFORMED,
+                           f"a calibration is the release after the plan's last round (round "
+                           f"{plan.rounds + 1}), not round {instruction.round}")
+    mine = [e for e in entries if e.details.get("plan_sha256") == sha]
+    if any((e.event == "aggregate_released" and e.details.get("kind") == "calibration")
+           or (e.event == "privacy_spent" and e.details.get("mechanism") == "gaussian-sum") for e in mine):
+        raise RoundRefused(RefusalCode.ALREADY_RELEASED,
+                           "this node already released (or was charged for) this study's calibration; "
+                           "a study is calibrated once")
+    finished = [e for e in mine if e.event == "study_finished"]
+    if finished and weights_sha256(weights) != finished[-1].details.get("weights_sha256"):
+        raise RoundRefused(RefusalCode.MODEL_MISMATCH,
+                           "the weights sent are not those this node recorded at the study's end")
 
 
 def _patients(node: NodeConfig, plan):
@@ -231,9 +260,10 @@ def _compute(plan, site, patients: np.ndarray, weights) -> tuple[np.ndarray, int
         twin = Twin.from_weights(plan.twin.training_plan(), weights)
         outcomes = run_site_trial(twin, site, plan.design, calibration=plan.twin.calibration,
                                   patients=patients)
-        if outcomes.n_patients == 0:
-            raise ConsentError(f"no consented patient has the record the trial needs (history before "
-                               f"hour {plan.design.start_hours:g} and a day after it)")
+        if outcomes.n_patients == 0:  # charged already: the noisy zero vector, never a refusal
+            from twinfed.models.trial import layout
+
+            return np.zeros(len(layout(plan.design))), 0, outcomes.n_excluded
         return contributions(outcomes.values, plan.design).sum(axis=0), outcomes.n_patients, outcomes.n_excluded
     from twinfed.models.calibration import calibration_histogram
 

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from twinfed.governance.audit_log import AuditEntry, format_time, read_entries
 from twinfed.governance.verify import PathReport, verify_path
+from twinfed.outputs import SiteSpend
 
 
 class BudgetPoint(BaseModel):
@@ -59,12 +60,15 @@ class SiteSummary(BaseModel):
     rounds_joined: list[int]
     rounds_refused: list[Refusal]
     budget: list[BudgetPoint]
+    # The site's total: its whole privacy ledger (as ``twinfed ledger show``), or for a log without
+    # any privacy_spent entry the last figure its rounds recorded.
     epsilon_spent: float | None
     epsilon_budget: float | None
     budget_exhausted: list[Refusal]
     consent: dict[str, dict[str, int]]  # purpose -> {"granted": n, "withdrawn": n}
     plans_approved: int
     plans_revoked: int
+    spend: SiteSpend | None = None  # the ledger's total and its parts by kind of release
 
 
 class Verification(BaseModel):
@@ -176,11 +180,86 @@ def _site_summary(site: str, log: str, entries: list[AuditEntry]) -> SiteSummary
         elif e.event == "plan_revoked":
             revoked += 1
     last = budget[-1] if budget else None
+    spend = ledger_spend(Path(log).parent, entries)
     return SiteSummary(site=site, log=log, rounds_joined=joined, rounds_refused=refused, budget=budget,
-                       epsilon_spent=last.epsilon_spent if last else None,
-                       epsilon_budget=last.epsilon_budget if last else None,
+                       epsilon_spent=spend.epsilon if spend else last.epsilon_spent if last else None,
+                       epsilon_budget=spend.epsilon_budget if spend else last.epsilon_budget if last else None,
                        budget_exhausted=exhausted, consent=consent, plans_approved=approved,
-                       plans_revoked=revoked)
+                       plans_revoked=revoked, spend=spend)
+
+
+DEFAULT_DELTA = 1e-5  # as ``twinfed ledger show`` when no release recorded one
+
+
+def ledger_spend(state_dir: Path, entries: list[AuditEntry]) -> SiteSpend | None:
+    """The site's spend from its privacy ledger, as ``twinfed ledger show`` computes it: every
+    segment, at the ledger's budget delta (the smallest delta a release used, for a ledger whose
+    budget has none), by the node's accountant; by kind of release in ledger order. The segments
+    are the ledger file's when it agrees with the verified ``entries``, else those the verified
+    entries record (the report shows only what verified). None: no DP release and no budget."""
+    from twinfed.ledger_file import LedgerError, LedgerState, disagreement, ledger_from_log, read_ledger
+    from twinfed.privacy.ledger import PrivacyLedger, epsilon_of
+
+    logged = ledger_from_log(entries)
+    if logged.epsilon_budget is None and not logged.segments:
+        return None
+    try:
+        state = read_ledger(state_dir)
+    except LedgerError:
+        state = None
+    ledger = None
+    if isinstance(state, LedgerState) and disagreement(state, logged) is None:
+        ledger = PrivacyLedger(state_dir, state)
+        segments, accountant, budget = ledger.segments, ledger.accountant, ledger.budget
+        source = "the node's privacy ledger"
+    else:
+        segments, accountant, budget = list(logged.segments), logged.accountant or "rdp", logged.epsilon_budget
+        source = "the node's signed audit log (its privacy ledger file is missing or disagrees)"
+    delta = _ledger_delta(ledger, logged, entries)
+    total = ledger.spent(delta) if ledger is not None else epsilon_of(segments, delta, accountant)
+    kinds = _release_kinds(entries)
+    labelled = [(_kind(s, kinds), s) for s in segments]
+    from twinfed.outputs import attribute
+
+    parts = attribute(labelled, lambda segs: epsilon_of(segs, delta, accountant))
+    return SiteSpend(epsilon=total, delta=delta, epsilon_budget=budget, accountant=accountant,
+                     by_kind=parts, source=source)
+
+
+def _ledger_delta(ledger, logged, entries: list[AuditEntry]) -> float:
+    """The delta ``twinfed ledger show`` evaluates the ledger at: its budget's, once the ledger
+    holds an (epsilon, delta) budget; else the smallest delta a release here used."""
+    for d in (getattr(ledger, "delta", None), getattr(logged, "delta_budget", None)):
+        if _num(d) is not None and 0 < d < 1:
+            return float(d)
+    used = [float(e.details["delta"]) for e in entries
+            if e.event == "privacy_spent" and _num(e.details.get("delta")) is not None]
+    return min(used) if used else DEFAULT_DELTA
+
+
+def _release_kinds(entries: list[AuditEntry]) -> dict[tuple[str, int], str]:
+    """``(plan_sha256, round) -> "trial" | "calibration"`` for the node's Gaussian-sum releases,
+    from its ``aggregate_released`` entries; plus every plan this node calibrated a study for
+    (``study_calibrated``: a training plan, whose Gaussian sum is its calibration) as ``(plan, -1)``."""
+    kinds: dict[tuple[str, int], str] = {}
+    for e in entries:
+        d = e.details
+        if e.event == "aggregate_released" and d.get("kind") in ("trial", "calibration") and _is_int(d.get("round")):
+            kinds[(str(d.get("plan_sha256")), d["round"])] = d["kind"]
+        elif e.event == "study_calibrated":
+            kinds[(str(d.get("plan_sha256")), -1)] = "calibration"
+    return kinds
+
+
+def _kind(segment, kinds: dict[tuple[str, int], str]) -> str:
+    if segment.mechanism == "dp-sgd":
+        return "training"
+    if segment.mechanism == "gaussian-count":
+        return "count"
+    # A Gaussian sum: as the node recorded its release; else (a crash between the charge and the
+    # release) a training plan's is its calibration, any other plan's a trial's.
+    return kinds.get((segment.plan_sha256, segment.round),
+                     kinds.get((segment.plan_sha256, -1), "trial"))
 
 
 def _verification(checked: PathReport) -> Verification:

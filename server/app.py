@@ -158,12 +158,16 @@ def _finish(grid: Grid, plan: TrainingPlan, strategy: TwinStrategy, audit, out_d
         "privacy": plan.privacy.label(),
         "model": {"kind": plan.model.kind, "trained_weights": int(sum(w.size for w in strategy.final_weights)),
                   "pretrained_sha256": plan.model.pretrained_sha256},
-        "sites": {name: rec.summary() for name, rec in sorted(strategy.sites.items())},
+        "sites": {name: _site_entry(plan, rec.summary(), (cal_record or {}).get("releases", {}).get(name))
+                  for name, rec in sorted(strategy.sites.items())},
         "history": strategy.history,
         "intervals": None if cal is None else cal.label(),
         "model_dir": "model",
         "seconds": round(time.perf_counter() - started, 3),
     } | ({"calibration": cal_record} if cal_record is not None else {}) | (extra or {})
+    from twinfed.outputs import StudySummary
+
+    summary = StudySummary.model_validate(summary).model_dump(exclude_unset=True)  # the typed document
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     finished = audit.append(StudyFinished(
         plan_sha256=plan.sha256(), rounds=plan.rounds, rounds_with_update=rounds_with_update,
@@ -173,6 +177,53 @@ def _finish(grid: Grid, plan: TrainingPlan, strategy: TwinStrategy, audit, out_d
         calibration_file_sha256=cal_sha))
     close_study(grid, audit, finished, timeout=FINISH_TIMEOUT_S)
     return summary
+
+
+def _site_entry(plan: TrainingPlan, entry: dict, calibration: dict | None) -> dict:
+    """A site's entry in ``summary.json`` with its spend: the site's whole ledger as it last
+    released it (its calibration's figures, or else its last round's), by kind of release."""
+    spend = released_spend(plan, entry.get("privacy"), calibration)
+    return entry | {"epsilon_spent": spend.epsilon if spend else None,
+                    "epsilon_budget": spend.epsilon_budget if spend else None,
+                    "spend": spend.model_dump() if spend else None}
+
+
+def released_spend(plan: TrainingPlan, privacy: dict | None, calibration: dict | None):
+    """A site's :class:`twinfed.outputs.SiteSpend` from what it released: the total is the last
+    figure it released (``site_epsilon_spent`` of its calibration, else of its last round: its
+    ledger's total at the study's delta); the parts are this study's count release, its training
+    rounds and its calibration, each what it added to the site's total, and "earlier": what the
+    site had spent before this study (the coordinator is not told on what). None: the site
+    released no privacy figure (a study without DP, or a site that never trained)."""
+    from twinfed.outputs import KIND_ORDER, SiteSpend, SpendPart, attribute
+    from twinfed.privacy.ledger import epsilon_of
+    from twinfed.wire import DPAggregate, DPPrivacy
+
+    p = DPPrivacy.model_validate(privacy) if privacy else None
+    c = DPAggregate.model_validate(calibration) if calibration else None
+    if p is None and c is None:
+        return None
+    parts: list[SpendPart] = []
+    if p is not None:
+        # This study's releases in ledger order: its patient counts (rate 1, one step, the plan's
+        # count noise) first, then one DP-SGD segment per round.
+        labelled = [("count" if i == 0 and s.sample_rate == 1.0 and s.steps == 1
+                     and s.noise_multiplier == plan.privacy.count_noise else "training", s)
+                    for i, s in enumerate(p.segments)]
+        # at the delta of the site's total: its calibration's (the budget's) when it released one
+        at = c.delta if c is not None else p.delta
+        parts = attribute(labelled, lambda segs: epsilon_of(segs, at, p.accountant))
+    if c is not None:
+        parts.append(SpendPart(kind="calibration", mechanism="gaussian-sum", epsilon=c.epsilon, releases=1))
+    last = c if c is not None else p
+    total = last.site_epsilon_spent
+    earlier = total - sum(part.epsilon for part in parts)
+    if earlier > 1e-9 * max(1.0, total):
+        parts.append(SpendPart(kind="earlier", mechanism=None, epsilon=earlier, releases=0))
+    parts.sort(key=lambda part: KIND_ORDER.index(part.kind))
+    return SiteSpend(epsilon=total, delta=last.delta, epsilon_budget=last.site_epsilon_budget,
+                     accountant=last.accountant, by_kind=parts,
+                     source="released by the site: its last figures (rounds, then calibration)")
 
 
 def coordinator_audit(state_dir: Path):

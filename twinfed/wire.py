@@ -63,6 +63,7 @@ class RefusalCode(str, Enum):
     LEDGER_MISMATCH = "ledger_mismatch"  # the privacy ledger and the signed log disagree
     NO_ELIGIBLE_PATIENTS = "no_eligible_patients"  # no consented patient with a full window
     MODEL_MISMATCH = "model_mismatch"  # the weights sent are not the twin the approved plan names
+    ALREADY_RELEASED = "already_released"  # a once-per-study release (the calibration) was released
     DATA_INVALID = "data_invalid"  # the site's export breaks the data contract
     NODE_NOT_INITIALISED = "node_not_initialised"
     AUDIT_UNAVAILABLE = "audit_unavailable"  # the node's audit log cannot be read or appended

@@ -224,13 +224,23 @@ def cmd_pretrain(args) -> int:
 
 
 def _print_sites(summary: dict) -> None:
-    rows = []
+    """The site table: ``epsilon`` is each site's total spend (its whole ledger, as ``twinfed
+    ledger show`` reports it), then one line per site breaking it down by kind of release."""
+    from twinfed.outputs import SiteSpend
+
+    rows, spends = [], {}
     for name, s in summary["sites"].items():
         p = s.get("privacy") or {}
+        if s.get("spend"):
+            spends[name] = SiteSpend.model_validate(s["spend"])
+        # summaries written before spend was reported: the site's total after its last round
+        total = s.get("epsilon_spent", p.get("site_epsilon_spent"))
         rows.append([name, s["patients_used"], s["patients_excluded"], s["rounds_joined"],
-                     s["rounds_refused"], p.get("epsilon"), p.get("noise_multiplier")])
+                     s["rounds_refused"], total, p.get("noise_multiplier")])
     print(format_table(["site", "patients used", "excluded", "rounds joined", "refused", "epsilon",
                         "noise"], rows))
+    for name, spend in spends.items():
+        print(f"{name}: {spend.label()}")
     if summary.get("privacy", {}).get("warning"):
         print(f"WARNING: {summary['privacy']['warning']}")
     for name, s in summary["sites"].items():

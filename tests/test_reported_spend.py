@@ -1,0 +1,121 @@
+"""Every report of a site's privacy spend is the site's ledger total (`twinfed ledger show`),
+broken down by kind of release: summary.json, the site table `twinfed simulate` prints, and the
+privacy officer's report (issue 20, item 9).
+
+One tiny calibrated study (3 sites x 25 patients x 3 days, 2 rounds, then the calibration
+release) on the real simulation engine, its node states read with the project's own tools.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from twinfed.cli.main import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.studies]
+
+SITES = ("a", "b", "c")
+
+
+def _run(argv: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> SimpleNamespace:
+    from twinfed.models.cohort import generate_cohort
+
+    root = tmp_path_factory.mktemp("reported-spend")
+    cohort = root / "cohort"
+    generate_cohort("glucose", sites=3, patients=25, days=3, seed=1, out=cohort)
+    run = root / "run"
+    sites = [a for n in SITES for a in ("--site", f"{n}={cohort / f'site-{n}'}")]
+    code, printed = _run(["simulate", "--spec", str(cohort / "spec.toml"), *sites, "--rounds", "2",
+                          "--hidden", "8", "--local-steps", "3", "--out", str(run)])
+    assert code == 0
+    shown = {}
+    for site in SITES:
+        code, text = _run(["ledger", "show", "--state", str(run / "nodes" / site), "--json"])
+        assert code == 0
+        shown[site] = json.loads(text)
+    return SimpleNamespace(run=run, printed=printed, shown=shown,
+                           summary=json.loads((run / "summary.json").read_text()))
+
+
+def _kinds(by_kind: list[dict]) -> dict[str, dict]:
+    return {p["kind"]: p for p in by_kind}
+
+
+def test_the_ledger_holds_the_rounds_the_counts_and_the_calibration(study):
+    """The premise: the calibration release is part of each site's spend."""
+    for site in SITES:
+        ledger = json.loads((study.run / "nodes" / site / "privacy_ledger.json").read_text())
+        assert [s["mechanism"] for s in ledger["segments"]] == \
+            ["gaussian-count", "dp-sgd", "dp-sgd", "gaussian-sum"]
+        assert study.shown[site]["epsilon_spent"] > study.summary["sites"][site]["privacy"]["epsilon"]
+
+
+def test_summary_json_reports_each_sites_ledger_total_broken_down_by_kind(study):
+    for site in SITES:
+        total = study.shown[site]["epsilon_spent"]
+        entry = study.summary["sites"][site]
+        assert entry["epsilon_spent"] == pytest.approx(total, rel=1e-9)
+        spend = entry["spend"]
+        assert spend["epsilon"] == pytest.approx(total, rel=1e-9)
+        assert spend["delta"] == study.shown[site]["delta"]
+        assert spend["epsilon_budget"] == study.shown[site]["epsilon_budget"]
+        kinds = _kinds(spend["by_kind"])
+        assert {k: (p["mechanism"], p["releases"]) for k, p in kinds.items() if p["epsilon"] > 0} == {
+            "training": ("dp-sgd", 2), "count": ("gaussian-count", 1), "calibration": ("gaussian-sum", 1)}
+        assert sum(p["epsilon"] for p in spend["by_kind"]) == pytest.approx(total, rel=1e-9)
+        calibration = study.summary["calibration"]["releases"][site]
+        assert kinds["calibration"]["epsilon"] == pytest.approx(calibration["epsilon"], rel=1e-9)
+        # the study's own figures are kept as they were: this study's epsilon, before calibration
+        assert entry["privacy"]["epsilon"] < total
+
+
+def test_the_printed_site_table_shows_the_ledger_total(study):
+    lines = study.printed.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("site "))
+    end = lines[header].index(" epsilon ") + len(" epsilon")  # its cells are right-aligned to here
+    rows = {line.split()[0]: line[:end].split()[-1] for line in lines[header + 2: header + 2 + len(SITES)]}
+    for site in SITES:
+        assert float(rows[site]) == pytest.approx(study.shown[site]["epsilon_spent"], abs=0.005)
+    # and its breakdown by kind, one line per site
+    for site in SITES:
+        kinds = _kinds(study.summary["sites"][site]["spend"]["by_kind"])
+        line = next(line for line in lines if line.startswith(f"{site}: epsilon "))
+        assert f"calibration {kinds['calibration']['epsilon']:.3f}" in line
+        assert f"training {kinds['training']['epsilon']:.3f}" in line
+
+
+def test_the_officers_report_shows_the_ledger_total_and_its_kinds(study):
+    from twinfed.governance.report import build_report
+
+    report = build_report(study.run)
+    assert report.verification.ok
+    by_site = {s.site: s for s in report.sites}
+    assert set(by_site) == set(SITES)
+    for site in SITES:
+        s = by_site[site]
+        shown = study.shown[site]
+        assert s.epsilon_spent == shown["epsilon_spent"]  # exactly: the same ledger, the same delta
+        assert s.spend is not None
+        assert s.spend.epsilon == shown["epsilon_spent"] and s.spend.delta == shown["delta"]
+        assert s.epsilon_budget == shown["epsilon_budget"]
+        kinds = {p.kind: p for p in s.spend.by_kind}
+        assert {k: (p.mechanism, p.releases) for k, p in kinds.items() if p.epsilon > 0} == {
+            "training": ("dp-sgd", 2), "count": ("gaussian-count", 1), "calibration": ("gaussian-sum", 1)}
+        assert sum(p.epsilon for p in s.spend.by_kind) == pytest.approx(shown["epsilon_spent"], rel=1e-9)
+        coordinator = _kinds(study.summary["sites"][site]["spend"]["by_kind"])
+        for kind in ("training", "count", "calibration"):
+            assert kinds[kind].epsilon == pytest.approx(coordinator[kind]["epsilon"], rel=1e-9)
