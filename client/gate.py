@@ -28,14 +28,14 @@ import numpy as np
 from twinfed.client.node import NodeConfig
 from twinfed.client.refusals import RoundRefused, refusal_for, tell_node_console
 from twinfed.client.session import Admission, parse_plan, train_admitted
-from twinfed.errors import ConsentError, TwinfedError
+from twinfed.errors import ConsentError, PlanError, TwinfedError
 from twinfed.events import (BudgetExhausted, ModelReceived, ModelSent, PlanRefused, RoundJoined,
                             RoundRefused as RoundRefusedEvent, RoundSkipped)
 from twinfed.locking import state_lock
 from twinfed.models.digest import weights_sha256
 from twinfed.models.plan import TrainingPlan
 from twinfed.privacy.secagg import SecAggView
-from twinfed.wire import (DPCounts, LogHead, NodeReply, Refusal, RefusalCode, Released,
+from twinfed.wire import (INSTRUCTION_KEY, DPCounts, LogHead, NodeReply, Refusal, RefusalCode, Released,
                           RoundInstruction)
 
 
@@ -57,7 +57,7 @@ def serve_round(node: NodeConfig, config: dict, weights: list[np.ndarray], *,
         instruction = RoundInstruction.from_config(config)
     except (KeyError, ValueError) as exc:
         tell_node_console(site, "round refused", exc)
-        return RoundResult(zeros, refused_reply(node, Refusal(code=RefusalCode.PLAN_MALFORMED)), None, 0)
+        return RoundResult(zeros, refuse_malformed(node, config, INSTRUCTION_KEY), None, 0)
     if instruction.stage == "calibrate":  # after the last round: a release, not training
         from twinfed.client.release_gate import serve_release
 
@@ -77,6 +77,9 @@ def serve_round(node: NodeConfig, config: dict, weights: list[np.ndarray], *,
         audit.append(ModelReceived(**base, weights_sha256=weights_sha256(weights),
                                    coordinator=instruction.coordinator))
         plan = parse_plan(instruction.plan_json)
+        if plan.sha256() != instruction.plan_sha256:  # one identity for every entry and segment
+            raise PlanError("the coordinator sent a plan that is not in its canonical form (it parses "
+                            "to another plan_sha256 than the instruction names)")
         admission, released = _admit(node, plan, instruction, secagg, audit)
         outcome = train_admitted(admission, weights)
     except Exception as exc:  # the boundary: nothing but a coded refusal leaves the node
@@ -248,6 +251,38 @@ def refuse(node: NodeConfig, audit, base: dict, instruction: RoundInstruction, e
     except TwinfedError as audit_exc:  # e.g. a torn audit log: refuse, and say so locally
         tell_node_console(node.site_name, "the refusal could not be audited", audit_exc)
     return refused_reply(node, refusal, head, fingerprint)
+
+
+def refuse_malformed(node: NodeConfig, config: dict, key: str) -> NodeReply:
+    """An instruction that does not parse, or whose plan does not hash to the hash it names:
+    refused ``plan_malformed``, and audited when the node's state can be opened (under the hash
+    and round it claims when they are well-formed; no coordinator head, nothing of it verified)."""
+    import json
+    import re
+
+    refusal = Refusal(code=RefusalCode.PLAN_MALFORMED)
+    try:
+        claimed = json.loads(str(config.get(key, "{}")))
+    except ValueError:
+        claimed = None
+    claimed = claimed if isinstance(claimed, dict) else {}
+    sha, rnd = claimed.get("plan_sha256"), claimed.get("round")
+    sha = sha if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) else "0" * 64
+    rnd = rnd if isinstance(rnd, int) and not isinstance(rnd, bool) and 0 <= rnd < 2**31 else 0
+    try:
+        from twinfed.governance.layout import open_audit, read_info
+
+        audit = open_audit(node.state_dir)
+        fingerprint = read_info(node.state_dir).key_fingerprint
+    except TwinfedError as exc:
+        tell_node_console(node.site_name, "the refusal could not be audited", exc)
+        return refused_reply(node, refusal)
+    try:
+        entry = audit.append(RoundRefusedEvent(round=rnd, plan_sha256=sha, refusal=refusal))
+    except TwinfedError as exc:
+        tell_node_console(node.site_name, "the refusal could not be audited", exc)
+        return refused_reply(node, refusal, None, fingerprint)
+    return refused_reply(node, refusal, LogHead(seq=entry.seq, hash=entry.hash), fingerprint)
 
 
 def refused_reply(node: NodeConfig, refusal: Refusal, head: LogHead | None = None,
