@@ -101,7 +101,7 @@ def _finish(node, msg: Message) -> Message:
         rounds_with_update=finish.rounds_with_update, skipped_rounds=finish.skipped_rounds,
         weights_sha256=finish.weights_sha256, weights_file_sha256=finish.weights_file_sha256,
         calibration_file_sha256=finish.calibration_file_sha256, coordinator=finish.coordinator))
-    reply = NodeReply(site=node.site_name, status="ok", audit_head=LogHead(seq=entry.seq, hash=entry.hash),
+    reply = NodeReply(site=node.site_name, status="ok", audit_head=entry.node_head,
                       key_fingerprint=read_info(node.state_dir).key_fingerprint)
     return Message(RecordDict({FINISH_RECORD: ConfigRecord({"reply": reply.model_dump_json()})}),
                    reply_to=msg)

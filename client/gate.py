@@ -35,7 +35,7 @@ from twinfed.locking import state_lock
 from twinfed.models.digest import weights_sha256
 from twinfed.models.plan import TrainingPlan
 from twinfed.privacy.secagg import SecAggView
-from twinfed.wire import (INSTRUCTION_KEY, DPCounts, LogHead, NodeReply, Refusal, RefusalCode, Released,
+from twinfed.wire import (INSTRUCTION_KEY, DPCounts, NodeHead, NodeReply, Refusal, RefusalCode, Released,
                           RoundInstruction)
 
 
@@ -104,7 +104,7 @@ def serve_round(node: NodeConfig, config: dict, weights: list[np.ndarray], *,
     except TwinfedError as exc:  # trained, but the outcome cannot be audited: send nothing
         return RoundResult(zeros, refuse(node, audit, base, instruction, exc, fingerprint, set()),
                            plan, instruction.round)
-    reply = NodeReply(site=site, status="ok", audit_head=LogHead(seq=sent.seq, hash=sent.hash),
+    reply = NodeReply(site=site, status="ok", audit_head=sent.node_head,
                       key_fingerprint=fingerprint, released=released)
     return RoundResult(outcome.update, reply, plan, instruction.round)
 
@@ -115,6 +115,7 @@ def _admit(node: NodeConfig, plan: TrainingPlan, instruction: RoundInstruction, 
 
     _check_plan(node, plan, secagg)
     entries = own_entries(node)
+    check_not_rolled_back(node, entries, instruction)
     require_approved(node.state_dir, plan.sha256(), entries=entries)  # before any data is read
     _acknowledge_skips(audit, entries, instruction)
     site, windows, used, excluded = _consented_site(node, plan)
@@ -161,6 +162,16 @@ def check_protections(node: NodeConfig, plan, secagg: SecAggView) -> None:
                                threshold=secagg.threshold)
         if why:
             raise RoundRefused(RefusalCode.SECAGG_SETUP_WEAK, why)
+
+
+def check_not_rolled_back(node: NodeConfig, entries: list, instruction) -> None:
+    """The node's log still holds the head of it the coordinator last anchored (the
+    instruction's ``node_anchor``), and the entry its state.json records as the newest change of
+    its ledger: else the log was cut back, and the node refuses (``log_rolled_back``) before
+    any approval, patient or budget is read from it."""
+    from twinfed.governance.layout import check_not_rolled_back as check
+
+    check(node.state_dir, entries, node_anchor=getattr(instruction, "node_anchor", None))
 
 
 def own_entries(node: NodeConfig) -> list:
@@ -247,7 +258,7 @@ def refuse(node: NodeConfig, audit, base: dict, instruction: RoundInstruction, e
             audit.append(BudgetExhausted(**base, refusal=refusal))
         entry = audit.append(RoundRefusedEvent(**base, refusal=refusal,
                                                coordinator=instruction.coordinator))
-        head = LogHead(seq=entry.seq, hash=entry.hash)
+        head = entry.node_head
     except TwinfedError as audit_exc:  # e.g. a torn audit log: refuse, and say so locally
         tell_node_console(node.site_name, "the refusal could not be audited", audit_exc)
     return refused_reply(node, refusal, head, fingerprint)
@@ -282,10 +293,10 @@ def refuse_malformed(node: NodeConfig, config: dict, key: str) -> NodeReply:
     except TwinfedError as exc:
         tell_node_console(node.site_name, "the refusal could not be audited", exc)
         return refused_reply(node, refusal, None, fingerprint)
-    return refused_reply(node, refusal, LogHead(seq=entry.seq, hash=entry.hash), fingerprint)
+    return refused_reply(node, refusal, entry.node_head, fingerprint)
 
 
-def refused_reply(node: NodeConfig, refusal: Refusal, head: LogHead | None = None,
+def refused_reply(node: NodeConfig, refusal: Refusal, head: NodeHead | None = None,
            fingerprint: str | None = None) -> NodeReply:
     return NodeReply(site=node.site_name, status="refused", refusal=refusal, audit_head=head,
                      key_fingerprint=fingerprint or None)

@@ -32,6 +32,8 @@ def refusal_for(exc: BaseException, *, columns: set[str] = frozenset()) -> Refus
     refusal may name (a header cell of the export could hold anything)."""
     from twinfed.privacy.ledger import BudgetExhausted
 
+    from twinfed.governance.audit_log import LogRolledBack
+
     if isinstance(exc, RoundRefused):
         return Refusal(code=exc.code)
     if isinstance(exc, DataError):
@@ -43,6 +45,7 @@ def refusal_for(exc: BaseException, *, columns: set[str] = frozenset()) -> Refus
         (PlanError, RefusalCode.PLAN_MALFORMED),
         (SpecError, RefusalCode.PLAN_MALFORMED),
         (ConsentError, RefusalCode.NO_ELIGIBLE_PATIENTS),
+        (LogRolledBack, RefusalCode.LOG_ROLLED_BACK),  # an AuditError: before it
         (AuditError, RefusalCode.AUDIT_UNAVAILABLE),
     ]
     for kind, code in table:

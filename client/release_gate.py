@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from twinfed.client.gate import (RoundResult, check_protections, consented_site, own_entries,
+from twinfed.client.gate import (RoundResult, check_not_rolled_back, check_protections, consented_site, own_entries,
                                  refuse, refuse_malformed, refused_reply)
 from twinfed.client.node import NodeConfig
 from twinfed.client.refusals import RoundRefused, refusal_for, tell_node_console
@@ -91,7 +91,7 @@ def serve_release(node: NodeConfig, config: dict, weights: list[np.ndarray], *,
     except TwinfedError as exc:  # computed, but the release cannot be audited: send nothing
         return RoundResult(zeros, refuse(node, audit, base, instruction, exc, fingerprint, set()),
                            plan, instruction.round)
-    reply = NodeReply(site=site, status="ok", audit_head=LogHead(seq=sent.seq, hash=sent.hash),
+    reply = NodeReply(site=site, status="ok", audit_head=sent.node_head,
                       key_fingerprint=fingerprint, released=Released(steps=0, aggregate=aggregate))
     return RoundResult(update, reply, plan, instruction.round)
 
@@ -154,6 +154,7 @@ def _release(node: NodeConfig, plan, instruction, weights, secagg: SecAggView, a
                            "the coordinator asked for a calibration the plan does not declare")
     check_protections(node, plan, secagg)
     entries = own_entries(node)
+    check_not_rolled_back(node, entries, instruction)
     require_approved(node.state_dir, plan.sha256(), entries=entries)  # before any data is read
     if trial:
         from twinfed.models.arms import validate_design

@@ -92,6 +92,13 @@ class AuditEntry(BaseModel):
         return Head(seq=self.seq, hash=self.hash)
 
     @property
+    def node_head(self):
+        """This entry as a node's reply anchors it (:class:`twinfed.wire.NodeHead`): its hash only."""
+        from twinfed.wire import NodeHead
+
+        return NodeHead(hash=self.hash)
+
+    @property
     def at(self) -> datetime:
         return datetime.strptime(self.time, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
 
@@ -106,11 +113,13 @@ class Head(BaseModel):
 
 
 class Anchor(BaseModel):
-    """An entry another log (or the caller) says this log must contain."""
+    """An entry another log (or the caller) says this log must contain: at ``seq`` with that
+    hash, or, when only the hash was recorded (a node's head as the coordinator receives it,
+    :class:`twinfed.wire.NodeHead`), anywhere in the log."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    seq: Annotated[int, Field(ge=0)]
+    seq: Annotated[int, Field(ge=0)] | None = None
     hash: Hex64
     source: str = "the expected head"  # where the anchor was recorded, for the message
 
@@ -128,6 +137,16 @@ class VerifyResult(BaseModel):
     first_bad_seq: int | None = None
     line: int | None = None  # 1-based line of the first bad entry
     reason: str = ""
+
+
+class LogRolledBack(AuditError):
+    """A log that verifies but lacks an entry it was known to hold: cut back to an earlier prefix
+    of itself (a "rollback"), which its chain and signatures alone cannot show."""
+
+
+def holds(entries: list[AuditEntry], hash: str) -> bool:
+    """Whether the verified ``entries`` hold an entry with this hash."""
+    return any(e.hash == hash for e in reversed(entries))
 
 
 def format_time(at: datetime) -> str:
@@ -218,11 +237,13 @@ class AuditLog:
     """Append signed entries to one log file; the file is created on the first append."""
 
     def __init__(self, path: str | Path, signer: Signer, *, actor: str,
-                 clock: Callable[[], datetime] | None = None) -> None:
+                 clock: Callable[[], datetime] | None = None,
+                 on_append: Callable[[AuditEntry], None] | None = None) -> None:
         self.path = Path(path)
         self.signer = signer
         self.actor = actor
         self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._on_append = on_append  # told of each entry once it is durably in the log
 
     def head(self) -> Head | None:
         """The newest entry's (seq, hash), or None for an empty log; raises on a torn tail."""
@@ -284,7 +305,10 @@ class AuditLog:
             os.close(fd)  # also releases the lock
         if created:
             fsync_dir(self.path.parent)
-        return AuditEntry.model_validate_json(line)
+        entry = AuditEntry.model_validate_json(line)
+        if self._on_append is not None:
+            self._on_append(entry)
+        return entry
 
     def _write_line(self, fd: int, line: bytes) -> None:
         """Append ``line`` whole and durably, or cut off what part of it was written and raise."""
@@ -459,10 +483,22 @@ def _verify_entries(path: Path, public_key: Ed25519PublicKey) -> tuple[VerifyRes
 
 def apply_anchors(result: VerifyResult, entries: list[AuditEntry],
                   anchors: Iterable[Anchor]) -> VerifyResult:
-    """Check that the verified log contains every anchored (seq, hash); the earliest failure wins."""
+    """Check that the verified log contains every anchored (seq, hash), or hash alone; the
+    earliest failure wins."""
     best: tuple[int, str] | None = None
+    hashes: set[str] | None = None
     for a in anchors:
-        if a.seq < len(entries):
+        if a.seq is None:  # only the hash was recorded: the entry may be anywhere
+            if hashes is None:
+                hashes = {e.hash for e in entries}
+            if a.hash in hashes or not result.ok:
+                continue  # found; or the log already failed, and so cannot tell where this was
+            last = len(entries) - 1
+            found = (len(entries), f"entry {len(entries)} (line {len(entries) + 1}) is missing: the log "
+                                   f"ends at seq {last} and holds no entry with the hash "
+                                   f"{a.hash[:16]}... recorded by {a.source}: the tail was truncated "
+                                   "(or the log rewritten)")
+        elif a.seq < len(entries):
             if entries[a.seq].hash != a.hash:
                 found = (a.seq, f"entry {a.seq} (line {a.seq + 1}) differs from the hash {a.hash[:16]}... "
                                 f"recorded by {a.source}: the log was rewritten")

@@ -2,7 +2,8 @@
 
 A state directory (node or coordinator) holds:
 
-    state.json                 what it is: kind, name, audit key fingerprint (StateInfo)
+    state.json                 what it is: kind, name, audit key fingerprint (StateInfo); for a
+                               node, the newest log entry that changed its privacy ledger
     keys/audit_ed25519         the Ed25519 audit-signing key, mode 0600 (keys/ is 0700)
     keys/audit_ed25519.pub     its public half, the key verification pins
     audit.jsonl                the signed, hash-chained audit log
@@ -10,7 +11,11 @@ A state directory (node or coordinator) holds:
     approvals.json             node only: the training plans the officer approved
 
 ``state.json`` is written last by initialisation, so its presence means the directory is
-complete. Other modules (privacy's ledger, the client's checkpoints) may add their own files.
+complete. A node's ``state.json`` also keeps ``ledger_anchor``, the (seq, hash) of the newest
+entry of its log that changed its privacy ledger (budget set, spend, rebuild), rewritten after
+each such entry. A log cut back below it (the rollback that deletes the ledger too, so that the
+budget starts afresh) no longer holds it: the node refuses to act on it (``log_rolled_back``) and
+``twinfed audit verify`` of the state fails, unless state.json is edited as well. Other modules (privacy's ledger, the client's checkpoints) may add their own files.
 
 Everything in it is private to the node's account: the directory and its subdirectories are
 created 0700, every file 0600 (:mod:`twinfed.atomic`'s default), except the public keys.
@@ -26,10 +31,12 @@ from typing import Annotated, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from twinfed.errors import AuditError, NodeStateError
-from twinfed.governance.audit_log import AuditLog, not_regular
+from twinfed.governance.audit_log import AuditEntry, AuditLog, Head, LogRolledBack, holds, not_regular
 from twinfed.governance.keys import load_signer
 
 STATE_FORMAT = "twinfed-state-v1"
+# The events that change a node's privacy ledger: each moves the state's ledger_anchor.
+LEDGER_EVENTS = frozenset({"privacy_budget_set", "privacy_spent", "privacy_ledger_rebuilt"})
 
 
 class StateInfo(BaseModel):
@@ -42,6 +49,8 @@ class StateInfo(BaseModel):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     key_fingerprint: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     created_at: str
+    # node: the newest entry of its log that changed its privacy ledger; the log must hold it
+    ledger_anchor: Head | None = None
 
     @property
     def actor(self) -> str:
@@ -116,7 +125,51 @@ def open_audit(state_dir: str | Path, *, actor: str | None = None,
         raise NodeStateError(f"{p.key}: key fingerprint {signer.fingerprint[:16]}... is not the one this "
                              f"state was initialised with ({info.key_fingerprint[:16]}...); restore the "
                              "original key")
-    return AuditLog(p.audit, signer, actor=actor or info.actor, clock=clock)
+    on_append = (lambda entry: _move_ledger_anchor(state_dir, entry)) if info.kind == "node" else None
+    return AuditLog(p.audit, signer, actor=actor or info.actor, clock=clock, on_append=on_append)
+
+
+def write_info(state_dir: str | Path, info: StateInfo) -> None:
+    """``state.json``, atomically (fields left unset are not written)."""
+    from twinfed.atomic import write_json_atomic
+
+    write_json_atomic(state_paths(state_dir).info, info.model_dump(mode="json", exclude_none=True))
+
+
+def _move_ledger_anchor(state_dir: str | Path, entry: AuditEntry) -> None:
+    """After a ledger-changing entry is durably logged: record it in state.json (never moving the
+    anchor back). A crash in between leaves the older anchor: weaker, never wrong."""
+    if entry.event not in LEDGER_EVENTS:
+        return
+    info = read_info(state_dir)
+    if info.ledger_anchor is not None and info.ledger_anchor.seq >= entry.seq:
+        return
+    write_info(state_dir, info.model_copy(update={"ledger_anchor": entry.head}))
+
+
+def check_not_rolled_back(state_dir: str | Path, entries: list[AuditEntry], *,
+                          node_anchor=None) -> None:
+    """:class:`LogRolledBack` unless the verified ``entries`` hold the state's ledger anchor and
+    ``node_anchor`` (the head of this node's log the coordinator last anchored, a
+    :class:`twinfed.wire.NodeHead`, if it sent one). Messages name no path: they may end in
+    refusals."""
+    try:
+        info = read_info(state_dir)
+    except NodeStateError:
+        info = None
+    mark = info.ledger_anchor if info is not None else None
+    if mark is not None and not (mark.seq < len(entries) and entries[mark.seq].hash == mark.hash):
+        raise LogRolledBack(
+            f"this node's audit log has no entry seq {mark.seq} (hash {mark.hash[:16]}...), the newest "
+            "change of its privacy ledger that state.json records: the log was cut back (rolled "
+            "back). The node will not act on it: restore the log and the ledger from a backup and "
+            "run 'twinfed audit verify' on the state")
+    if node_anchor is not None and not holds(entries, node_anchor.hash):
+        raise LogRolledBack(
+            f"this node's audit log has no entry with hash {node_anchor.hash[:16]}..., the head the "
+            "coordinator recorded from this node's last reply: the log was cut back (rolled back) or "
+            "replaced. The node will not act on it: restore the log and the ledger from a backup and "
+            "run 'twinfed audit verify' on the state")
 
 
 def verified_entries(state_dir: str | Path) -> list:
@@ -136,4 +189,5 @@ def verified_entries(state_dir: str | Path) -> list:
     if not result.ok:
         raise AuditError(f"this state's audit log does not verify ({result.reason}); run 'twinfed "
                          "audit verify' on the state directory and restore it")
+    check_not_rolled_back(state_dir, entries)
     return entries

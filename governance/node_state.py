@@ -26,12 +26,12 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from twinfed.atomic import make_dir, write_json_atomic
+from twinfed.atomic import make_dir
 from twinfed.errors import NodeStateError
 from twinfed.events import CoordinatorInitialised, NodeInitialised
 from twinfed.governance.audit_log import FORMAT, AuditLog, format_time
 from twinfed.governance.keys import generate_signing_key
-from twinfed.governance.layout import StateInfo, read_info, state_paths
+from twinfed.governance.layout import StateInfo, read_info, state_paths, write_info
 
 SITE_NAME_RULE = ("letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64 "
                   "characters")
@@ -162,4 +162,4 @@ def _init(state_dir, *, kind, name, actor, at) -> StateInfo:
 
 
 def _write_info(state_dir, info: StateInfo) -> None:
-    write_json_atomic(state_paths(state_dir).info, info.model_dump(mode="json"))
+    write_info(state_dir, info)

@@ -11,10 +11,13 @@ Checks, each naming the first bad entry by file and seq:
 - every log against its pinned public key (:func:`governance.audit_log.verify_log`), and its
   first entry (``node_initialised`` / ``coordinator_initialised``) pins that key's fingerprint;
 - a node's approved plans each have a ``plan_approved`` event not revoked since;
+- a node's log holds the entry its ``state.json`` records as the newest change of its privacy
+  ledger (``ledger_anchor``): a log cut back together with its ledger fails on its own;
 - in a run: the coordinator's ``node_seen`` events pin each site's key fingerprint, so a node
   whose key was replaced and log re-signed is caught; every node head the coordinator recorded
   (``round_aggregated`` ``node_heads``) must be in that node's log with that hash (a node's log
-  cannot be cut or rewritten unseen), and every coordinator head a node recorded
+  cannot be cut or rewritten unseen; a head recorded without its seq, as nodes reply since
+  :class:`twinfed.wire.NodeHead`, is looked for by its hash anywhere in the log), and every coordinator head a node recorded
   (``round_joined`` / ``round_refused`` ``coordinator``) must be in the coordinator's log (nor
   can the coordinator's). Anchors are taken only from entries that themselves verified.
 
@@ -227,6 +230,12 @@ def _verify_state(root: Path) -> _State:
                                        key_fingerprint=public_key_fingerprint(pub), first_bad_seq=0, line=1,
                                        reason="entry 0 (line 1) is missing: no audit log"), []
     fp = result.key_fingerprint
+    if kind == "node" and info is not None and info.ledger_anchor is not None:
+        mark = info.ledger_anchor
+        result = apply_anchors(result, entries, [Anchor(
+            seq=mark.seq, hash=mark.hash,
+            source=f"{p.info} (the newest change of the privacy ledger; the log was rolled back)")])
+        entries = entries[:result.n_entries]
     if info is not None and info.key_fingerprint != fp:
         issues.append(Issue(file=str(p.public_key), reason=f"key fingerprint {fp[:16]}... is not the "
                             f"{info.key_fingerprint[:16]}... state.json records: the key was replaced"))
@@ -383,10 +392,10 @@ def _cross_check(path: Path, coord: _State, nodes: list[_State], places: list[Pa
             pins.setdefault(site, (fp, e.seq))
         elif e.event in ("round_aggregated", "round_skipped", "study_closed", "trial_finished"):
             for site, head in (d.get("node_heads") or {}).items():
-                try:
-                    a = Anchor(seq=head["seq"], hash=head["hash"],
+                try:  # a node's head: its hash, and its seq in logs written before NodeHead
+                    a = Anchor(seq=head.get("seq"), hash=head["hash"],
                                source=f"{coord_file} seq {e.seq} ({_what(e)})")
-                except (TypeError, KeyError, ValidationError):
+                except (TypeError, KeyError, AttributeError, ValidationError):
                     issues.append(Issue(file=coord_file, seq=e.seq, reason=f"malformed node head for {site!r}"))
                     continue
                 if site in node_anchors:

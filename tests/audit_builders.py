@@ -10,7 +10,7 @@ from twinfed.governance.keys import Signer
 from twinfed.governance.layout import open_audit, read_info, state_paths
 from twinfed.governance.node_state import init_coordinator, init_node
 from twinfed import events as ev
-from twinfed.wire import LogHead, Refusal, RefusalCode
+from twinfed.wire import LogHead, NodeHead, Refusal, RefusalCode
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=timezone.utc)
 PLAN_SHA = "5e" * 32
@@ -90,7 +90,7 @@ def make_run(root: Path, sites: tuple[str, ...] = ("a", "b"), rounds: int = 2, *
                     round=r, plan_sha256=PLAN_SHA, coordinator=anchor, epsilon_spent=round(0.75 * r, 3),
                     epsilon_budget=3.0, patients_used=4, patients_excluded=1, steps=2,
                     differential_privacy=True, update_clip_fraction=0.0))
-            heads[s] = LogHead(seq=e.seq, hash=e.hash)
+            heads[s] = NodeHead(hash=e.hash)  # what a node's reply carries
         coord.append(ev.RoundAggregated(round=r, plan_sha256=PLAN_SHA, node_heads=heads,
                                         sites_replied=len(sites), sites_trained=len(sites) - len(refused),
                                         sites_refused=refused, failures=0, weights_sha256=WEIGHTS_SHA))

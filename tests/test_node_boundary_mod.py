@@ -13,7 +13,7 @@ from twinfed.client.node import NodeConfig
 from twinfed.governance.layout import state_paths
 from twinfed.governance.node_state import init_node
 from twinfed.privacy.secagg import remember_round
-from twinfed.wire import FINISH_RECORD, LogHead, NodeReply, StudyFinish
+from twinfed.wire import FINISH_RECORD, LogHead, NodeHead, NodeReply, StudyFinish
 
 PLAN = "cd" * 32
 
@@ -84,4 +84,4 @@ def test_the_end_of_the_study_is_logged_at_the_node_and_its_head_returned(node):
     answer = NodeReply.model_validate_json(reply.content.config_records[FINISH_RECORD]["reply"])
     event = _last_event(node)
     assert event["event"] == "study_finished" and event["details"]["coordinator"] == {"seq": 12, "hash": "ee" * 32}
-    assert answer.audit_head == LogHead(seq=event["seq"], hash=event["hash"])
+    assert answer.audit_head == NodeHead(hash=event["hash"])

@@ -16,7 +16,7 @@ from twinfed.models.plan import ModelConfig, PrivacyConfig, SecAggConfig, Traini
 from twinfed.models.spec import load_spec
 from twinfed.models.surrogate import build_surrogate, get_weights
 from twinfed.privacy.secagg import SecAggView
-from twinfed.wire import RELEASE, LogHead, RoundInstruction
+from twinfed.wire import RELEASE, LogHead, NodeHead, RoundInstruction
 
 COORD = LogHead(seq=4, hash="ab" * 32)
 MASKED = SecAggView(masked=True, sampled=3, shares=3, threshold=2)
@@ -73,7 +73,7 @@ def test_an_unapproved_plan_is_refused_before_any_patient_data_is_read(node):
     assert _code(result) == "plan_not_approved" and result.reply.status == "refused"
     events = _events(node)
     assert [e["event"] for e in events][-3:] == ["model_received", "plan_refused", "round_refused"]
-    assert result.reply.audit_head == LogHead(seq=events[-1]["seq"], hash=events[-1]["hash"])
+    assert result.reply.audit_head == NodeHead(hash=events[-1]["hash"])
     assert events[-1]["details"]["coordinator"] == COORD.model_dump()
     assert all((u == 0).all() for u in result.update)
 

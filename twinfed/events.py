@@ -18,7 +18,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from twinfed.wire import Hex64, LogHead, Refusal
+from twinfed.wire import Hex64, LogHead, NodeHead, Refusal
 
 Count = Annotated[int, Field(ge=0)]
 Round = Annotated[int, Field(ge=0)]
@@ -262,7 +262,7 @@ class RoundAggregated(AuditEvent):
     EVENT = "round_aggregated"
     round: Round
     plan_sha256: Hex64
-    node_heads: dict[str, LogHead]
+    node_heads: dict[str, NodeHead]
     sites_replied: Count
     sites_trained: Count
     sites_refused: dict[str, Refusal]
@@ -281,7 +281,7 @@ class RoundSkipped(AuditEvent):
     code: str
     sites_trained: Count | None = None  # coordinator: how many sites trained
     min_sites: Count | None = None
-    node_heads: dict[str, LogHead] = {}
+    node_heads: dict[str, NodeHead] = {}
     sites_refused: dict[str, Refusal] = {}
     coordinator: LogHead | None = None  # node: the coordinator's instruction that told it
 
@@ -308,7 +308,7 @@ class TrialFinished(AuditEvent):
     plan_sha256: Hex64
     sites_released: Count
     sites_refused: dict[str, Refusal]
-    node_heads: dict[str, LogHead]
+    node_heads: dict[str, NodeHead]
     results_file_sha256: Hex64 | None = None  # trial.json as written (None: nothing to combine)
 
 
@@ -317,7 +317,7 @@ class StudyClosed(AuditEvent):
 
     EVENT = "study_closed"
     plan_sha256: Hex64
-    node_heads: dict[str, LogHead]
+    node_heads: dict[str, NodeHead]
     nodes_silent: Count  # nodes that did not acknowledge in time
 
 

@@ -68,6 +68,7 @@ class RefusalCode(str, Enum):
     NODE_NOT_INITIALISED = "node_not_initialised"
     AUDIT_UNAVAILABLE = "audit_unavailable"  # the node's audit log cannot be read or appended
     STATE_BUSY = "state_busy"  # another process held the node's state lock too long
+    LOG_ROLLED_BACK = "log_rolled_back"  # the node's log lacks an entry it was known to hold
     INTERNAL_ERROR = "internal_error"  # anything else; the node's own console has the detail
 
 
@@ -89,6 +90,16 @@ class LogHead(_Frozen):
     """An audit log's position: its newest entry's seq and hash."""
 
     seq: Annotated[int, Field(ge=0)]
+    hash: Hex64
+
+
+class NodeHead(_Frozen):
+    """A node's audit-log position as the coordinator may know it: the hash of the entry the
+    node's reply anchors, and nothing else. Its seq would tell the coordinator how many entries
+    the node wrote between two replies: a consent withdrawal, the node's other studies. The hash
+    is enough to find the entry again (``twinfed audit verify``) and to check, at the node's next
+    round, that its log still holds it (:attr:`RoundInstruction.node_anchor`)."""
+
     hash: Hex64
 
 
@@ -155,7 +166,7 @@ class NodeReply(_Frozen):
     site: SiteName
     status: Literal["ok", "refused"]
     refusal: Refusal | None = None
-    audit_head: LogHead | None = None  # None only when the node has no audit log to write to
+    audit_head: NodeHead | None = None  # None only when the node has no audit log to write to
     key_fingerprint: Hex64 | None = None
     released: Released | None = None
 
@@ -186,6 +197,9 @@ class RoundInstruction(_Frozen):
     # "calibrate": after the last round, release the calibration histogram of the held-out
     # patients for the weights sent (the plan's ``calibration``), instead of training.
     stage: Literal["train", "calibrate"] = "train"
+    # The head of THIS node's log the coordinator last anchored (sent to each node its own): a
+    # node whose log no longer holds that entry was rolled back and refuses (``log_rolled_back``).
+    node_anchor: NodeHead | None = None
 
     @model_validator(mode="after")
     def _plan_hashes(self) -> RoundInstruction:
@@ -210,6 +224,7 @@ class TrialInstruction(_Frozen):
     plan_sha256: Hex64
     round: Literal[1] = 1
     coordinator: LogHead | None = None
+    node_anchor: NodeHead | None = None  # as in RoundInstruction
 
     @model_validator(mode="after")
     def _plan_hashes(self) -> TrialInstruction:
@@ -244,7 +259,7 @@ RELEASE: dict[str, str] = {
     "format": PROTOCOL, "site": PROTOCOL, "status": PROTOCOL,
     "refusal.code": PROTOCOL, "refusal.file": PROTOCOL, "refusal.row": PROTOCOL,
     "refusal.column": PROTOCOL,
-    "audit_head.seq": PROTOCOL, "audit_head.hash": PROTOCOL, "key_fingerprint": PROTOCOL,
+    "audit_head.hash": PROTOCOL, "key_fingerprint": PROTOCOL,
     "released.steps": DECLARED,
     "released.counts.patients_used": DP, "released.counts.patients_excluded": DP,
     "released.counts.noise_std": DECLARED,
