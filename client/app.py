@@ -21,8 +21,11 @@ from twinfed.client.node import NodeConfig
 class TwinClient(NumPyClient):
     """Replies with the round's weight change, weight 1 (see ``twinfed.privacy.secagg``).
 
-    A refusal still replies with a zero change of the right shape, so a SecAgg+ round keeps its
-    shape and the coordinator's sum is untouched; the reply's status tells the strategy.
+    A refusal in an unmasked round replies with a zero change of the right shape and the reply's
+    status tells the strategy. In a SecAgg+ round a refusing node *withdraws*
+    (:class:`twinfed.client.boundary.Withdrawn`): it sends no masked vector, so it counts as a
+    contributor for nobody (the coordinator's minimum sum, every node's at the unmask stage),
+    and its coded reply reaches the coordinator in its error instead.
     """
 
     def __init__(self, node: NodeConfig, context: Context):
@@ -38,7 +41,12 @@ class TwinClient(NumPyClient):
             from twinfed.client.release_gate import serve_release as serve
         else:
             from twinfed.client.gate import serve_round as serve
-        result = serve(self.node, config, list(parameters), secagg=secagg_view(self.ctx))
+        view = secagg_view(self.ctx)
+        result = serve(self.node, config, list(parameters), secagg=view)
+        if view.masked and result.reply.status != "ok":
+            from twinfed.client.boundary import Withdrawn
+
+            raise Withdrawn(result.reply)
         if result.plan is not None:
             remember_round(self.ctx, plan_sha256=result.plan.sha256(), server_round=result.round,
                            min_required=min_sum(result.plan))

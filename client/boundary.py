@@ -7,6 +7,11 @@
 - At SecAgg+'s unmask stage the node withholds its shares when fewer than the plan's
   ``secagg.min_sites`` of its neighbours contributed a masked vector (audited as
   ``unmask_refused``): with the shares, the coordinator could unmask a sum of too few sites.
+- A node that refuses a SecAgg+ round withdraws from it (:class:`Withdrawn`, raised by the
+  ClientApp): no masked vector leaves, so for Flower it is a node dropped before its vector and
+  it counts as a contributor for nobody. What leaves is its coded refusal (the
+  :class:`twinfed.wire.NodeReply` it would have sent) in the error's text, which the
+  coordinator's workflow reads back (:func:`twinfed.privacy.secagg.withdrawn_reply`).
 - The end-of-study message (:class:`twinfed.wire.StudyFinish`) is answered here: the node logs
   its own ``study_finished`` anchored to the coordinator's and replies with its audit head.
 - So is the roll call before a study: the node says who it is, or that it has no site
@@ -33,6 +38,25 @@ class NodeFailure(RuntimeError):
         self.code = code
 
 
+class Withdrawn(Exception):
+    """The node refuses a masked round: it sends ``reply`` (a refused NodeReply) and no vector."""
+
+    def __init__(self, reply: NodeReply):
+        super().__init__(reply.refusal.code.value if reply.refusal else "refused")
+        self.reply = reply
+
+
+class NodeWithdrew(NodeFailure):
+    """The error a withdrawing node replies with: its code and its refused reply, nothing else."""
+
+    def __init__(self, reply: NodeReply):
+        from twinfed.privacy.secagg import withdrawal_text
+
+        super().__init__(reply.refusal.code if reply.refusal else RefusalCode.INTERNAL_ERROR)
+        self.args = (f"twinfed node: {self.code.value}; {withdrawal_text(reply)}",)
+        self.reply = reply
+
+
 def make_boundary_mod(resolve):
     """The boundary mod for nodes resolved by ``resolve(context) -> NodeConfig``."""
 
@@ -47,6 +71,8 @@ def make_boundary_mod(resolve):
             return call_next(msg, ctxt)
         except NodeFailure:
             raise
+        except Withdrawn as w:  # refused, audited and told at the node's console by its gate
+            raise NodeWithdrew(w.reply) from None
         except Exception as exc:  # noqa: BLE001 - the boundary: report locally, send a code
             site = _site(resolve, ctxt)
             tell_node_console(site, "message failed", exc)

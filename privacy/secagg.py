@@ -18,6 +18,13 @@
   audited); each node refuses to train in a round whose set-up (nodes sampled, shares,
   threshold) exposes it beyond the plan's bound, and withholds its unmasking shares when fewer
   than ``min_sites`` of its neighbours contributed.
+- Only contributors count. A node that refuses a masked round *withdraws* from it: it sends no
+  masked vector (not even a masked zero) and its coded reply travels in its error instead
+  (:func:`withdrawal_text`). For SecAgg+ it is a node dropped before its vector: the survivors'
+  shares remove its pairwise masks, the sum holds only the sites that trained, and the active
+  list every node is sent at the unmask stage (what :func:`unmask_contributors` counts) is the
+  list of nodes whose masked vectors the coordinator summed. A coordinator that skipped its own
+  minimum-sum rule would still find every node's count short.
 
 Threat model: SecAgg+ protects against an honest-but-curious coordinator (it follows the
 protocol, shuffles the ring at random and reports dropouts truthfully; Flower's unmasking hands
@@ -30,6 +37,7 @@ Differential privacy holds against everyone, the coordinator and the other sites
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -144,7 +152,9 @@ def remember_round(ctxt: Context, *, plan_sha256: str, server_round: int, min_re
 
 def unmask_contributors(msg: Message) -> int | None:
     """At the unmask stage: how many of this node's neighbours (itself included) the coordinator
-    says contributed a masked vector; None for any other message."""
+    says contributed a masked vector; None for any other message. Flower's active list is the
+    nodes whose masked vectors were summed; a refusing node withdrew before sending one, so it
+    is never among them."""
     if msg.metadata.message_type != MessageType.TRAIN:
         return None
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
@@ -156,3 +166,32 @@ def unmask_contributors(msg: Message) -> int | None:
 def remembered_round(ctxt: Context) -> dict:
     rec = ctxt.state.config_records.get(STATE_KEY)
     return dict(rec) if rec else {}
+
+
+# -- a refusing node withdraws from a masked round ----------------------------------------------
+
+WITHDREW = "withdrew from the masked round: "
+
+
+def withdrawal_text(reply) -> str:
+    """What a node that refuses a masked round says in its error instead of sending a masked
+    vector: its coded :class:`twinfed.wire.NodeReply` (a refused one), nothing else."""
+    if reply.status != "refused":
+        raise ValueError("only a refusing node withdraws")
+    return WITHDREW + reply.model_dump_json()
+
+
+def withdrawn_reply(text: str):
+    """The refused :class:`twinfed.wire.NodeReply` in a node's error text (however Flower
+    wrapped it), or None when the error is no withdrawal."""
+    from twinfed.wire import NodeReply
+
+    at = text.find(WITHDREW)
+    if at < 0:
+        return None
+    try:
+        doc, _end = json.JSONDecoder().raw_decode(text, at + len(WITHDREW))
+        reply = NodeReply.model_validate(doc)
+    except ValueError:
+        return None
+    return reply if reply.status == "refused" else None

@@ -72,7 +72,7 @@ class ReleaseStrategy(TwinStrategy):
         self.last_replies = replies
         trained = self._record_sites(self.release_round, replies)
         if trained:
-            if self.masked:  # the workflow hands every reply the mean over all replies
+            if self.masked:  # the workflow hands every result the mean over the results summed
                 mean = from_update(parameters_to_ndarrays(results[0][1].parameters))
                 self.total = mean * len(results)
             else:
@@ -92,7 +92,7 @@ class ReleaseStrategy(TwinStrategy):
                 sites_replied=len(replies), sites_trained=trained, sites_refused=self._refused(replies),
                 failures=len(failures), weights_sha256=weights_sha256(self.final_weights), update_norm=None,
                 secagg=setup))
-        self._history(self.release_round, trained, len(results), len(failures), None, skipped=False)
+        self._history(self.release_round, trained, len(replies), len(failures), None, skipped=False)
         return ndarrays_to_parameters(self.final_weights), {}
 
     def record_skipped(self, server_round: int, results, failures, *, code: str, trained: int) -> None:
@@ -118,7 +118,8 @@ class ReleaseStrategy(TwinStrategy):
 
 
 def run_release(grid, context, plan, weights, *, instruction: Instruction, release_round: int,
-                label: str, min_nodes: int, masked: bool, audit, progress: Progress) -> tuple[ReleaseResult, ReleaseStrategy]:
+                label: str, min_nodes: int, masked: bool, audit, progress: Progress,
+                anchors=None) -> tuple[ReleaseResult, ReleaseStrategy]:
     """One release round on the nodes of ``grid``; the nodes receive ``weights`` as the model."""
     fit = None
     if masked:
@@ -127,7 +128,7 @@ def run_release(grid, context, plan, weights, *, instruction: Instruction, relea
         fit = TwinSecAggPlusWorkflow(plan)
     strategy = ReleaseStrategy(plan, weights, instruction=instruction, release_round=release_round,
                                label=label, min_nodes=min_nodes, progress=progress, masked=masked,
-                               audit=audit, on_sampled=fit.sampled if fit else None)
+                               audit=audit, on_sampled=fit.sampled if fit else None, anchors=anchors)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
     DefaultWorkflow(fit_workflow=fit)(grid, legacy)
     history = strategy.history[-1] if strategy.history else {}

@@ -4,9 +4,16 @@
   round and the plan's assumptions (a neighbourhood of O(log n) nodes, see
   twinfed.privacy.neighbourhood), not from the study's minimum: the strategy calls :meth:`TwinSecAggPlusWorkflow.sampled`
   once it has sampled them, before Flower sends the set-up.
+- A node that refuses the round withdraws from it (no masked vector, see
+  twinfed.privacy.secagg): Flower counts it among the nodes dropped before their vectors, the
+  survivors' shares remove its pairwise masks and the unmask stage's active lists (what every
+  node counts before it hands out its shares) hold only the sites that trained. Its coded
+  reply, read back from its error, goes to the strategy as a refusal, not a failure.
 - A round where fewer sites trained than the plan's ``secagg.min_sites`` is never unmasked: the
-  coordinator would otherwise learn the update of one hospital (or of too few). The round is
-  skipped and audited; nodes hear of it with the next instruction.
+  coordinator would otherwise learn the update of one hospital (or of too few). It is checked
+  as soon as the masked vectors are in (before Flower's own threshold may halt the round), and
+  again before unmasking; the round is skipped and audited; nodes hear of it with the next
+  instruction.
 - A node lost before its key shares were forwarded is no part of the round: nobody holds a share
   of its keys and nobody masked with it. Flower 1.42 counts it among the dropped nodes to unmask
   (``sampled - active``), asks the survivors for shares they never got and halts the round;
@@ -20,7 +27,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
 from twinfed.errors import TwinfedError
-from twinfed.privacy.secagg import MODULUS_RANGE, QUANTIZATION_RANGE, min_sampled, min_sum, required_setup
+from twinfed.privacy.secagg import (MODULUS_RANGE, QUANTIZATION_RANGE, min_sampled, min_sum,
+                                    required_setup, withdrawn_reply)
 from twinfed.wire import NodeReply
 
 
@@ -33,6 +41,20 @@ def trained_sites(results) -> int:
         except (KeyError, ValueError):
             continue
     return n
+
+
+def split_withdrawals(failures) -> tuple[list[NodeReply], list[Exception]]:
+    """The refused replies of the nodes that withdrew (one per site), and the real failures."""
+    withdrawn: dict[str, NodeReply] = {}
+    rest = []
+    for exc in failures:
+        error = exc.args[0] if exc.args else None
+        reply = withdrawn_reply(str(getattr(error, "reason", "") or ""))
+        if reply is None:
+            rest.append(exc)
+        else:  # Flower records an error reply twice at the masked-vector stage
+            withdrawn.setdefault(reply.site, reply)
+    return list(withdrawn.values()), rest
 
 
 class TwinSecAggPlusWorkflow(SecAggPlusWorkflow):
@@ -62,17 +84,41 @@ class TwinSecAggPlusWorkflow(SecAggPlusWorkflow):
         self._shared = frozenset(state.active_node_ids)
         return ok
 
+    def collect_masked_vectors_stage(self, grid, context, state) -> bool:
+        ok = super().collect_masked_vectors_stage(grid, context, state)
+        withdrawn, state.failures = split_withdrawals(state.failures)
+        context.strategy.record_withdrawn(withdrawn)
+        if not self._enough_trained(context, state):
+            return False
+        if not ok:  # Flower's threshold: too few masked vectors for some node's neighbourhood
+            self._halted(context, state)
+        return ok
+
     def unmask_stage(self, grid, context, state) -> bool:
-        n = trained_sites(state.legacy_results)
-        if n < min_sum(self.plan):
-            context.strategy.record_skipped(_round(context), state.legacy_results, state.failures,
-                                            code="too_few_trained", trained=n)
+        if not self._enough_trained(context, state):
             return False
         shared = self._shared
         state.sampled_node_ids = set(state.sampled_node_ids) & shared
         state.nid_to_neighbours = {nid: set(nbrs) & shared
                                    for nid, nbrs in state.nid_to_neighbours.items() if nid in shared}
-        return super().unmask_stage(grid, context, state)
+        if super().unmask_stage(grid, context, state):
+            return True
+        self._halted(context, state)  # too few shares: e.g. nodes withheld theirs
+        return False
+
+    def _halted(self, context, state) -> None:
+        """A round the protocol halted after the masked vectors came in, with what they said."""
+        context.strategy.record_skipped(_round(context), state.legacy_results, state.failures,
+                                        code="secagg_halted", trained=trained_sites(state.legacy_results))
+
+    def _enough_trained(self, context, state) -> bool:
+        """The coordinator's minimum sum, over the sites whose masked vectors it holds."""
+        n = trained_sites(state.legacy_results)
+        if n >= min_sum(self.plan):
+            return True
+        context.strategy.record_skipped(_round(context), state.legacy_results, state.failures,
+                                        code="too_few_trained", trained=n)
+        return False
 
     def __call__(self, grid, context) -> None:
         super().__call__(grid, context)
