@@ -233,11 +233,13 @@ def _reserve_privacy(node: NodeConfig, plan: TrainingPlan, server_round: int, au
     from twinfed.privacy.ledger import PrivacyLedger
     from twinfed.privacy.study import calibrate_study, released_privacy
 
+    # The first DP plan sets the site's budget: its (epsilon, delta). A plan asking for a larger
+    # delta than the budget's is refused before anything is charged (delta_exceeds_budget).
     ledger = PrivacyLedger.open(node.state_dir, audit, entries, epsilon_budget=plan.privacy.epsilon,
-                                accountant=plan.privacy.accountant)
+                                delta_budget=plan.privacy.delta, accountant=plan.privacy.accountant)
     study = calibrate_study(node.state_dir, plan, ledger, audit, patients_used=used,
                             patients_excluded=excluded)
-    ledger.reserve(study.round_segment(plan, server_round), study.delta, audit)
+    ledger.reserve(study.round_segment(plan, server_round), study.delta, audit)  # at the budget's delta
     return study, released_privacy(ledger, study, plan)
 
 

@@ -30,7 +30,7 @@ class RoundRefused(TwinfedError):
 def refusal_for(exc: BaseException, *, columns: set[str] = frozenset()) -> Refusal:
     """The coded refusal for ``exc``. ``columns``: the spec's column names, the only ones a
     refusal may name (a header cell of the export could hold anything)."""
-    from twinfed.privacy.ledger import BudgetExhausted
+    from twinfed.privacy.ledger import BudgetExhausted, DeltaExceedsBudget
 
     from twinfed.governance.audit_log import LogRolledBack
 
@@ -39,6 +39,7 @@ def refusal_for(exc: BaseException, *, columns: set[str] = frozenset()) -> Refus
     if isinstance(exc, DataError):
         return _data_refusal(exc, columns)
     table: list[tuple[type[BaseException], RefusalCode]] = [
+        (DeltaExceedsBudget, RefusalCode.DELTA_EXCEEDS_BUDGET),
         (BudgetExhausted, RefusalCode.BUDGET_EXHAUSTED),
         (LedgerError, RefusalCode.LEDGER_MISMATCH),
         (PlanNotApproved, RefusalCode.PLAN_NOT_APPROVED),

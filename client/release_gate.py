@@ -225,25 +225,29 @@ def _reserve(node: NodeConfig, plan, server_round: int, audit, entries):
     the ledger); :class:`BudgetExhausted` if the site cannot afford it."""
     from twinfed.privacy.ledger import PrivacyLedger
     from twinfed.privacy.release import noise_for_epsilon, noise_std, release_segment
-    from twinfed.privacy.study import load_study
+    from twinfed.privacy.study import load_study, trial_delta
 
     p = plan.privacy
-    budget = p.epsilon
-    ledger = PrivacyLedger.open(node.state_dir, audit, entries, epsilon_budget=budget, accountant=p.accountant)
+    # The first DP plan sets the site's budget, (epsilon, delta); a release asking for a larger
+    # delta than the budget's is refused before anything is charged (delta_exceeds_budget).
+    ledger = PrivacyLedger.open(node.state_dir, audit, entries, epsilon_budget=p.epsilon,
+                                delta_budget=p.delta, accountant=p.accountant)
+    ledger.require_delta(p.delta)
     if _is_trial(plan):
-        delta = p.delta
+        delta = trial_delta(node.state_dir, plan)  # min(plan delta, 1/N released), like a study's
         z = noise_for_epsilon(ledger, epsilon=p.epsilon, delta=delta)
     else:
         study = load_study(node.state_dir, plan)
         delta = study.delta if study is not None else p.delta
         z = plan.calibration.noise_multiplier
-    before = ledger.spent(delta)
+    before = ledger.spent()
     after = ledger.reserve(release_segment(plan_sha256=plan.sha256(), server_round=server_round,
                                            noise_multiplier=z), delta, audit)
     sens = _sensitivity(plan)
+    # Reported at the budget's delta, as every figure of the site's spend.
     return z, DPAggregate(kind="trial" if _is_trial(plan) else "calibration", sensitivity=sens,
                           noise_multiplier=z, noise_std=noise_std(z, sens), epsilon=max(0.0, after - before),
-                          delta=delta, accountant=ledger.accountant, site_epsilon_spent=after,
+                          delta=ledger.delta, accountant=ledger.accountant, site_epsilon_spent=after,
                           site_epsilon_budget=ledger.budget)
 
 

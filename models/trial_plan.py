@@ -38,6 +38,8 @@ class TrialPrivacy(BaseModel):
     # Each site's spend on this trial: the node calibrates its noise so that its ledger grows by
     # at most this (RDP composition with everything the site released before).
     epsilon: Annotated[float, Field(gt=0, le=100)] = 1.0
+    # At most the site's budget delta (a node refuses a larger one: delta_exceeds_budget); a node
+    # uses min(delta, 1/N) like a study (delta_for).
     delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
     accountant: Literal["rdp", "prv"] = "rdp"
     secure_aggregation: bool = True
@@ -45,6 +47,13 @@ class TrialPrivacy(BaseModel):
     # clip (the same quantisation as a training update).
     update_clip: Annotated[float, Field(gt=0)] = 0.5
     secagg: SecAggConfig = SecAggConfig()
+
+    def delta_for(self, n_released: int) -> float:
+        """The trial's delta at a site whose released (noisy) patient count is ``n_released``:
+        ``min(delta, 1/N)``, as a study's."""
+        from twinfed.ledger_file import capped_delta
+
+        return capped_delta(self.delta, n_released)
 
     def label(self) -> dict:
         label = {"differential_privacy": self.enabled, "secure_aggregation": self.secure_aggregation,

@@ -40,12 +40,16 @@ def release_segment(*, plan_sha256: str, server_round: int, noise_multiplier: fl
                    round=server_round, mechanism=MECHANISM)
 
 
-def noise_for_epsilon(ledger, *, epsilon: float, delta: float) -> float:
+def noise_for_epsilon(ledger, *, epsilon: float, delta: float | None = None) -> float:
     """The smallest noise multiplier (within 0.01 in epsilon) for which one release costs the site
-    at most ``epsilon`` on top of what its ledger already holds."""
-    spent = ledger.spent(delta)
-    return noise_for_budget(target_epsilon=spent + epsilon, delta=delta, sample_rate=1.0, steps=1,
-                            spent=ledger.segments, accountant=ledger.accountant)
+    at most ``epsilon`` on top of what its ledger already holds, at the budget's delta and, when
+    the release has a smaller ``delta`` of its own, at that one too (the larger noise of the two)."""
+    sigma = 0.0
+    for at in sorted({ledger.delta, ledger.delta if delta is None else delta}):
+        sigma = max(sigma, noise_for_budget(target_epsilon=ledger.spent(at) + epsilon, delta=at,
+                                            sample_rate=1.0, steps=1, spent=ledger.segments,
+                                            accountant=ledger.accountant))
+    return sigma
 
 
 def gaussian_noise(size: int, std: float) -> np.ndarray:

@@ -5,13 +5,19 @@ At a study's first admitted round the node, under its state lock:
    of the plan's ``count_noise`` (sensitivity 1 patient), charged to the ledger as one segment;
 2. derives everything that depends on the site's size from the *noisy* count only: the Poisson
    sample rate (the plan's expected batch over it), the batch size gradients are averaged over,
-   and delta (``min(plan delta, 1 / count)``). Being post-processing of a DP release, they may
-   leave the node; the exact count never does;
+   and the study's delta (``min(plan delta, 1 / count)``). Being post-processing of a DP release,
+   they may leave the node; the exact count never does;
 3. calibrates the noise multiplier so that the whole study (the counts, every planned step and,
    when the plan calibrates prediction intervals, the end-of-study release of the calibration
    histogram) lands within the plan's epsilon on top of what the site already spent (Opacus's
-   accountant).
+   accountant), both at the study's delta and at the site's budget delta.
 Each round then reserves its steps in the ledger (audited) before training starts.
+
+The site's budget is an (epsilon, delta) pair (:mod:`twinfed.privacy.ledger`): a plan whose delta
+is larger than the budget's is refused before anything is charged
+(:class:`~twinfed.privacy.ledger.DeltaExceedsBudget`), the site's spend is checked and reported
+at the budget's delta, and the study's own epsilon (``DPPrivacy.epsilon``) at the study's delta,
+which is never larger.
 
 The neighbouring relation is add/remove one patient at the site; with the exact size never
 released, it is the relevant one. What it does not hide: that the site took part, and whether it
@@ -30,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from twinfed.atomic import write_json_atomic
 from twinfed.events import StudyCalibrated
-from twinfed.ledger_file import LedgerError, Segment
+from twinfed.ledger_file import LedgerError, Segment, capped_delta
 from twinfed.models.plan import TrainingPlan
 from twinfed.privacy.calibrate import noise_for_budget, sample_rate
 from twinfed.privacy.ledger import BudgetExhausted, PrivacyLedger, epsilon_of
@@ -112,19 +118,23 @@ class Calibration:
     noise_multiplier: float
 
 
-def calibrate(plan: TrainingPlan, n_released: int, *, history=(), accountant="rdp") -> Calibration:
+def calibrate(plan: TrainingPlan, n_released: int, *, history=(), accountant="rdp",
+              budget_delta: float | None = None) -> Calibration:
     """The study's sample rate, batch, delta and noise for a site whose released patient count
     is ``n_released`` and whose ledger already holds ``history`` (the counts' release included):
-    the whole plan lands within the plan's epsilon on top of what ``history`` spent."""
+    the whole plan lands within the plan's epsilon on top of what ``history`` spent, at the
+    study's delta and, when given, at the site's ``budget_delta`` (the larger noise of the two)."""
     n = max(1, n_released)
-    delta = min(plan.privacy.delta, 1.0 / n)
+    delta = capped_delta(plan.privacy.delta, n)
     q = sample_rate(n, plan.training.batch_size)
-    spent = epsilon_of([s for s in history if s.mechanism == "dp-sgd" or s.plan_sha256 != plan.sha256()],
-                       delta, accountant)
+    before = [s for s in history if s.mechanism == "dp-sgd" or s.plan_sha256 != plan.sha256()]
     planned = [seg for seg in (calibration_segment(plan),) if seg is not None]
-    sigma = noise_for_budget(target_epsilon=spent + plan.privacy.epsilon, delta=delta, sample_rate=q,
-                             steps=plan.rounds * plan.training.local_steps, spent=[*history, *planned],
-                             accountant=accountant)
+    sigma = 0.0
+    for at in sorted({delta, delta if budget_delta is None else budget_delta}):
+        sigma = max(sigma, noise_for_budget(
+            target_epsilon=epsilon_of(before, at, accountant) + plan.privacy.epsilon, delta=at,
+            sample_rate=q, steps=plan.rounds * plan.training.local_steps, spent=[*history, *planned],
+            accountant=accountant))
     return Calibration(n_released=n, sample_rate=q, expected_batch=max(1, round(q * n)), delta=delta,
                        noise_multiplier=sigma)
 
@@ -137,14 +147,15 @@ def calibrate_study(state_dir: Path, plan: TrainingPlan, ledger: PrivacyLedger, 
     if existing is not None:
         return existing
     p = plan.privacy
-    _require_left(ledger, p.epsilon, p.delta)
+    ledger.require_delta(p.delta)  # before anything is charged
+    _require_left(ledger, p.epsilon)
     sigma_c = p.count_noise
     noisy_used = patients_used + _CSPRNG.gauss(0.0, sigma_c)
     noisy_excluded = patients_excluded + _CSPRNG.gauss(0.0, sigma_c)
     n_released = max(1, round(noisy_used))
     counts = count_segment(plan)
-    _require_left(ledger, p.epsilon, min(p.delta, 1.0 / n_released))
-    cal = calibrate(plan, n_released, history=[*ledger.segments, counts], accountant=ledger.accountant)
+    cal = calibrate(plan, n_released, history=[*ledger.segments, counts], accountant=ledger.accountant,
+                    budget_delta=ledger.delta)
     ledger.reserve(counts, cal.delta, audit)
     study = StudyPrivacy(
         plan_sha256=plan.sha256(), released_used=max(0, round(noisy_used)),
@@ -163,8 +174,10 @@ def calibrate_study(state_dir: Path, plan: TrainingPlan, ledger: PrivacyLedger, 
     return study
 
 
-def _require_left(ledger: PrivacyLedger, epsilon: float, delta: float) -> None:
-    spent = ledger.spent(delta)
+def _require_left(ledger: PrivacyLedger, epsilon: float) -> None:
+    """The plan's epsilon must fit in what the site has left, at the budget's delta."""
+    delta = ledger.delta
+    spent = ledger.spent()
     left = ledger.budget - spent
     if left < epsilon * (1 - 1e-6):
         raise BudgetExhausted(
@@ -182,4 +195,14 @@ def released_privacy(ledger: PrivacyLedger, study: StudyPrivacy, plan: TrainingP
         sample_rate=study.sample_rate, clipping_norm=plan.privacy.clipping_norm,
         segments=tuple(DPSegment(sample_rate=s.sample_rate, noise_multiplier=s.noise_multiplier,
                                  steps=s.steps) for s in mine),
-        site_epsilon_spent=ledger.spent(study.delta), site_epsilon_budget=ledger.budget)
+        site_epsilon_spent=ledger.spent(), site_epsilon_budget=ledger.budget)  # at the budget's delta
+
+
+def trial_delta(state_dir: Path, plan) -> float:
+    """A trial's delta at this site: the trial plan's, at most 1/N like a study's, N the site's
+    patient count as released (noisy) by the study that trained the trial's twin here: already
+    public, so the delta and the noise calibrated at it reveal nothing more. A site that did not
+    train the twin has released no count; its trial's delta is the plan's (which the site's
+    budget delta bounds in any case)."""
+    study = load_study(Path(state_dir), plan.twin.training_plan())
+    return plan.privacy.delta if study is None else plan.privacy.delta_for(study.n_released)

@@ -89,10 +89,13 @@ class PlanRevoked(AuditEvent):
 # -- the privacy ledger, mirrored ---------------------------------------------------------------
 
 class PrivacyBudgetSet(AuditEvent):
-    """The site's budget, fixed when its ledger is created (by the first DP plan it trains)."""
+    """The site's budget, an (epsilon, delta) pair: set when its ledger is created (the first DP
+    plan's epsilon and delta) or by the privacy officer. Events written before delta was part of
+    the budget have no ``delta_budget``: they read as 1e-5 (``twinfed.ledger_file.DEFAULT_DELTA``)."""
 
     EVENT = "privacy_budget_set"
     epsilon_budget: Annotated[float, Field(gt=0)]
+    delta_budget: Annotated[float, Field(gt=0, lt=1)] = 1e-5
     accountant: Literal["rdp", "prv"]
 
 

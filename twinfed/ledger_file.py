@@ -7,8 +7,16 @@ a ``privacy_budget_set`` event, so the ledger can be rebuilt from the log and th
 cross-checked: a node refuses to train, and ``twinfed audit verify`` fails, when they disagree
 (a ledger emptied, raised, deleted or edited by hand).
 
-Epsilon is never stored as the truth: it is recomputed from the segments (``twinfed.privacy``).
-Delta is not part of the ledger: each study evaluates the site's whole history at its own delta.
+The budget is an (epsilon, delta) pair, set together: ``epsilon_budget`` and ``delta_budget``.
+Epsilon is never stored as the truth: it is recomputed from the segments (``twinfed.privacy``),
+always at the budget's delta, so every report of the site's spend is one figure. A release may ask
+for a smaller delta, never a larger one.
+
+A ledger file or a ``privacy_budget_set`` event written before delta was part of the budget has
+no ``delta_budget``: it reads as :data:`DEFAULT_DELTA` (1e-5, every plan's default delta), from
+the file alone and from the log alone, so the two still agree. (The deltas a site used before
+are not one figure: each study used min(its plan's delta, 1/N).) An officer who meant another
+delta sets it: ``twinfed ledger set-budget --epsilon E --delta D``.
 """
 
 from __future__ import annotations
@@ -21,6 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from twinfed.errors import TwinfedError
 
 LEDGER_FILE = "privacy_ledger.json"
+# The budget's delta when none was recorded (files and logs from before it was part of the budget).
+DEFAULT_DELTA = 1e-5
+Delta = Annotated[float, Field(gt=0, lt=1)]
 Accountant = Literal["rdp", "prv"]
 # gaussian-sum: a Gaussian release of a vector of clipped per-patient sums (an in-silico trial's
 # aggregates, a calibration histogram), its noise multiplier relative to the vector's L2 sensitivity.
@@ -62,6 +73,7 @@ class LedgerState(BaseModel):
     version: Literal[2] = 2
     accountant: Accountant = "rdp"
     epsilon_budget: Annotated[float, Field(gt=0)]
+    delta_budget: Delta = DEFAULT_DELTA  # absent from files written before: DEFAULT_DELTA
     segments: tuple[Segment, ...] = ()
 
 
@@ -75,6 +87,12 @@ class LedgerStateV1(BaseModel):
     epsilon_budget: Annotated[float, Field(gt=0)]
     delta: float
     segments: tuple[Segment, ...] = ()
+
+
+def capped_delta(delta: float, n_released: int) -> float:
+    """A release's delta at a site whose released (noisy) patient count is ``n_released``: the
+    plan's, at most 1/N (a study's and a trial's alike)."""
+    return min(float(delta), 1.0 / max(1, int(n_released)))
 
 
 def ledger_path(state_dir: str | Path) -> Path:
@@ -105,23 +123,26 @@ class LoggedLedger(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     epsilon_budget: float | None = None  # None: the log never set a budget
+    delta_budget: float | None = None
     accountant: Accountant | None = None
     segments: tuple[Segment, ...] = ()
 
 
 def ledger_from_log(entries: Iterable) -> LoggedLedger:
     """The budget and every spend recorded in a node's (verified) audit entries, in order."""
-    budget = accountant = None
+    budget = delta = accountant = None
     segments: list[Segment] = []
     for e in entries:
         d = e.details
         if e.event == "privacy_budget_set":
             budget, accountant = float(d["epsilon_budget"]), d["accountant"]
+            delta = float(d.get("delta_budget", DEFAULT_DELTA))
         elif e.event == "privacy_spent":
             segments.append(Segment(sample_rate=d["sample_rate"], noise_multiplier=d["noise_multiplier"],
                                     steps=d["steps"], plan_sha256=d["plan_sha256"], round=d["round"],
                                     mechanism=d["mechanism"]))
-    return LoggedLedger(epsilon_budget=budget, accountant=accountant, segments=tuple(segments))
+    return LoggedLedger(epsilon_budget=budget, delta_budget=delta, accountant=accountant,
+                        segments=tuple(segments))
 
 
 def disagreement(state: LedgerState | LedgerStateV1 | None, logged: LoggedLedger) -> str | None:
@@ -136,9 +157,11 @@ def disagreement(state: LedgerState | LedgerStateV1 | None, logged: LoggedLedger
             f"{LEDGER_FILE} is in the old format but the audit log already records spending"
     if logged.epsilon_budget is None:
         return f"{LEDGER_FILE} exists but the signed audit log never set a budget for it"
-    if state.epsilon_budget != logged.epsilon_budget or state.accountant != logged.accountant:
-        return (f"{LEDGER_FILE} holds budget {state.epsilon_budget:g} ({state.accountant}) but the "
-                f"audit log set {logged.epsilon_budget:g} ({logged.accountant})")
+    if state.epsilon_budget != logged.epsilon_budget or state.accountant != logged.accountant or \
+            state.delta_budget != logged.delta_budget:
+        return (f"{LEDGER_FILE} holds budget {state.epsilon_budget:g} at delta {state.delta_budget:g} "
+                f"({state.accountant}) but the audit log set {logged.epsilon_budget:g} at delta "
+                f"{logged.delta_budget:g} ({logged.accountant})")
     mine, theirs = [s.key() for s in state.segments], [s.key() for s in logged.segments]
     if mine != theirs:
         first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))

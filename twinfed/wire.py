@@ -60,6 +60,7 @@ class RefusalCode(str, Enum):
     SECAGG_SETUP_WEAK = "secagg_setup_weak"  # fewer nodes, shares or a lower threshold than the plan
     TOO_FEW_CONTRIBUTORS = "too_few_contributors"  # unmasking a sum of fewer sites than the plan
     BUDGET_EXHAUSTED = "budget_exhausted"
+    DELTA_EXCEEDS_BUDGET = "delta_exceeds_budget"  # the release asks a larger delta than the site's budget
     LEDGER_MISMATCH = "ledger_mismatch"  # the privacy ledger and the signed log disagree
     NO_ELIGIBLE_PATIENTS = "no_eligible_patients"  # no consented patient with a full window
     MODEL_MISMATCH = "model_mismatch"  # the weights sent are not the twin the approved plan names
