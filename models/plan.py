@@ -11,9 +11,18 @@ import hashlib
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from twinfed.models.spec import TwinSpec
+
+# A signed plan's numbers and switches are strictly typed, from JSON and from Python alike: "5",
+# 5.0 or true is not a count, "yes" or 1 is not a switch, "0.5" is not a number (a whole number
+# is a number: epsilon = 3 is 3.0).
+Int = Annotated[int, Field(strict=True)]
+Real = Annotated[float, Field(strict=True)]
+Bool = Annotated[bool, Field(strict=True)]
+# The aggregation strategies the coordinator implements (twinfed.server.strategy).
+STRATEGIES = ("fedavg",)
 
 # Figures a node may release when a plan names them: noisy counts, charged to its ledger.
 RELEASABLE_METRICS = ("patients_used", "patients_excluded")
@@ -29,8 +38,8 @@ class ModelConfig(BaseModel):
     kind: Literal["auto", "hybrid", "mlp-residual"] = "auto"
     # Width and depth of the networks (None: the kind's default, see ``resolved``). The hybrid's
     # encoder and correction are small on purpose: DP noise grows with the weight count.
-    hidden: Annotated[int, Field(gt=0, le=4096)] | None = None
-    layers: Annotated[int, Field(ge=1, le=8)] | None = None
+    hidden: Annotated[Int, Field(gt=0, le=4096)] | None = None
+    layers: Annotated[Int, Field(ge=1, le=8)] | None = None
     # The study starts from weights pretrained on a public virtual cohort (twinfed.models.pretrain),
     # named by their digest; None: from a fresh, seeded initialisation.
     pretrained_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
@@ -52,11 +61,11 @@ class TrainingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    local_steps: Annotated[int, Field(gt=0)] = 10
-    batch_size: Annotated[int, Field(gt=0)] = 256  # expected patients per step
-    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 1e-2
+    local_steps: Annotated[Int, Field(gt=0)] = 10
+    batch_size: Annotated[Int, Field(gt=0)] = 256  # expected patients per step
+    learning_rate: Annotated[Real, Field(gt=0, lt=1)] = 1e-2
     # Windows looked at per sampled patient; the patient's loss is their mean (one DP example).
-    windows_per_patient: Annotated[int, Field(gt=0, le=256)] = 16
+    windows_per_patient: Annotated[Int, Field(gt=0, le=256)] = 16
     # "cosine": the learning rate falls from learning_rate to a tenth of it over the rounds, so
     # late rounds add less DP noise to the model; "constant" keeps it.
     lr_schedule: Literal["constant", "cosine"] = "cosine"
@@ -78,19 +87,19 @@ class SecAggConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # The coordinator never unmasks, and nodes never help unmask, a sum of fewer sites.
-    min_sites: Annotated[int, Field(ge=2, le=100_000)] = 3
+    min_sites: Annotated[Int, Field(ge=2, le=100_000)] = 3
     # What the round's neighbourhood (num_shares) and threshold are derived from, on both sides
     # (twinfed.privacy.neighbourhood, after Bell et al., CCS 2020): at most this fraction of a
     # round's sampled nodes (rounded up) collude with the coordinator, and at most this fraction
     # (rounded up) drop out during the round. 10% each is the scale of the paper's own examples
     # and rounds up to one node of each in any consortium of 3 to 10.
-    corrupt_fraction: Annotated[float, Field(ge=0, le=0.5)] = 0.1
-    dropout_fraction: Annotated[float, Field(ge=0, le=0.5)] = 0.1
+    corrupt_fraction: Annotated[Real, Field(ge=0, le=0.5)] = 0.1
+    dropout_fraction: Annotated[Real, Field(ge=0, le=0.5)] = 0.1
     # P(some honest node's update is exposed) <= 2^-security_bits: 40 is the paper's statistical
     # security parameter. P(a round fails to complete) <= 2^-correctness_bits: a failed round
     # is lost work, not a leak, so one in a million is enough.
-    security_bits: Annotated[int, Field(ge=16, le=128)] = 40
-    correctness_bits: Annotated[int, Field(ge=1, le=64)] = 20
+    security_bits: Annotated[Int, Field(ge=16, le=128)] = 40
+    correctness_bits: Annotated[Int, Field(ge=1, le=64)] = 20
 
 
 # The normalised forecast error's histogram edges (see twinfed.models.calibration): fine where
@@ -113,13 +122,13 @@ class CalibrationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    holdout_fraction: Annotated[float, Field(gt=0, le=0.9)] = 0.25
-    noise_multiplier: Annotated[float, Field(gt=0, le=1e4)] = 2.5
-    levels: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = (0.8, 0.95)
-    edges: tuple[Annotated[float, Field(gt=0)], ...] = DEFAULT_EDGES
+    holdout_fraction: Annotated[Real, Field(gt=0, le=0.9)] = 0.25
+    noise_multiplier: Annotated[Real, Field(gt=0, le=1e4)] = 2.5
+    levels: tuple[Annotated[Real, Field(gt=0, lt=1)], ...] = (0.8, 0.95)
+    edges: tuple[Annotated[Real, Field(gt=0)], ...] = DEFAULT_EDGES
     # Each calibration patient's first hours identify them (as evaluation and what-if do); the
     # windows after them are scored.
-    identify_hours: Annotated[float, Field(gt=0, le=24 * 366)] = 48.0
+    identify_hours: Annotated[Real, Field(gt=0, le=24 * 366)] = 48.0
 
     @model_validator(mode="after")
     def _ordered(self) -> CalibrationConfig:
@@ -135,18 +144,18 @@ class PrivacyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    enabled: bool = True
-    epsilon: Annotated[float, Field(gt=0, le=100)] = 3.0  # per site, for the whole study
-    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5  # a node uses min(delta, 1/N)
-    clipping_norm: Annotated[float, Field(gt=0)] = 0.1  # per-patient gradient norm bound
+    enabled: Bool = True
+    epsilon: Annotated[Real, Field(gt=0, le=100)] = 3.0  # per site, for the whole study
+    delta: Annotated[Real, Field(gt=0, lt=1)] = 1e-5  # a node uses min(delta, 1/N)
+    clipping_norm: Annotated[Real, Field(gt=0)] = 0.1  # per-patient gradient norm bound
     accountant: Literal["rdp", "prv"] = "rdp"
-    secure_aggregation: bool = True
+    secure_aggregation: Bool = True
     # SecAgg+ quantises each update into [-update_clip, update_clip]; updates are weight changes
     # of one round, far smaller than this (checked and reported as update_clip_fraction).
-    update_clip: Annotated[float, Field(gt=0)] = 0.5
+    update_clip: Annotated[Real, Field(gt=0)] = 0.5
     # Std of the Gaussian noise on the patient counts each node releases once per study
     # (sensitivity 1 patient); the sample rate and delta are derived from the noisy count.
-    count_noise: Annotated[float, Field(gt=0, le=1e6)] = 20.0
+    count_noise: Annotated[Real, Field(gt=0, le=1e6)] = 20.0
     secagg: SecAggConfig = SecAggConfig()
 
     def label(self) -> dict:
@@ -173,15 +182,24 @@ class TrainingPlan(BaseModel):
     spec: TwinSpec
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
-    rounds: Annotated[int, Field(gt=0, le=10_000)]
-    seed: int = 0
+    rounds: Annotated[Int, Field(gt=0, le=10_000)]
+    seed: Int = 0
     privacy: PrivacyConfig = PrivacyConfig()
+    # How the coordinator combines the updates: only what it implements (STRATEGIES).
     strategy: str = "fedavg"
     # The DP-released figures the nodes report (see twinfed.wire); nothing else can be asked for.
     metrics: tuple[str, ...] = ("patients_used", "patients_excluded")
     # Prediction intervals calibrated at the study's end (None: no intervals). Left out of the
     # canonical JSON when None, so plans written before intervals existed keep their hashes.
     calibration: CalibrationConfig | None = None
+
+    @field_validator("strategy")
+    @classmethod
+    def _implemented(cls, value: str) -> str:
+        if value not in STRATEGIES:
+            raise ValueError(f"strategy {value!r} is not implemented; the coordinator implements "
+                             f"{', '.join(STRATEGIES)}")
+        return value
 
     def unsupported_metrics(self) -> list[str]:
         """Metrics this plan asks for that no node ever releases (e.g. a training loss)."""

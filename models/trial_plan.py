@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from twinfed.models.arms import TrialDesign
 from twinfed.models.calibration import IntervalCalibration
-from twinfed.models.plan import TRIAL_PLAN_KIND, SecAggConfig, TrainingPlan
+from twinfed.models.plan import TRIAL_PLAN_KIND, Bool, Real, SecAggConfig, TrainingPlan
 from twinfed.models.spec import TwinSpec
 
 KIND = TRIAL_PLAN_KIND
@@ -34,18 +34,18 @@ class TrialPrivacy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    enabled: bool = True
+    enabled: Bool = True
     # Each site's spend on this trial: the node calibrates its noise so that its ledger grows by
     # at most this (RDP composition with everything the site released before).
-    epsilon: Annotated[float, Field(gt=0, le=100)] = 1.0
+    epsilon: Annotated[Real, Field(gt=0, le=100)] = 1.0
     # At most the site's budget delta (a node refuses a larger one: delta_exceeds_budget); a node
     # uses min(delta, 1/N) like a study (delta_for).
-    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    delta: Annotated[Real, Field(gt=0, lt=1)] = 1e-5
     accountant: Literal["rdp", "prv"] = "rdp"
-    secure_aggregation: bool = True
+    secure_aggregation: Bool = True
     # SecAgg+ carries the vector of sums divided by twinfed.privacy.release.SUM_SCALE inside this
     # clip (the same quantisation as a training update).
-    update_clip: Annotated[float, Field(gt=0)] = 0.5
+    update_clip: Annotated[Real, Field(gt=0)] = 0.5
     secagg: SecAggConfig = SecAggConfig()
 
     def delta_for(self, n_released: int) -> float:
