@@ -160,3 +160,30 @@ def test_a_trial_plan_with_a_loosely_typed_privacy_field_does_not_validate():
             TrialPlan.model_validate_json(json.dumps(bad))
         with pytest.raises(ValueError):
             parse_any_plan(json.dumps(bad))
+
+
+def test_a_re_serialised_approved_trial_plan_is_refused_and_audited_under_the_hash_it_claims(node):
+    import hashlib
+
+    from builders import TINY_ARMS
+    from twinfed.client.release_gate import serve_release
+    from twinfed.models.arms import parse_design
+    from twinfed.models.digest import weights_sha256
+    from twinfed.models.trial_plan import TrialPlan, TrialTwin
+    from twinfed.wire import TrialInstruction
+
+    training = _plan()
+    weights = get_weights(build_surrogate(training.spec, training.model, seed=training.seed))
+    plan = TrialPlan(design=parse_design(TINY_ARMS, training.spec),
+                     twin=TrialTwin(training_plan_json=training.canonical_json(),
+                                    weights_sha256=weights_sha256(weights)))
+    approve_plan(node.state_dir, plan, actor="officer:test")
+    text = json.dumps(json.loads(plan.canonical_json()), indent=1)
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    shares, threshold = required_setup(3, plan)
+    result = serve_release(node, TrialInstruction(plan_json=text, plan_sha256=sha, coordinator=COORD).to_config(),
+                           weights, secagg=SecAggView(masked=True, sampled=3, shares=shares, threshold=threshold))
+    assert result.reply.refusal.code.value == "plan_malformed"
+    refused = [e["details"] for e in _events(node) if e["event"] == "round_refused"]
+    assert [(r["plan_sha256"], r["refusal"]["code"]) for r in refused] == [(sha, "plan_malformed")]
+    assert not (node.state_dir / "privacy_ledger.json").exists()
