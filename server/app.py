@@ -70,14 +70,17 @@ def run_study(grid: Grid, context: Context, plan: TrainingPlan, *, out_dir: Path
         from twinfed.privacy.secagg import min_sampled
         from twinfed.server.roll_call import roll_call
 
-        roll_call(grid, max(min_nodes, min_sampled(plan)) if masked else min_nodes, secure=masked)
+        anchors, answered = node_anchors(out_dir), {}
+        roll_call(grid, max(min_nodes, min_sampled(plan)) if masked else min_nodes, secure=masked,
+                  answered=answered)
+        anchors.remember_roll_call(answered)
         fit = None
         if masked:
             from twinfed.server.secagg_workflow import TwinSecAggPlusWorkflow
 
             fit = TwinSecAggPlusWorkflow(plan)
         strategy = TwinStrategy(plan, init, min_nodes=min_nodes, progress=progress, masked=masked,
-                                audit=audit, on_sampled=fit.sampled if fit else None)
+                                audit=audit, on_sampled=fit.sampled if fit else None, anchors=anchors)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=plan.rounds),
                                strategy=strategy)
         DefaultWorkflow(fit_workflow=fit)(grid, legacy)
@@ -114,7 +117,7 @@ def _calibrate(grid: Grid, context: Context, plan: TrainingPlan, strategy: TwinS
     result, _ = run_release(grid, context, plan, strategy.final_weights, instruction=instruction,
                             release_round=release_round, label="calibration of prediction intervals",
                             min_nodes=min_nodes, masked=plan.privacy.secure_aggregation, audit=audit,
-                            progress=progress)
+                            progress=progress, anchors=strategy.anchors)
     record = {"round": release_round, "sites_released": result.sites_released, "sites": result.sites,
               "releases": result.aggregates, "history": result.history}
     if result.total is None or not result.sites_released:
@@ -175,7 +178,7 @@ def _finish(grid: Grid, plan: TrainingPlan, strategy: TwinStrategy, audit, out_d
         weights_sha256=weights_sha256(strategy.final_weights),
         weights_file_sha256=hashlib.sha256((model_dir / "weights.npz").read_bytes()).hexdigest(),
         calibration_file_sha256=cal_sha))
-    close_study(grid, audit, finished, timeout=FINISH_TIMEOUT_S)
+    close_study(grid, audit, finished, timeout=FINISH_TIMEOUT_S, anchors=strategy.anchors)
     return summary
 
 
@@ -224,6 +227,14 @@ def released_spend(plan: TrainingPlan, privacy: dict | None, calibration: dict |
     return SiteSpend(epsilon=total, delta=last.delta, epsilon_budget=last.site_epsilon_budget,
                      accountant=last.accountant, by_kind=parts,
                      source="released by the site: its last figures (rounds, then calibration)")
+
+
+def node_anchors(out_dir: Path):
+    """The head of each node's log the coordinator last anchored, in this run's coordinator
+    state and the runs beside it (:class:`twinfed.server.strategy.NodeAnchors`)."""
+    from twinfed.server.strategy import NodeAnchors
+
+    return NodeAnchors.open(Path(out_dir) / COORDINATOR_DIRNAME)
 
 
 def coordinator_audit(state_dir: Path):

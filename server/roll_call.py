@@ -26,9 +26,11 @@ REPLY_WAIT_S = 300.0
 _POLL_S = 1.0
 
 
-def roll_call(grid, needed: int, *, secure: bool, wait: float = NODE_WAIT_S) -> list[NodeReply]:
+def roll_call(grid, needed: int, *, secure: bool, wait: float = NODE_WAIT_S,
+              answered: dict | None = None) -> list[NodeReply]:
     """The nodes' answers once at least ``needed`` are connected; :class:`TwinfedError` if there
-    are fewer within ``wait`` seconds, or fewer than ``needed`` with a site configured."""
+    are fewer within ``wait`` seconds, or fewer than ``needed`` with a site configured.
+    ``answered``, if given, receives each answer under its node's id."""
     deadline = time.monotonic() + wait
     node_ids = list(grid.get_node_ids())
     while len(node_ids) < needed and time.monotonic() < deadline:
@@ -46,6 +48,8 @@ def roll_call(grid, needed: int, *, secure: bool, wait: float = NODE_WAIT_S) -> 
         try:
             replies.append(NodeReply.model_validate_json(
                 str(reply.content.config_records[ROLL_CALL_RECORD]["reply"])))
+            if answered is not None:
+                answered[reply.metadata.src_node_id] = replies[-1]
         except (KeyError, ValueError):
             continue
     ready = [r for r in replies if r.status == "ok"]

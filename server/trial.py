@@ -59,7 +59,12 @@ def run_trial(grid, context, plan, weights, *, out_dir: Path, min_nodes: int, pr
         differential_privacy=plan.privacy.enabled, epsilon_per_site=plan.privacy.epsilon,
         secure_aggregation=masked, secagg_min_sites=plan.privacy.secagg.min_sites if masked else None))
     try:
-        roll_call(grid, max(min_nodes, min_sampled(plan)) if masked else min_nodes, secure=masked)
+        from twinfed.server.app import node_anchors
+
+        anchors, answered = node_anchors(out_dir), {}
+        roll_call(grid, max(min_nodes, min_sampled(plan)) if masked else min_nodes, secure=masked,
+                  answered=answered)
+        anchors.remember_roll_call(answered)
         plan_json = plan.canonical_json()
 
         def instruction(head):
@@ -67,7 +72,7 @@ def run_trial(grid, context, plan, weights, *, out_dir: Path, min_nodes: int, pr
 
         result, strategy = run_release(grid, context, plan, weights, instruction=instruction, release_round=1,
                                        label=f"trial {plan.design.name}", min_nodes=min_nodes, masked=masked,
-                                       audit=audit, progress=progress)
+                                       audit=audit, progress=progress, anchors=anchors)
         report = {"trial": plan.design.name, "n_patients": 0, "arms": {}, "contrasts": {}}
         if result.total is not None and result.sites_released:
             report = summarise(result.total, plan.design, plan.spec, noise_var=result.noise_var)

@@ -149,3 +149,60 @@ def test_a_consent_withdrawal_between_rounds_changes_only_the_hash_the_coordinat
     (_, q2), (_, b2) = replies[quiet.site_name], replies[busy.site_name]
     drop = {"site", "audit_head", "key_fingerprint"}
     assert q2.model_dump(exclude=drop) == b2.model_dump(exclude=drop)
+
+
+# -- the coordinator's side -------------------------------------------------------------------
+
+def _reply(site: str, fp: str, head: str | None) -> NodeReply:
+    return NodeReply(site=site, status="ok", key_fingerprint=fp,
+                     audit_head=None if head is None else {"hash": head})
+
+
+def test_the_coordinator_sends_each_node_its_own_last_anchored_head_across_runs(tmp_path):
+    from types import SimpleNamespace
+
+    from flwr.common import FitIns, Parameters
+
+    from twinfed.server.strategy import NodeAnchors
+
+    plan = _plan()
+    one = NodeAnchors.open(tmp_path / "runs" / "one" / "coordinator")
+    one.record([_reply("a", "1a" * 32, "aa" * 32), _reply("b", "1b" * 32, "bb" * 32)])
+    stored = (tmp_path / "runs" / "one" / "coordinator" / "node_anchors.json").read_text()
+    assert "seq" not in stored and "aa" * 32 in stored
+    two = NodeAnchors.open(tmp_path / "runs" / "two" / "coordinator")  # a later run beside it
+    # node 7 is site a with its key; node 8 claims site b with another key (a new state); 9 is new
+    two.remember_roll_call({7: _reply("a", "1a" * 32, None), 8: _reply("b", "2b" * 32, None),
+                            9: _reply("c", "1c" * 32, None)})
+    config = RoundInstruction(plan_json=plan.canonical_json(), plan_sha256=plan.sha256(), round=1,
+                              coordinator=COORD).to_config()
+    shared = FitIns(Parameters(tensors=[], tensor_type="numpy.ndarray"), config)
+    sent = two.instruct([(SimpleNamespace(node_id=n), shared) for n in (7, 8, 9)])
+    anchors = [RoundInstruction.from_config(fitins.config).node_anchor for _proxy, fitins in sent]
+    assert [a.hash if a else None for a in anchors] == ["aa" * 32, None, None]
+    assert RoundInstruction.from_config(shared.config).node_anchor is None  # one copy per node
+
+
+@pytest.mark.slow
+@pytest.mark.studies
+def test_a_node_rolled_back_between_two_studies_refuses_the_second(tmp_path):
+    """The reviewer's attack on the simulation engine, state.json edited too: only the
+    coordinator's anchor can tell, and the node refuses the same plan's second study."""
+    from twinfed.simulate import SiteRef, run_simulated_study
+
+    sites = [SiteRef(n, write_site(tmp_path / "sites" / n, n_patients=8, n_steps=80, seed=i))
+             for i, n in enumerate("ab")]
+    plan = _plan(rounds=1, secure_aggregation=False)
+    states = tmp_path / "states"
+    run_simulated_study(plan, sites, tmp_path / "runs" / "one", progress=lambda m: None, state_root=states)
+    b = NodeConfig(site_name="b", site_data=sites[1].data_dir, state_dir=states / "b")
+    _roll_back(b)
+    info = state_paths(b.state_dir).info
+    info.write_text(json.dumps({k: v for k, v in json.loads(info.read_text()).items() if k != "ledger_anchor"}))
+    assert verify_path(b.state_dir).ok  # alone, nothing shows any more
+    summary = run_simulated_study(plan, sites, tmp_path / "runs" / "two", progress=lambda m: None,
+                                  state_root=states)
+    assert [r["code"] for r in summary["sites"]["b"]["refusals"]] == ["log_rolled_back"]
+    # a, not rolled back, is refused only because study one spent its budget on this plan
+    assert [r["code"] for r in summary["sites"]["a"]["refusals"]] == ["budget_exhausted"], summary["sites"]
+    assert not (b.state_dir / "privacy_ledger.json").exists()  # no fresh budget was opened
