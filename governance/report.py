@@ -303,6 +303,14 @@ def budget_plot_png(report: OfficerReport) -> bytes:
     return buf.getvalue()
 
 
+def _by_kind(s: SiteSummary) -> str:
+    """The site's spend by kind of release (what each kind added to its total), at its delta."""
+    if s.spend is None:
+        return "-"
+    parts = ", ".join(f"{p.kind} {p.epsilon:.3f}" for p in s.spend.by_kind)
+    return html.escape(f"{parts} (delta {s.spend.delta:.2g})")
+
+
 def render_html(report: OfficerReport) -> str:
     e = html.escape
     v = report.verification
@@ -323,7 +331,7 @@ def render_html(report: OfficerReport) -> str:
                 "-" if s.epsilon_budget is None else f"{s.epsilon_budget:.3f}",
                 "-" if last is None or last.patients_used is None else last.patients_used,
                 "-" if last is None or last.patients_excluded is None else last.patients_excluded,
-                consent)) + "</tr>")
+                _by_kind(s), consent)) + "</tr>")
     refusals = "".join(f"<tr><td>{e(s.site)}</td><td>{'-' if r.round is None else r.round}</td>"
                        f"<td>{e(r.event)}</td><td>{e(r.reason)}</td><td>{e(r.time)}</td></tr>"
                        for s in report.sites for r in [*s.rounds_refused, *s.budget_exhausted])
@@ -347,7 +355,7 @@ th:first-child, td:first-child {{ text-align: left; }}
 <h2>Sites</h2>
 <table id="sites"><thead><tr><th>site</th><th>rounds joined</th><th>rounds refused</th>
 <th>epsilon spent</th><th>epsilon budget</th><th>patients used</th><th>patients excluded</th>
-<th>consent</th></tr></thead><tbody>
+<th>spent by kind</th><th>consent</th></tr></thead><tbody>
 {''.join(rows)}
 </tbody></table>
 <h2>Budget over rounds</h2>

@@ -170,8 +170,9 @@ def _finish(grid: Grid, plan: TrainingPlan, strategy: TwinStrategy, audit, out_d
     } | ({"calibration": cal_record} if cal_record is not None else {}) | (extra or {})
     from twinfed.outputs import StudySummary
 
-    summary = StudySummary.model_validate(summary).model_dump(exclude_unset=True)  # the typed document
-    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    typed = StudySummary.model_validate(summary)
+    summary = typed.document()
+    write_text_atomic(out_dir / "summary.json", typed.to_json())
     finished = audit.append(StudyFinished(
         plan_sha256=plan.sha256(), rounds=plan.rounds, rounds_with_update=rounds_with_update,
         skipped_rounds=tuple(strategy.skipped_rounds),

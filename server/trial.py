@@ -86,13 +86,16 @@ def run_trial(grid, context, plan, weights, *, out_dir: Path, min_nodes: int, pr
             "design": {"start_hours": plan.design.start_hours, "duration_days": plan.design.duration_days,
                        "draws": plan.design.draws, "purpose": plan.design.purpose},
             "sites": {name: {k: s[k] for k in ("rounds_joined", "rounds_refused", "refusals")}
-                      for name, s in result.sites.items()},
+                      | _site_spend(result.aggregates.get(name)) for name, s in result.sites.items()},
             "sites_released": result.sites_released,
             "seconds": round(time.perf_counter() - started, 3),
+            "model": _model_label(plan),
         } | (extra or {})
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(report, indent=2) + "\n"
+        from twinfed.outputs import TrialReport
+
+        text = TrialReport.model_validate(report).to_json()
         write_text_atomic(out_dir / RESULTS_FILE, text)
         audit.append(TrialFinished(
             plan_sha256=plan.sha256(), sites_released=result.sites_released,
@@ -103,6 +106,31 @@ def run_trial(grid, context, plan, weights, *, out_dir: Path, min_nodes: int, pr
                                   code="interrupted" if isinstance(exc, KeyboardInterrupt) else "error"))
         raise
     return report
+
+
+def _model_label(plan) -> dict:
+    """The twin the trial ran on, as ``twinfed trial`` labels it in every output."""
+    training = plan.twin.training_plan()
+    return {"kind": training.model.kind, "training_plan_sha256": training.sha256(),
+            "privacy": training.privacy.label()}
+
+
+def _site_spend(aggregate: dict | None) -> dict:
+    """A site's spend as it released it with the trial's aggregates: its whole ledger's total
+    (``site_epsilon_spent``, as ``twinfed ledger show``), the trial's part of it, and what it had
+    spent before (the coordinator is not told on what)."""
+    if not aggregate:
+        return {"epsilon_spent": None, "spend": None}
+    from twinfed.outputs import SiteSpend, SpendPart
+
+    parts = [SpendPart(kind="trial", mechanism="gaussian-sum", epsilon=aggregate["epsilon"], releases=1)]
+    earlier = aggregate["site_epsilon_spent"] - aggregate["epsilon"]
+    if earlier > 1e-9 * max(1.0, aggregate["site_epsilon_spent"]):
+        parts.insert(0, SpendPart(kind="earlier", mechanism=None, epsilon=earlier, releases=0))
+    spend = SiteSpend(epsilon=aggregate["site_epsilon_spent"], delta=aggregate["delta"],
+                      epsilon_budget=aggregate["site_epsilon_budget"], accountant=aggregate["accountant"],
+                      by_kind=parts, source="released by the site with the trial's aggregates")
+    return {"epsilon_spent": spend.epsilon, "spend": spend.model_dump()}
 
 
 def _uncertainty(plan) -> str:

@@ -119,3 +119,62 @@ def test_the_officers_report_shows_the_ledger_total_and_its_kinds(study):
         coordinator = _kinds(study.summary["sites"][site]["spend"]["by_kind"])
         for kind in ("training", "count", "calibration"):
             assert kinds[kind].epsilon == pytest.approx(coordinator[kind]["epsilon"], rel=1e-9)
+
+
+# -- a trial on the same hospitals: its own kind of release, and one document ---------------------
+
+TRIAL_EPSILON = 2.0
+
+
+@pytest.fixture(scope="module")
+def trial(study, tmp_path_factory) -> SimpleNamespace:
+    """`twinfed trial --json` on the study's own nodes (each officer raises the site's budget by
+    the trial's epsilon first), then each site's `ledger show` again."""
+    from builders import TINY_ARMS
+
+    root = tmp_path_factory.mktemp("reported-spend-trial")
+    arms = root / "arms.toml"
+    arms.write_text(TINY_ARMS)
+    cohort = study.run.parent / "cohort"
+    for site in SITES:
+        budget = study.shown[site]["epsilon_budget"]
+        assert _run(["ledger", "set-budget", "--state", str(study.run / "nodes" / site), "--epsilon",
+                     str(budget + TRIAL_EPSILON + 0.5), "--actor", "officer:test"])[0] == 0
+    out = root / "trial"
+    sites = [a for n in SITES for a in ("--site", f"{n}={cohort / f'site-{n}'}")]
+    code, printed = _run(["trial", "--model", str(study.run), "--arms", str(arms), *sites, "--state",
+                          str(study.run / "nodes"), "--epsilon", str(TRIAL_EPSILON), "--out", str(out), "--json"])
+    assert code == 0
+    shown = {site: json.loads(_run(["ledger", "show", "--state", str(study.run / "nodes" / site), "--json"])[1])
+             for site in SITES}
+    return SimpleNamespace(out=out, printed=printed, shown=shown)
+
+
+def test_trial_json_and_trial_json_output_are_one_document(trial):
+    written = json.loads((trial.out / "trial.json").read_text())
+    assert json.loads(trial.printed) == written
+    assert written["model"]["kind"] and len(written["model"]["training_plan_sha256"]) == 64
+
+
+def test_a_trials_report_gives_each_sites_ledger_total_with_the_trials_part(trial):
+    written = json.loads((trial.out / "trial.json").read_text())
+    for site in SITES:
+        total = trial.shown[site]["epsilon_spent"]
+        entry = written["sites"][site]
+        assert entry["epsilon_spent"] == pytest.approx(total, rel=1e-9)
+        kinds = _kinds(entry["spend"]["by_kind"])
+        assert set(kinds) == {"earlier", "trial"} and kinds["trial"]["mechanism"] == "gaussian-sum"
+        assert kinds["trial"]["epsilon"] == pytest.approx(written["privacy"]["sites"][site]["epsilon"], rel=1e-9)
+        assert sum(p["epsilon"] for p in entry["spend"]["by_kind"]) == pytest.approx(total, rel=1e-9)
+
+
+def test_the_officers_report_tells_a_trial_from_a_calibration(trial, study):
+    from twinfed.governance.report import build_report
+
+    for s in build_report(study.run).sites:
+        assert s.epsilon_spent == trial.shown[s.site]["epsilon_spent"]
+        kinds = {p.kind: p for p in s.spend.by_kind}
+        assert {k: (p.mechanism, p.releases) for k, p in kinds.items()} == {
+            "training": ("dp-sgd", 2), "count": ("gaussian-count", 1), "calibration": ("gaussian-sum", 1),
+            "trial": ("gaussian-sum", 1)}
+        assert sum(p.epsilon for p in s.spend.by_kind) == pytest.approx(s.epsilon_spent, rel=1e-9)

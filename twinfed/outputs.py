@@ -13,6 +13,7 @@ total (:func:`attribute`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -146,8 +147,12 @@ class StudySummary(_Doc):
     calibration: CalibrationRecord | None = None
     engine: str | None = None
 
+    def document(self) -> dict:
+        """The document as JSON-ready Python values: every field it was given, in its order."""
+        return self.model_dump(exclude_unset=True)
+
     def to_json(self) -> str:
-        return self.model_dump_json(indent=2, exclude_unset=True) + "\n"
+        return json.dumps(self.document(), indent=2) + "\n"
 
 
 class TrialReport(_Doc):
@@ -163,5 +168,9 @@ class TrialReport(_Doc):
     sites_released: int | None = None
     model: dict | None = None
 
+    def document(self) -> dict:
+        """The document as JSON-ready Python values: every field it was given, in its order."""
+        return self.model_dump(exclude_unset=True)
+
     def to_json(self) -> str:
-        return self.model_dump_json(indent=2, exclude_unset=True) + "\n"
+        return json.dumps(self.document(), indent=2) + "\n"

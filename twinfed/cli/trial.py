@@ -178,7 +178,11 @@ def _federated(args, twin, design, calibration) -> int:
 
         report = run_deployed_trial(site_map(sites), out, plan, Path(args.model), state_root=args.state,
                                     approve_as=approve, progress=_progress)
-    report |= {"model": _model_label(twin)}
+    # trial.json as the coordinator wrote it (its hash is in the audit log), the model included:
+    # what --json prints is that document
+    from twinfed.server.trial import RESULTS_FILE
+
+    report = json.loads((out / RESULTS_FILE).read_text())
     if not report.get("arms"):
         raise TrialError(report.get("note", "the trial gave no result"))
     return _show(args, report, out, None, written=True)
@@ -189,7 +193,10 @@ def _show(args, report: dict, out: Path, values, *, written: bool = False) -> in
     from twinfed.models.twin import write_text_atomic
     from twinfed.server.trial import RESULTS_FILE
 
+    from twinfed.outputs import TrialReport
+
     out.mkdir(parents=True, exist_ok=True)
+    report = TrialReport.model_validate(report).document()  # the typed document: trial.json, --json
     if not written:
         write_text_atomic(out / RESULTS_FILE, json.dumps(report, indent=2) + "\n")
     plot = args.plot or out / "trial.png"
