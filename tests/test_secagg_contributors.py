@@ -8,15 +8,18 @@ training site's update must still never be unmasked.
 """
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.cloudpickle
 
 import twinfed.server.secagg_workflow as secagg_workflow
 from builders import write_site
 from twinfed.governance.provision import provision_simulated_node
 from twinfed.governance.verify import verify_path
-from twinfed.models.plan import ModelConfig, TrainingConfig, TrainingPlan
+from twinfed.models.plan import ModelConfig, PrivacyConfig, SecAggConfig, TrainingConfig, TrainingPlan
 from twinfed.models.spec import load_spec
 from twinfed.models.surrogate import build_surrogate, get_weights
 from twinfed.models.twin import Twin
@@ -24,13 +27,15 @@ from twinfed.server.secagg_workflow import TwinSecAggPlusWorkflow
 from twinfed.simulate import SiteRef, run_simulated_study
 
 pytestmark = [pytest.mark.slow, pytest.mark.studies]
+# The probe below travels to Ray's workers by value, not by module name.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 OPERATOR = "operator:test"
 
 
-def _plan() -> TrainingPlan:
+def _plan(**privacy) -> TrainingPlan:
     return TrainingPlan(spec=load_spec("glucose"), rounds=1, seed=3, model=ModelConfig(hidden=8),
-                        training=TrainingConfig(local_steps=2, batch_size=4))
+                        training=TrainingConfig(local_steps=2, batch_size=4), privacy=PrivacyConfig(**privacy))
 
 
 def _events(path) -> list[dict]:
@@ -113,3 +118,56 @@ def test_with_all_three_training_the_round_is_unmasked(sites, tmp_path, monkeypa
     assert not _unchanged(plan, run)
     for name in "abc":
         assert not any(e["event"] == "unmask_refused" for e in _events(state / name / "audit.jsonl"))
+
+
+class Sent:
+    """Saves, per node, the update its training function returned (``inner``) or the masked
+    vector that left it (``outer``)."""
+
+    def __init__(self, out: Path, kind: str):
+        self.out, self.kind = out, kind
+
+    def __call__(self, msg, ctxt, call_next):
+        from flwr.common import parameters_to_ndarrays
+        from flwr.compat.common import recorddict_compat as compat
+
+        pid = int(ctxt.node_config["partition-id"])
+        configs = msg.content.config_records.get("secaggplus_configs")
+        stage = configs.get("stage") if configs is not None else None  # the SecAgg+ mod pops it
+        reply = call_next(msg, ctxt)
+        if self.kind == "inner":
+            fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+            np.savez(self.out / f"update-{pid}.npz", *parameters_to_ndarrays(fitres.parameters))
+        elif stage == "collect_masked_vectors":
+            (self.out / f"masked-{pid}").touch()
+        return reply
+
+
+def _flat(arrays) -> np.ndarray:
+    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+
+
+def test_a_withdrawn_node_is_no_part_of_the_sum_the_others_unmask(sites, tmp_path):
+    # The plan accepts a sum of two sites; c refuses and withdraws: the round unmasks the mean of
+    # a's and b's updates exactly (Flower removes c's pairwise masks with the survivors' shares).
+    plan, state, run, sent = _plan(secagg=SecAggConfig(min_sites=2)), tmp_path / "nodes", tmp_path / "run", tmp_path / "sent"
+    sent.mkdir()
+    _provision(sites, state, plan, approved={"a", "b"})
+    summary = run_simulated_study(plan, sites, run, progress=lambda m: None, state_root=state, approve_as=None,
+                                  outer_mods=[Sent(sent, "outer")], inner_mods=[Sent(sent, "inner")])
+    h = summary["history"][0]
+    assert (h["skipped"], h["sites_trained"], h["sites_refused"], h["failures"]) == (False, 2, 1, 0)
+    assert summary["sites"]["c"]["refusals"][0]["code"] == "plan_not_approved"
+    assert {p.name for p in sent.glob("masked-*")} == {"masked-0", "masked-1"}  # nothing left c
+    assert not (sent / "update-2.npz").exists()
+    with np.load(sent / "update-0.npz") as a, np.load(sent / "update-1.npz") as b:
+        mean = (_flat(a[k] for k in sorted(a.files, key=lambda k: int(k.split("_")[1])))
+                + _flat(b[k] for k in sorted(b.files, key=lambda k: int(k.split("_")[1])))) / 2
+    init = get_weights(build_surrogate(plan.spec, plan.model, seed=plan.seed))
+    change = _flat(get_weights(Twin.load(run).surrogate)) - _flat(init)
+    step = 2 * plan.privacy.update_clip / 2**22
+    assert np.abs(mean).max() > 100 * step
+    assert np.abs(change - mean).max() <= 2 * step + 1e-6
+    aggregated = [e["details"] for e in _events(run / "coordinator" / "audit.jsonl") if e["event"] == "round_aggregated"]
+    assert list(aggregated[0]["sites_refused"]) == ["c"] and aggregated[0]["failures"] == 0
+    assert verify_path(run, node_states=state).ok
