@@ -222,7 +222,8 @@ def held_out(plan_sha256: str, patient_ids: list[str], fraction: float) -> np.nd
 def identify_patients(twin, site, patients: np.ndarray, until_steps: np.ndarray, *, seed: int = 0):
     """The identification the intervals are computed on: a hybrid twin's fit of each patient
     (``personalise.identify``); for any other twin, the same choice of windows and no offset
-    (an offset with no parameters), since it has nothing to personalise."""
+    (an offset with no parameters), since it has nothing to personalise. Either way each
+    patient's is their own (windows keyed by ``seed`` and the patient), whoever else is given."""
     import torch
 
     from twinfed.models.personalise import Identified, identification_windows, identify
@@ -304,19 +305,31 @@ def calibration_histogram(twin, site, patients: np.ndarray, config: CalibrationC
     """For the patients given (indices into site): identify each on its first config.identify_hours,
     score up to max_windows windows after that per patient (spread evenly), return the summed
     patient-weighted histogram [S, B] (no noise) and how many patients contributed. Used locally and by
-    each node on its held-out patients (the node adds the noise)."""
+    each node on its held-out patients (the node adds the noise; ``seed``, an int in [0, 2**128),
+    is then the release's secret). The sum of :func:`calibration_parts`."""
+    parts = calibration_parts(twin, site, patients, config, max_windows=max_windows, seed=seed)
+    return parts.sum(axis=0), int(np.count_nonzero(parts.any(axis=(1, 2))))
+
+
+def calibration_parts(twin, site, patients: np.ndarray, config: CalibrationConfig, *,
+                      max_windows: int = 64, seed: int = 0) -> np.ndarray:
+    """Each patient's part of :func:`calibration_histogram`: ``[P, S, B]``, mass 1 per state, or
+    zeros for a patient with no scored window. A patient's part depends on their record and
+    ``seed`` alone (their identification windows are keyed to them, their windows scored are
+    chosen from their own record): removing a patient leaves every other part as it was, so
+    the histogram moves by that patient's part alone (``privacy.release.histogram_sensitivity``)."""
     spec = site.spec
     patients = np.asarray(patients, dtype=np.int64)
     b = conformal.n_bins(config.edges)
     if patients.size == 0:
-        return np.zeros((len(spec.states), b)), 0
+        return np.zeros((0, len(spec.states), b))
     first = site.steps[site.offsets[patients]]
     steps = identify_steps(spec, config.identify_hours)
     identified = identify_patients(twin, site, patients, first + steps - 1, seed=seed)
     scales = identification_scales(twin, site, identified)
     starts, owner = scored_windows(site, patients, first + steps, max_windows, identified.n_windows > 0)
     if starts.size == 0:
-        return np.zeros((len(spec.states), b)), 0
+        return np.zeros((patients.size, len(spec.states), b))
     scores = np.empty((starts.size, spec.horizon_steps, len(spec.states)), np.float64)
     for lo in range(0, starts.size, CHUNK):
         rows = owner[lo: lo + CHUNK]
@@ -324,7 +337,7 @@ def calibration_histogram(twin, site, patients: np.ndarray, config: CalibrationC
         err = np.abs(_forecast(twin, batch, identified, rows) - batch.future_states)
         scores[lo: lo + CHUNK] = err / scales[rows]
     # The histogram sees every window of a patient at once: their mass is spread over all of them.
-    return conformal.patient_histogram(scores, owner, len(patients), config.edges), int(np.unique(owner).size)
+    return conformal.patient_histograms(scores, owner, len(patients), config.edges)
 
 
 def interval_bands(forecast: np.ndarray, scales: np.ndarray, cal: IntervalCalibration,

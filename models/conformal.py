@@ -35,22 +35,30 @@ def patient_histogram(scores: np.ndarray, patients: np.ndarray, n_patients: int,
     -> [S, B] summed patient-weighted histogram (each patient with a window: mass 1 per state).
 
     Non-finite scores (a patient without a scale) are left out; a patient's mass is spread over
-    their finite (window, step) pairs of that state."""
+    their finite (window, step) pairs of that state. The sum of :func:`patient_histograms`."""
+    return patient_histograms(scores, patients, n_patients, edges).sum(axis=0)
+
+
+def patient_histograms(scores: np.ndarray, patients: np.ndarray, n_patients: int, edges) -> np.ndarray:
+    """Each patient's part of :func:`patient_histogram`: ``[n_patients, S, B]`` (zeros for a
+    patient without a finite score). A patient's part reads only their own scores, in their
+    order: the same whoever else is in ``scores``."""
     scores = np.asarray(scores, dtype=np.float64)
     patients = np.asarray(patients, dtype=np.int64)
     if scores.ndim != 3 or patients.shape != (scores.shape[0],):
         raise ValueError("scores must be [N, K, S] and patients [N]")
     edges = np.asarray(edges, dtype=np.float64)
     n, k, s = scores.shape
-    out = np.zeros((s, n_bins(edges)))
+    b = n_bins(edges)
+    out = np.zeros((n_patients, s, b))
     owner = np.repeat(patients, k)
     for j in range(s):
         x = scores[:, :, j].reshape(-1)
         ok = np.isfinite(x)
         counts = np.bincount(owner[ok], minlength=n_patients).astype(np.float64)
         weight = 1.0 / counts[owner[ok]]
-        out[j] = np.bincount(np.searchsorted(edges, x[ok], side="right"), weights=weight,
-                             minlength=out.shape[1])
+        cell = owner[ok] * b + np.searchsorted(edges, x[ok], side="right")
+        out[:, j] = np.bincount(cell, weights=weight, minlength=n_patients * b).reshape(n_patients, b)
     return out
 
 
@@ -139,16 +147,22 @@ def quantile_note(histogram_row: np.ndarray, edges, level: float) -> str | None:
 def sample_scores(histogram_row: np.ndarray, edges, rng: np.random.Generator, size) -> np.ndarray:
     """Draws of the normalised score |e| from one state's (noisy) histogram: inverse-CDF of the same
     monotone tail curve, linear in log-edge inside a bin; the open top bin [e_last, inf) drawn as
-    e_last * (1 + Exponential(1))."""
+    e_last * (1 + Exponential(1)).
+
+    One uniform per draw, from one ``rng.random(size)`` call, and each draw a function of its own
+    uniform: a roll-forward hands in each patient's own uniforms (``twinfed.models.rollout``), so
+    a patient's draws never depend on another's."""
     points, tail, _ = tail_cdf(histogram_row, edges)
     u = 1.0 - rng.random(size)  # in (0, 1]: a tail fraction
     out = _inverse_tail(points, tail, u)
-    top = ~np.isfinite(out)
+    top = ~np.isfinite(out)  # u < tail[-1]: the draw lies above the last edge
     # The histogram says nothing about the shape above its last edge but how much mass lies
     # there. An exponential excess with the last edge as its scale is a tail heavier than the
     # bins below suggest (so propagated uncertainty errs wide), yet with a finite mean (2 e_last)
-    # so averages over draws stay finite; with the default edges it is a rare draw.
-    out[top] = points[-1] * (1.0 + rng.exponential(1.0, int(top.sum())))
+    # so averages over draws stay finite; with the default edges it is a rare draw. Given that it
+    # is in the top bin, u / tail[-1] is uniform on (0, 1], so -log of it is Exponential(1): the
+    # same uniform carries the excess.
+    out[top] = points[-1] * (1.0 - np.log(u[top] / tail[-1]))
     return out
 
 

@@ -14,10 +14,19 @@ This is care for that patient at the hospital that holds the record: nothing of 
 so it needs no differential privacy. It uses only windows that *end* before ``until`` (the
 decision time of a what-if, or the end of the identification period when evaluating), never the
 future it is judged on. Patients are fitted together, vectorised (independent objectives).
+
+**Per patient.** A patient's identification depends on their own record and the seed only, never
+on the other patients fitted with them: the windows are drawn by a generator keyed to the seed and
+the patient (:func:`patient_rng`), and the objective is a sum of per-patient objectives, each the
+mean over that patient's own windows plus their prior, so Adam's elementwise steps on one
+patient's offset see only that patient. A released aggregate (a trial, a calibration) depends on
+this: removing one patient must leave every other patient's contribution unchanged (DESIGN.md
+section 4; tests/test_per_patient_release.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +41,37 @@ LEARNING_RATE = 0.12
 # The prior's weight against the mean squared forecast error (both in scaled units): a patient
 # with little record stays near the encoder's guess.
 PRIOR_WEIGHT = 0.02
+
+# What a per-patient generator is for (:func:`patient_rng`): one stream per purpose, so the same
+# seed draws a patient's identification windows and their roll-forward errors independently.
+IDENTIFICATION = 1
+ROLLOUT = 2
+SEED_BITS = 128  # a seed is an int in [0, 2**128): a design's public seed or a release's secret
+
+
+def patient_key(patient_id: str) -> int:
+    """A stable 64-bit key of a patient id (SHA-256; the same on every machine and run, unlike
+    Python's ``hash``). Never leaves the node."""
+    return int.from_bytes(hashlib.sha256(patient_id.encode()).digest()[:8], "big")
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int in [0, 2**128); ValueError otherwise."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) \
+            or not 0 <= int(seed) < 2 ** SEED_BITS:
+        raise ValueError(f"a seed is an integer in [0, 2**{SEED_BITS}), not {seed!r}")
+    return int(seed)
+
+
+def patient_rng(seed, purpose: int, key: int) -> np.random.Generator:
+    """The generator of one patient's draws for one ``purpose`` under ``seed``: a function of the
+    three alone, so of neither the other patients nor their order. ``key``: the patient's
+    :func:`patient_key`. The entropy is fixed-width words (the seed's 4, the purpose's 1, the
+    key's 2), so distinct triples never share a generator."""
+    seed = check_seed(seed)
+    words = [(seed >> (32 * i)) & 0xFFFFFFFF for i in range(SEED_BITS // 32)]
+    words += [int(purpose) & 0xFFFFFFFF, (int(key) >> 32) & 0xFFFFFFFF, int(key) & 0xFFFFFFFF]
+    return np.random.default_rng(words)
 
 
 @dataclass
@@ -54,17 +94,19 @@ class Identified:
 def identification_windows(site: SiteData, patients: np.ndarray, until_steps: np.ndarray, *,
                            windows: int = WINDOWS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The windows an identification reads: for each of ``patients``, up to ``windows`` of its
-    windows whose horizon ends at or before its ``until_steps``, drawn without replacement.
+    windows whose horizon ends at or before its ``until_steps``, drawn without replacement by
+    the patient's own generator (:func:`patient_rng`: the same windows whoever else is fitted).
     Returns the window starts (grouped by patient, in the order of ``patients``) and the count
     per patient."""
+    check_seed(seed)
     index = WindowIndex.build(site)
-    rng = np.random.default_rng(seed)
     h, k = site.spec.history_steps, site.spec.horizon_steps
     starts, counts = [], []
     for p, until in zip(patients, until_steps):
         own = index.starts[index.ptr[p]: index.ptr[p + 1]]
         own = own[site.steps[own + h + k - 1] <= until]
         if own.size > windows:
+            rng = patient_rng(seed, IDENTIFICATION, patient_key(site.patient_ids[p]))
             own = np.sort(rng.choice(own, windows, replace=False))
         counts.append(own.size)
         starts.append(own)
@@ -76,7 +118,8 @@ def identify(model, site: SiteData, patients: np.ndarray, until_steps: np.ndarra
              windows: int = WINDOWS, steps: int = STEPS, prior_weight: float = PRIOR_WEIGHT,
              seed: int = 0) -> Identified:
     """Fit each of ``patients`` (indices into ``site``) on its windows whose horizon ends at or
-    before its ``until_steps`` (the site's time grid)."""
+    before its ``until_steps`` (the site's time grid). Each patient's fit is their own: the same
+    whoever else is fitted with them, in whatever order (see the module's note)."""
     patients = np.asarray(patients, dtype=np.int64)
     starts, counts = identification_windows(site, patients, until_steps, windows=windows, seed=seed)
     owner_np = np.repeat(np.arange(len(patients)), counts)
@@ -91,9 +134,13 @@ def identify(model, site: SiteData, patients: np.ndarray, until_steps: np.ndarra
         y = torch.from_numpy(model.inputs.targets(batch))
         z_windows = model.parameters_of(u)
         correction = model.corrections(u)
-    weight = torch.from_numpy(1.0 / np.maximum(counts, 1)).float()[owner]  # each patient counts once
+    # Each patient's objective is the mean over their own windows (never over all patients'
+    # windows: a patient's step would then shrink as the site grows) plus their prior, and the
+    # loss is the sum of these; no row of the batch reads another (no batch statistics).
+    weight = torch.from_numpy(1.0 / np.maximum(counts, 1)).float()[owner]
     # Adam, written out: torch.optim's constructor imports the compiler stack (~1.5 s), which a
-    # what-if from the shell cannot afford. Each patient's objective is independent of the others'.
+    # what-if from the shell cannot afford. Its steps are elementwise with a fixed learning rate
+    # and no clipping, so one patient's offset moves by their own gradients alone.
     m, v = torch.zeros_like(offset), torch.zeros_like(offset)
     b1, b2 = 0.9, 0.999
     for t in range(1, steps + 1):

@@ -19,6 +19,11 @@ warmed-up forecasts:
   never the trial's: treatments differ only through the core, as in a what-if, whose effects have
   the right direction by construction.
 A neural twin (no core) sees what it always sees: the rolled history and the planned treatment.
+
+The draws are **per patient**: each patient's errors come from their own generator, keyed by the
+seed and the patient (:func:`twinfed.models.personalise.patient_rng`), so a patient's paths are
+the same whoever is rolled forward with them, in whatever order or chunk. A released trial relies
+on it (removing one patient leaves every other patient's outcomes unchanged).
 """
 
 from __future__ import annotations
@@ -30,12 +35,16 @@ import numpy as np
 import torch
 
 from twinfed.models.features import DELTA_UNITS
+from twinfed.models.personalise import ROLLOUT, check_seed, patient_key, patient_rng
 from twinfed.models.site_data import SiteData
 from twinfed.models.twin import Twin
 from twinfed.models.windows import Batch, context_at
 
-# draw(state j, rng, size) -> |normalised error| samples of state j (a calibration's sampler)
-ScoreSampler = Callable[[int, np.random.Generator, int], np.ndarray]
+# draw(state j, rng, size) -> |normalised error| samples of state j (a calibration's sampler).
+# ``rng`` hands out each patient's own uniforms (:class:`PatientUniforms`): a sampler draws from
+# it once, ``rng.random(size)``, and maps each uniform to a score (an inverse CDF, as
+# ``twinfed.models.conformal.sample_scores`` does), so every patient's scores are their own.
+ScoreSampler = Callable[[int, "PatientUniforms", int], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class Origins:
     context: np.ndarray  # [P, Lc, S + C] and its mask [P, Lc]: what a hybrid's encoder reads
     context_mask: np.ndarray
     covariates: np.ndarray  # [P, V]
+    keys: np.ndarray  # [P] uint64: each patient's key (personalise.patient_key), whose draws are theirs
 
     @classmethod
     def at(cls, site: SiteData, patients: np.ndarray, origin_rows: np.ndarray) -> Origins:
@@ -54,7 +64,8 @@ class Origins:
         h = site.spec.history_steps
         rows = origin_rows[:, None] + np.arange(-h + 1, 1)[None, :]
         context, mask = context_at(site, origin_rows, patients)
-        return cls(site.series[rows], context, mask, site.covariates[patients])
+        keys = np.array([patient_key(site.patient_ids[p]) for p in patients], dtype=np.uint64)
+        return cls(site.series[rows], context, mask, site.covariates[patients], keys)
 
     def __len__(self) -> int:
         return len(self.history)
@@ -78,8 +89,9 @@ def roll_forward(twin: Twin, origins: Origins, controls: np.ndarray, *, usual: n
     (``[P, T, C]``, default the first treatment): the patients' usual treatment over the same
     steps, what a hybrid's correction reads. ``offset``: the patients' identification (hybrid).
     Without ``uncertainty`` every draw is the twin's expected path; with it, each horizon's
-    forecast gets an error drawn by ``seed`` (the same draws for the same ``seed``, whatever the
-    controls: common random numbers)."""
+    forecast gets an error drawn from each patient's own generator under ``seed`` (an int in
+    [0, 2**128); the same draws for the same ``seed`` and patient, whatever the controls, the
+    other patients or their order: common random numbers)."""
     controls = np.asarray(controls, np.float32)
     single = controls.ndim == 3
     if single:
@@ -89,7 +101,10 @@ def roll_forward(twin: Twin, origins: Origins, controls: np.ndarray, *, usual: n
     if p != len(origins) or usual.shape != controls.shape[1:]:
         raise ValueError("controls, usual and origins must hold the same patients and steps")
     draws = max(1, int(draws))
-    rng = np.random.default_rng(seed)
+    if len(origins.keys) != p:
+        raise ValueError("origins must hold a key per patient")
+    check_seed(seed)
+    rng = [patient_rng(seed, ROLLOUT, int(key)) for key in origins.keys] if uncertainty is not None else []
     roll = _roll_hybrid if twin.hybrid else _roll_neural
     with torch.no_grad():
         out = roll(twin, origins, controls, usual, offset, uncertainty, _Rows(arms, draws), rng)
@@ -120,17 +135,37 @@ class _Rows:
         return np.repeat(a, self.draws, axis=0)
 
 
+class PatientUniforms:
+    """What a :data:`ScoreSampler` draws from: ``random(size)`` gives, patient after patient
+    (each patient's ``draws`` in a row), uniforms in [0, 1) from that patient's own generator.
+    Drawn once per call: a second draw would have to come from somewhere shared."""
+
+    def __init__(self, u: np.ndarray):
+        self._u = u
+
+    def random(self, size=None) -> np.ndarray:
+        if self._u is None:
+            raise RuntimeError("a score sampler draws from a patient's uniforms once per call")
+        u, self._u = self._u, None
+        if size is not None and int(np.prod(size)) != u.size:
+            raise ValueError(f"a score sampler asked for {size} uniforms; the patients' draws are {u.size}")
+        return u if size is None else u.reshape(size)
+
+
 def _errors(uncertainty: Uncertainty | None, rows: _Rows, patients: int, k: int, n_states: int,
-            rng: np.random.Generator) -> np.ndarray | None:
+            rng: list[np.random.Generator]) -> np.ndarray | None:
     """One horizon's drawn errors ``[A * P * draws, k, S]``: a normalised error per patient, draw
     and state, with a random sign, times the patient's scale at each step; the same for every
     treatment. The error path of a horizon follows the scale's growth over its steps (the
-    calibration's score is normalised by it)."""
+    calibration's score is normalised by it). ``rng``: each patient's generator; every uniform
+    of a patient comes from theirs, in the same order whoever else is rolled forward."""
     if uncertainty is None:
         return None
     n = patients * rows.draws
-    magnitude = np.stack([uncertainty.sample(j, rng, n) for j in range(n_states)], axis=-1)
-    sign = np.where(rng.random((n, n_states)) < 0.5, -1.0, 1.0)
+    # Per patient: [2, S, draws] uniforms, for the scores' magnitudes and for the signs.
+    u = np.stack([g.random((2, n_states, rows.draws)) for g in rng], axis=2).reshape(2, n_states, n)
+    magnitude = np.stack([uncertainty.sample(j, PatientUniforms(u[0, j]), n) for j in range(n_states)], axis=-1)
+    sign = np.where(u[1].T < 0.5, -1.0, 1.0)
     scales = np.repeat(uncertainty.scales[:, :k, :], rows.draws, axis=0)
     err = ((sign * magnitude)[:, None, :] * scales).astype(np.float32)
     return np.tile(err, (rows.arms, 1, 1))
@@ -141,7 +176,8 @@ def _bounds(spec) -> tuple[np.ndarray, np.ndarray]:
             np.array([c.max for c in spec.states], np.float32))
 
 
-def _roll_hybrid(twin, origins, controls, usual, offset, uncertainty, rows: _Rows, rng) -> np.ndarray:
+def _roll_hybrid(twin, origins, controls, usual, offset, uncertainty, rows: _Rows,
+                 rng: list[np.random.Generator]) -> np.ndarray:
     model, spec = twin.surrogate, twin.spec
     binding = model.binding
     h, k_max, s = spec.history_steps, spec.horizon_steps, len(spec.states)
@@ -186,7 +222,8 @@ def _roll_hybrid(twin, origins, controls, usual, offset, uncertainty, rows: _Row
     return out
 
 
-def _roll_neural(twin, origins, controls, usual, offset, uncertainty, rows: _Rows, rng) -> np.ndarray:
+def _roll_neural(twin, origins, controls, usual, offset, uncertainty, rows: _Rows,
+                 rng: list[np.random.Generator]) -> np.ndarray:
     spec = twin.spec
     h, k_max, s, c = spec.history_steps, spec.horizon_steps, len(spec.states), len(spec.controls)
     _, p, t = controls.shape[:3]

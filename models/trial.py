@@ -20,6 +20,15 @@ sum is differentially private (:mod:`twinfed.privacy.release`). :func:`summarise
 such vectors (from one machine exactly, or from many sites with noise) into means and 95%
 intervals per arm and of each contrast; with noise, the intervals include it.
 
+Every patient's outcomes are their own: their identification windows and their roll-forward's
+error draws come from generators keyed by the seed and the patient
+(:func:`twinfed.models.personalise.patient_rng`), their fit is their own objective, and no
+computation mixes patients; so removing one patient from the site leaves every other patient's
+contribution unchanged, whatever the order of the patients or the chunks they are rolled forward
+in, and the release moves by that patient's contribution alone, within :func:`sensitivity`
+(tests/test_per_patient_release.py). The seed: the design's (public: a local trial is
+reproducible), or a node's per-release secret (``twinfed.client.release_gate``).
+
 A patient is *excluded* (counted, never named) when their record has no contiguous history of
 ``history_steps`` ending at the step before the start, no identification window before it, or
 less than a day of record (or the whole trial, if shorter) after it.
@@ -49,6 +58,7 @@ class SiteOutcomes:
     values: np.ndarray
     n_excluded: int
     uncertainty: bool  # forecast errors were propagated (the twin had a calibration)
+    patients: np.ndarray | None = None  # [P]: each row's patient (index into the site)
 
     @property
     def n_patients(self) -> int:
@@ -104,20 +114,29 @@ def trial_windows(site: SiteData, design: TrialDesign, *, patients: np.ndarray |
 
 
 def run_site_trial(twin, site: SiteData, design: TrialDesign, *, calibration=None,
-                   patients: np.ndarray | None = None, seed: int | None = None) -> SiteOutcomes:
+                   patients: np.ndarray | None = None, seed: int | None = None,
+                   chunk_patients: int = CHUNK_PATIENTS) -> SiteOutcomes:
     """Every arm of ``design`` on every eligible patient of ``site`` (or of ``patients``) through
     that patient's personalised twin; ``calibration`` (an ``IntervalCalibration``) propagates
-    the twin's forecast uncertainty, else each patient's arm is the twin's expected path."""
+    the twin's forecast uncertainty, else each patient's arm is the twin's expected path.
+
+    ``seed``: an int in [0, 2**128) (None: the design's); it keys every patient's draws with
+    the patient, so each patient's values are the same whoever else takes part.
+    ``chunk_patients``: patients rolled forward together (memory only: not the values)."""
+    from twinfed.models.personalise import check_seed
+
     from twinfed.models import conformal
     from twinfed.models.calibration import identification_scales, identify_patients
     from twinfed.models.rollout import Origins, Uncertainty, roll_forward
 
     spec = twin.spec
+    base_seed = check_seed(design.seed if seed is None else seed)
+    chunk_patients = max(1, int(chunk_patients))
     if calibration is not None:
         calibration.check_twin(twin)
     win = trial_windows(site, design, patients=patients)
     if win.patients.size:
-        identified = identify_patients(twin, site, win.patients, site.steps[win.origins])
+        identified = identify_patients(twin, site, win.patients, site.steps[win.origins], seed=base_seed)
         ok = identified.n_windows > 0
     else:
         ok = np.zeros(0, dtype=bool)
@@ -125,27 +144,27 @@ def run_site_trial(twin, site: SiteData, design: TrialDesign, *, calibration=Non
     keep = np.flatnonzero(ok)
     values = np.zeros((keep.size, len(design.arms), len(design.outcomes)))
     if keep.size == 0:
-        return SiteOutcomes(values, n_excluded, calibration is not None)
+        return SiteOutcomes(values, n_excluded, calibration is not None, win.patients[keep])
     offset = identified.offset[keep] if twin.hybrid else None
     scales = identification_scales(twin, site, identified)[keep] if calibration is not None else None
     draws = design.draws if calibration is not None else 1
-    base_seed = design.seed if seed is None else seed
 
     def sampler(j: int, rng, size):
         state = calibration.states[spec.state_columns[j]]
         return conformal.sample_scores(np.asarray(state.histogram), calibration.edges, rng, size)
 
-    for c0 in range(0, keep.size, CHUNK_PATIENTS):
-        part = keep[c0:c0 + CHUNK_PATIENTS]
+    for c0 in range(0, keep.size, chunk_patients):
+        part = keep[c0:c0 + chunk_patients]
         origins = Origins.at(site, win.patients[part], win.origins[part])
         usual, before = win.usual[part], win.before[part]
-        unc = None if scales is None else Uncertainty(scales[c0:c0 + CHUNK_PATIENTS], sampler)
+        unc = None if scales is None else Uncertainty(scales[c0:c0 + chunk_patients], sampler)
         controls = np.stack([arm_controls(design, arm, spec, usual, before) for arm in design.arms])
+        # The same seed in every chunk: each patient's draws are keyed by the patient.
         states = roll_forward(twin, origins, controls, usual=usual,
-                              offset=None if offset is None else offset[c0:c0 + CHUNK_PATIENTS],
-                              uncertainty=unc, draws=draws, seed=base_seed + c0)  # [A, P, D, T, S]
+                              offset=None if offset is None else offset[c0:c0 + chunk_patients],
+                              uncertainty=unc, draws=draws, seed=base_seed)  # [A, P, D, T, S]
         values[c0:c0 + part.size] = outcome_values(design, spec, states).mean(axis=2).transpose(1, 0, 2)
-    return SiteOutcomes(values, n_excluded, calibration is not None)
+    return SiteOutcomes(values, n_excluded, calibration is not None, win.patients[keep])
 
 
 # -- what a site releases ---------------------------------------------------------------------
