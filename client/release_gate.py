@@ -253,18 +253,27 @@ def _reserve(node: NodeConfig, plan, server_round: int, audit, entries):
 
 def _compute(plan, site, patients: np.ndarray, weights) -> tuple[np.ndarray, int, int]:
     """The exact aggregate of ``patients`` (clipped per patient), and how many took part and
-    how many could not (their record too short)."""
+    how many could not (their record too short).
+
+    Every random choice in it (identification windows, a trial's error draws) comes from a
+    generator keyed by the patient and this release's seed: a secret from the OS CSPRNG, drawn
+    here for each release and never stored or sent, so the draws are neither public (the design's
+    seed is) nor shared between patients (removing one leaves the others' contributions as they
+    were: the sensitivity holds)."""
+    import secrets
+
     import torch
 
     from twinfed.models.twin import Twin
 
     torch.set_num_threads(1)
+    seed = secrets.randbits(128)
     if _is_trial(plan):
         from twinfed.models.trial import contributions, run_site_trial
 
         twin = Twin.from_weights(plan.twin.training_plan(), weights)
         outcomes = run_site_trial(twin, site, plan.design, calibration=plan.twin.calibration,
-                                  patients=patients)
+                                  patients=patients, seed=seed)
         if outcomes.n_patients == 0:  # charged already: the noisy zero vector, never a refusal
             from twinfed.models.trial import layout
 
@@ -273,5 +282,5 @@ def _compute(plan, site, patients: np.ndarray, weights) -> tuple[np.ndarray, int
     from twinfed.models.calibration import calibration_histogram
 
     twin = Twin.from_weights(plan, weights)
-    histogram, used = calibration_histogram(twin, site, patients, plan.calibration)
+    histogram, used = calibration_histogram(twin, site, patients, plan.calibration, seed=seed)
     return histogram.ravel(), used, int(patients.size) - used
