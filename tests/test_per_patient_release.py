@@ -281,3 +281,28 @@ def test_the_calibration_does_not_depend_on_the_patients_order(site, mlp, parts)
     order = np.random.default_rng(2).permutation(N)
     _assert_same_patients(_parts(mlp, site, order), dict(enumerate(parts)), range(N))
     np.testing.assert_allclose(_histogram(mlp, site, order), parts.sum(axis=0), rtol=0, atol=SUM_TOL)
+
+
+# -- a node's release -------------------------------------------------------------------------------
+
+def test_a_nodes_release_draws_with_a_fresh_secret_seed_not_the_designs_public_one(site, mlp, calibration):
+    """The node's computation (``release_gate._compute``) on the same patients twice: the draws
+    differ from release to release and from the public seed's (which anyone could replay)."""
+    from twinfed.client.release_gate import _compute
+    from twinfed.models.digest import weights_sha256
+    from twinfed.models.plan import TrainingPlan
+    from twinfed.models.trial_plan import TrialPlan, TrialTwin
+
+    training = TrainingPlan(spec=SPEC, rounds=1, model=ModelConfig(kind="mlp-residual"), calibration=CONFIG)
+    weights = get_weights(mlp.surrogate)
+    trial = TrialPlan(design=DESIGN, twin=TrialTwin(training_plan_json=training.model_dump_json(),
+                                                    weights_sha256=weights_sha256(weights),
+                                                    calibration=calibration))
+    patients = np.arange(N)
+    public = _release(_trial(mlp, site, patients, calibration))
+    releases = [_compute(trial, site, patients, weights) for _ in range(2)]
+    assert [r[1:] for r in releases] == [(N, 0), (N, 0)]
+    assert not np.allclose(releases[0][0], releases[1][0]) and not np.allclose(releases[0][0], public)
+    histograms = [_compute(training, site, patients, weights)[0] for _ in range(2)]
+    assert not np.allclose(histograms[0], histograms[1])
+    assert not np.allclose(histograms[0], _histogram(mlp, site, patients).ravel())
