@@ -187,6 +187,10 @@ def _site_entry(plan: TrainingPlan, entry: dict, calibration: dict | None) -> di
     """A site's entry in ``summary.json`` with its spend: the site's whole ledger as it last
     released it (its calibration's figures, or else its last round's), by kind of release."""
     spend = released_spend(plan, entry.get("privacy"), calibration)
+    from twinfed.server.strategy import WITHHELD
+    from twinfed.wire import DP
+
+    entry = entry | {"release": entry["release"] | {"spend": DP if spend else WITHHELD}}
     return entry | {"epsilon_spent": spend.epsilon if spend else None,
                     "epsilon_budget": spend.epsilon_budget if spend else None,
                     "spend": spend.model_dump() if spend else None}

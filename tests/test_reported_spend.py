@@ -69,6 +69,7 @@ def test_summary_json_reports_each_sites_ledger_total_broken_down_by_kind(study)
         total = study.shown[site]["epsilon_spent"]
         entry = study.summary["sites"][site]
         assert entry["epsilon_spent"] == pytest.approx(total, rel=1e-9)
+        assert entry["release"]["spend"] == "dp-released"
         spend = entry["spend"]
         assert spend["epsilon"] == pytest.approx(total, rel=1e-9)
         assert spend["delta"] == study.shown[site]["delta"]
@@ -81,6 +82,22 @@ def test_summary_json_reports_each_sites_ledger_total_broken_down_by_kind(study)
         assert kinds["calibration"]["epsilon"] == pytest.approx(calibration["epsilon"], rel=1e-9)
         # the study's own figures are kept as they were: this study's epsilon, before calibration
         assert entry["privacy"]["epsilon"] < total
+
+
+def test_summary_json_is_the_typed_document_and_keeps_every_field_it_had(study):
+    from twinfed.outputs import StudySummary
+
+    typed = StudySummary.model_validate(study.summary)
+    assert json.loads(typed.to_json()) == study.summary
+    assert {"twin", "plan_sha256", "rounds", "rounds_with_update", "skipped_rounds", "strategy", "privacy",
+            "model", "sites", "history", "intervals", "model_dir", "seconds", "calibration",
+            "engine"} <= set(study.summary)
+    for entry in study.summary["sites"].values():
+        assert {"patients_used", "patients_excluded", "rounds_joined", "rounds_refused", "refusals",
+                "privacy", "release"} <= set(entry)
+    for record in study.summary["history"]:
+        assert {"round", "sites_trained", "sites_refused", "failures", "update_norm", "skipped",
+                "seconds"} <= set(record)
 
 
 def test_the_printed_site_table_shows_the_ledger_total(study):
@@ -119,6 +136,20 @@ def test_the_officers_report_shows_the_ledger_total_and_its_kinds(study):
         coordinator = _kinds(study.summary["sites"][site]["spend"]["by_kind"])
         for kind in ("training", "count", "calibration"):
             assert kinds[kind].epsilon == pytest.approx(coordinator[kind]["epsilon"], rel=1e-9)
+
+
+def test_the_officers_html_report_shows_the_same_total_and_kinds(study, tmp_path):
+    from test_audit_report import _Page, _site_rows
+    from twinfed.governance.report import write_report
+
+    report = write_report(study.run, tmp_path / "out")
+    page = _Page()
+    page.feed((tmp_path / "out" / "report.html").read_text())
+    rows = {r["site"]: r for r in _site_rows(page)}
+    for s in report.sites:
+        assert rows[s.site]["epsilon spent"] == f"{study.shown[s.site]['epsilon_spent']:.3f}"
+        for p in s.spend.by_kind:
+            assert f"{p.kind} {p.epsilon:.3f}" in rows[s.site]["spent by kind"]
 
 
 # -- a trial on the same hospitals: its own kind of release, and one document ---------------------
