@@ -230,12 +230,6 @@ def _verify_state(root: Path) -> _State:
                                        key_fingerprint=public_key_fingerprint(pub), first_bad_seq=0, line=1,
                                        reason="entry 0 (line 1) is missing: no audit log"), []
     fp = result.key_fingerprint
-    if kind == "node" and info is not None and info.ledger_anchor is not None:
-        mark = info.ledger_anchor
-        result = apply_anchors(result, entries, [Anchor(
-            seq=mark.seq, hash=mark.hash,
-            source=f"{p.info} (the newest change of the privacy ledger; the log was rolled back)")])
-        entries = entries[:result.n_entries]
     if info is not None and info.key_fingerprint != fp:
         issues.append(Issue(file=str(p.public_key), reason=f"key fingerprint {fp[:16]}... is not the "
                             f"{info.key_fingerprint[:16]}... state.json records: the key was replaced"))
@@ -257,6 +251,12 @@ def _verify_state(root: Path) -> _State:
         issues.extend(_check_ledger(root, entries))
     if kind == "coordinator" and result.ok:
         issues.extend(_study_ends(str(p.audit), entries))
+    if kind == "node" and info is not None and info.ledger_anchor is not None:
+        mark = info.ledger_anchor  # after the ledger's check, which says what the cut log lost
+        result = apply_anchors(result, entries, [Anchor(
+            seq=mark.seq, hash=mark.hash,
+            source=f"{p.info} (the newest change of the privacy ledger; the log was rolled back)")])
+        entries = entries[:result.n_entries]
     return _State(root, kind, name, result, entries, issues, _mode_notes(root))
 
 
