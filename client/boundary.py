@@ -26,7 +26,7 @@ from flwr.app.message_type import MessageType
 from twinfed.client.refusals import refusal_for, tell_node_console
 from twinfed.errors import TwinfedError
 from twinfed.events import StudyFinished, UnmaskRefused
-from twinfed.wire import (FINISH_RECORD, ROLL_CALL_RECORD, UNCONFIGURED, LogHead, NodeReply, Refusal,
+from twinfed.wire import (FINISH_RECORD, ROLL_CALL_RECORD, UNCONFIGURED, NodeReply, Refusal,
                           RefusalCode, StudyFinish)
 
 

@@ -33,7 +33,7 @@ from twinfed.events import AggregateReleased, ModelReceived, ModelSent
 from twinfed.locking import state_lock
 from twinfed.models.digest import weights_sha256
 from twinfed.privacy.secagg import SecAggView
-from twinfed.wire import (INSTRUCTION_KEY, TRIAL_KEY, DPAggregate, LogHead, NodeReply, RefusalCode,
+from twinfed.wire import (INSTRUCTION_KEY, TRIAL_KEY, DPAggregate, NodeReply, RefusalCode,
                           Released, RoundInstruction, TrialInstruction)
 
 
