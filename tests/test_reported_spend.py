@@ -138,6 +138,14 @@ def test_the_officers_report_shows_the_ledger_total_and_its_kinds(study):
             assert kinds[kind].epsilon == pytest.approx(coordinator[kind]["epsilon"], rel=1e-9)
 
 
+def test_audit_report_prints_each_sites_ledger_total(study, tmp_path):
+    code, printed = _run(["audit", "report", str(study.run), "--out", str(tmp_path / "out")])
+    assert code == 0
+    for site in SITES:
+        line = next(line for line in printed.splitlines() if line.startswith(f"{site}: epsilon "))
+        assert line.startswith(f"{site}: epsilon {study.shown[site]['epsilon_spent']:.3f} ")
+
+
 def test_the_officers_html_report_shows_the_same_total_and_kinds(study, tmp_path):
     from test_audit_report import _Page, _site_rows
     from twinfed.governance.report import write_report

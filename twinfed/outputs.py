@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 
 # The kinds of release a site's spend is made of: a study's training rounds (DP-SGD), its release
 # of the noisy patient counts, its calibration histogram, and an in-silico trial's aggregates (the
@@ -32,7 +32,26 @@ KIND_ORDER = tuple(KIND_MECHANISM)
 
 
 class _Doc(BaseModel):
+    """A document: its declared fields typed, any other kept; written back in the order read."""
+
     model_config = ConfigDict(extra="allow")
+    _order: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_order(cls, data, handler):
+        doc = handler(data)
+        if isinstance(data, dict):
+            doc._order = list(data)
+        return doc
+
+    def document(self) -> dict:
+        """The document as JSON-ready Python values: every field it was given, in its order."""
+        dumped = self.model_dump(exclude_unset=True)
+        return {k: dumped[k] for k in self._order if k in dumped} | dumped
+
+    def to_json(self) -> str:
+        return json.dumps(self.document(), indent=2) + "\n"
 
 
 class SpendPart(BaseModel):
@@ -147,12 +166,6 @@ class StudySummary(_Doc):
     calibration: CalibrationRecord | None = None
     engine: str | None = None
 
-    def document(self) -> dict:
-        """The document as JSON-ready Python values: every field it was given, in its order."""
-        return self.model_dump(exclude_unset=True)
-
-    def to_json(self) -> str:
-        return json.dumps(self.document(), indent=2) + "\n"
 
 
 class TrialReport(_Doc):
@@ -168,9 +181,3 @@ class TrialReport(_Doc):
     sites_released: int | None = None
     model: dict | None = None
 
-    def document(self) -> dict:
-        """The document as JSON-ready Python values: every field it was given, in its order."""
-        return self.model_dump(exclude_unset=True)
-
-    def to_json(self) -> str:
-        return json.dumps(self.document(), indent=2) + "\n"

@@ -533,4 +533,7 @@ def cmd_audit_report(args) -> int:
                f"verification FAILED ({len(v.issues)} problem(s); see the report)")
     print(f"wrote {args.out / 'report.html'} and {args.out / 'report.json'}: {len(report.sites)} site(s), "
           f"{verdict}")
+    for s in report.sites:  # each site's spend: its ledger's total (as ledger show), by kind
+        if s.spend is not None:
+            print(f"{s.site}: {s.spend.label()}")
     return 0

@@ -217,6 +217,11 @@ def _show(args, report: dict, out: Path, values, *, written: bool = False) -> in
         print(f"\n{name} ({unit})")
         print(format_table(["arm", "mean", "95% interval"], rows))
     print(f"\n{report['interval']}; uncertainty: {report['uncertainty']}")
+    from twinfed.outputs import SiteSpend
+
+    for name, site in (report.get("sites") or {}).items():  # a federated trial: each site's ledger total
+        if site.get("spend"):
+            print(f"{name}: {SiteSpend.model_validate(site['spend']).label()}")
     print(f"results: {out / RESULTS_FILE}; plot: {plot}")
     return 0
 
