@@ -199,10 +199,14 @@ def _site_entry(plan: TrainingPlan, entry: dict, calibration: dict | None) -> di
 def released_spend(plan: TrainingPlan, privacy: dict | None, calibration: dict | None):
     """A site's :class:`twinfed.outputs.SiteSpend` from what it released: the total is the last
     figure it released (``site_epsilon_spent`` of its calibration, else of its last round: its
-    ledger's total at the study's delta); the parts are this study's count release, its training
+    ledger's total at the budget's delta); the parts are this study's count release, its training
     rounds and its calibration, each what it added to the site's total, and "earlier": what the
     site had spent before this study (the coordinator is not told on what). None: the site
-    released no privacy figure (a study without DP, or a site that never trained)."""
+    released no privacy figure (a study without DP, or a site that never trained).
+
+    A calibration's figures name the budget's delta; a round's (``DPPrivacy``) name only the
+    study's, min(plan delta, 1/N): for a study without calibration whose delta is below its
+    sites' budget delta, the parts are at the study's delta and may not sum to the total."""
     from twinfed.outputs import KIND_ORDER, SiteSpend, SpendPart, attribute
     from twinfed.privacy.ledger import epsilon_of
     from twinfed.wire import DPAggregate, DPPrivacy
