@@ -244,6 +244,17 @@ def _forecast(twin, batch, identified, rows: np.ndarray) -> np.ndarray:
     return twin.forecast(batch, offset=identified.offset[rows])
 
 
+def _per_patient(owner: np.ndarray) -> list[slice]:
+    """The windows of each patient (``owner`` grouped by patient), at most ``CHUNK`` at a time.
+    A forecast reads each patient's windows alone: a matrix product rounds a row by where it
+    lies in memory, so in a batch shared with other patients a patient's forecast (their scale,
+    their scores) would change when another patient is removed (``personalise.by_group``)."""
+    cuts = np.flatnonzero(np.diff(owner)) + 1
+    bounds = np.concatenate([[0], cuts, [owner.size]]) if owner.size else np.zeros(1, np.int64)
+    return [slice(int(a), int(min(a + CHUNK, b))) for lo, b in zip(bounds[:-1], bounds[1:])
+            for a in range(int(lo), int(b), CHUNK)]
+
+
 def _gather(twin, site, starts: np.ndarray, patients: np.ndarray):
     from twinfed.models.windows import gather
 
@@ -257,9 +268,9 @@ def identification_scales(twin, site, identified) -> np.ndarray:
     spec = site.spec
     p, k, s = len(identified.n_windows), spec.horizon_steps, len(spec.states)
     total = np.zeros((p, k, s))
-    for lo in range(0, identified.starts.size, CHUNK):
-        rows = identified.owner[lo: lo + CHUNK]
-        batch = _gather(twin, site, identified.starts[lo: lo + CHUNK], identified.patients[rows])
+    for part in _per_patient(identified.owner):
+        rows = identified.owner[part]
+        batch = _gather(twin, site, identified.starts[part], identified.patients[rows])
         err = _forecast(twin, batch, identified, rows) - batch.future_states
         np.add.at(total, rows, np.square(err, dtype=np.float64))
     counts = identified.n_windows.astype(np.float64)[:, None, None]
@@ -331,11 +342,11 @@ def calibration_parts(twin, site, patients: np.ndarray, config: CalibrationConfi
     if starts.size == 0:
         return np.zeros((patients.size, len(spec.states), b))
     scores = np.empty((starts.size, spec.horizon_steps, len(spec.states)), np.float64)
-    for lo in range(0, starts.size, CHUNK):
-        rows = owner[lo: lo + CHUNK]
-        batch = _gather(twin, site, starts[lo: lo + CHUNK], patients[rows])
+    for part in _per_patient(owner):
+        rows = owner[part]
+        batch = _gather(twin, site, starts[part], patients[rows])
         err = np.abs(_forecast(twin, batch, identified, rows) - batch.future_states)
-        scores[lo: lo + CHUNK] = err / scales[rows]
+        scores[part] = err / scales[rows]
     # The histogram sees every window of a patient at once: their mass is spread over all of them.
     return conformal.patient_histograms(scores, owner, len(patients), config.edges)
 

@@ -74,6 +74,27 @@ def patient_rng(seed, purpose: int, key: int) -> np.random.Generator:
     return np.random.default_rng(words)
 
 
+def by_group(fn, u: dict[str, torch.Tensor], groups: list[np.ndarray]) -> torch.Tensor:
+    """``fn`` (a row-wise map of a dict of tensors, e.g. a twin's encoder) computed on each group
+    of rows alone (``groups``: row indices, e.g. one patient's), gathered into fresh tensors,
+    and laid back in the rows' order. A matrix product (MKL) rounds a row by where it lies in
+    memory: in one batch a patient's rows would round differently when another patient is
+    removed; alone, each patient's rows lie where they always do."""
+    outs = [fn({k: v[torch.from_numpy(g)] for k, v in u.items()}) for g in groups]
+    n = sum(g.size for g in groups)
+    out = outs[0].new_empty((n, *outs[0].shape[1:]))
+    for g, o in zip(groups, outs):
+        out[torch.from_numpy(g)] = o
+    return out
+
+
+def runs(owner: np.ndarray) -> list[np.ndarray]:
+    """The row indices of each run of equal, consecutive ``owner`` values (rows grouped by
+    patient), in order."""
+    cuts = np.flatnonzero(np.diff(owner)) + 1
+    return [r for r in np.split(np.arange(owner.size), cuts) if r.size]
+
+
 @dataclass
 class Identified:
     """Per patient: the fitted ``offset`` (``[P, n_params]``, added to the encoder's ``z``) and
@@ -132,8 +153,9 @@ def identify(model, site: SiteData, patients: np.ndarray, until_steps: np.ndarra
         batch = gather(site, starts, patients[owner_np], with_context=True)
         u = model.unpack(torch.from_numpy(model.inputs.batch_features(batch)))
         y = torch.from_numpy(model.inputs.targets(batch))
-        z_windows = model.parameters_of(u)
-        correction = model.corrections(u)
+        # each patient's rows alone: see by_group
+        z_windows = by_group(model.parameters_of, u, runs(owner_np))
+        correction = by_group(model.corrections, u, runs(owner_np))
     # Each patient's objective is the mean over their own windows (never over all patients'
     # windows: a patient's step would then shrink as the site grows) plus their prior, and the
     # loss is the sum of these; no row of the batch reads another (no batch statistics).

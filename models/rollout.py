@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from twinfed.models.features import DELTA_UNITS
-from twinfed.models.personalise import ROLLOUT, check_seed, patient_key, patient_rng
+from twinfed.models.personalise import ROLLOUT, by_group, check_seed, patient_key, patient_rng
 from twinfed.models.site_data import SiteData
 from twinfed.models.twin import Twin
 from twinfed.models.windows import Batch, context_at
@@ -127,6 +127,11 @@ class _Rows:
         a = np.repeat(a, self.draws, axis=0)
         return np.tile(a, (self.arms,) + (1,) * (a.ndim - 1))
 
+    def groups(self, patients: int) -> list[np.ndarray]:
+        """Each patient's rows (every treatment's draws of that patient)."""
+        rows = np.arange(self.arms * patients * self.draws).reshape(self.arms, patients, self.draws)
+        return [rows[:, i].reshape(-1) for i in range(patients)]
+
     def of_treatments(self, a):
         """Per-treatment-and-patient rows ``[A, P, ...]`` -> ``[A * P * draws, ...]``."""
         a = a.reshape(-1, *a.shape[2:])
@@ -187,7 +192,9 @@ def _roll_hybrid(twin, origins, controls, usual, offset, uncertainty, rows: _Row
                   future_states=np.zeros((p, k_max, s), np.float32), covariates=origins.covariates,
                   context=origins.context, context_mask=origins.context_mask)
     u0 = model.unpack(torch.from_numpy(twin.inputs.batch_features(start)))
-    z = model.parameters_of(u0)
+    # The encoder and the correction see each patient's rows alone (personalise.by_group): a
+    # matrix product's rounding would otherwise depend on the other patients in the batch.
+    z = by_group(model.parameters_of, u0, [np.array([i]) for i in range(p)])
     if offset is not None:
         z = z + offset
     theta = binding.theta(z, u0)
@@ -200,6 +207,7 @@ def _roll_hybrid(twin, origins, controls, usual, offset, uncertainty, rows: _Row
     half = torch.from_numpy(twin.inputs.half)
     lo, hi = (torch.from_numpy(b) for b in _bounds(spec))
     n = readings.shape[0]
+    groups = rows.groups(p)
     out = np.empty((n, t, s), np.float32)
     for c0 in range(0, t, k_max):
         k = min(k_max, t - c0)
@@ -208,8 +216,8 @@ def _roll_hybrid(twin, origins, controls, usual, offset, uncertainty, rows: _Row
                                                        "covariates": covariates})
         last = readings[:, -1, :]
         path = torch.where(torch.isfinite(core), core, last[:, None, :])
-        correction = model.corrections({"states": readings, "controls": usual_history,
-                                        "covariates": covariates}).reshape(n, k_max, s)[:, :k]
+        correction = by_group(model.corrections, {"states": readings, "controls": usual_history,
+                                                  "covariates": covariates}, groups).reshape(n, k_max, s)[:, :k]
         path = path + correction * half / DELTA_UNITS
         err = _errors(uncertainty, rows, p, k, s, rng)
         if err is not None:
@@ -230,15 +238,18 @@ def _roll_neural(twin, origins, controls, usual, offset, uncertainty, rows: _Row
     history = rows.of_patients(origins.history.astype(np.float32))
     covariates = rows.of_patients(origins.covariates)
     n = history.shape[0]
+    groups = rows.groups(p)
     lo, hi = _bounds(spec)
     out = np.empty((n, t, s), np.float32)
     for c0 in range(0, t, k_max):
         k = min(k_max, t - c0)
         planned = np.zeros((n, k_max, c), np.float32)
         planned[:, :k] = rows.of_treatments(controls[:, :, c0:c0 + k])
-        batch = Batch(history=history, future_controls=planned,
-                      future_states=np.zeros((n, k_max, s), np.float32), covariates=covariates)
-        path = twin.forecast(batch)[:, :k]
+        path = np.empty((n, k, s), np.float32)
+        for g in groups:  # each patient's rows alone (personalise.by_group)
+            path[g] = twin.forecast(Batch(history=history[g], future_controls=planned[g],
+                                          future_states=np.zeros((g.size, k_max, s), np.float32),
+                                          covariates=covariates[g]))[:, :k]
         err = _errors(uncertainty, rows, p, k, s, rng)
         if err is not None:
             path = path + err

@@ -28,11 +28,11 @@ contribution unchanged, whatever the order of the patients or the chunks they ar
 in, and the release moves by that patient's contribution alone, within :func:`sensitivity`
 (tests/test_per_patient_release.py). The seed: the design's (public: a local trial is
 reproducible), or a node's per-release secret (``twinfed.client.release_gate``).
-Not yet exact: a trained hybrid's encoder rounds a patient's float32 parameters by the patient's
-position in the batch (measured: on a 200-patient site, removing one patient moved the others'
-contributions by at most 6.7e-8 per component, 3.3e-7 in L2 over their sum, against a
-sensitivity of 4.36); the tests' untrained twins are bit-identical. Single-threaded only (a node
-computes on one thread): threads split a batch at positions that depend on its size.
+Bit for bit: a matrix product (MKL) rounds a row by where it lies in memory, so the twin's
+networks read each patient's rows alone (:func:`twinfed.models.personalise.by_group`); batched
+they moved the other patients' contributions by up to 7e-8 when one patient was removed from a
+200-patient site. Checked on one thread, as a node computes (threads split a batch at places
+that depend on its size).
 
 A patient is *excluded* (counted, never named) when their record has no contiguous history of
 ``history_steps`` ending at the step before the start, no identification window before it, or
