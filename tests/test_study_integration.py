@@ -45,7 +45,7 @@ def test_exact_counts_stay_in_each_nodes_log_and_the_summary_holds_only_released
         site = summary["sites"][name]
         assert site["rounds_joined"] == 2
         assert site["release"] == {"patients_used": "dp-released", "patients_excluded": "dp-released",
-                                   "privacy": "dp-released"}
+                                   "privacy": "dp-released", "spend": "dp-released"}
         assert isinstance(site["patients_used"], int) and site["patients_used"] >= 0
         assert site["privacy"]["epsilon"] <= 3.0
     assert [h["round"] for h in summary["history"]] == [1, 2]
