@@ -273,6 +273,7 @@ def _compute(plan, site, patients: np.ndarray, weights) -> tuple[np.ndarray, int
 
         twin = Twin.from_weights(plan.twin.training_plan(), weights)
         outcomes = run_site_trial(twin, site, plan.design, calibration=plan.twin.calibration,
+                                  exclude_out_of_range=True,
                                   patients=patients, seed=seed)
         if outcomes.n_patients == 0:  # charged already: the noisy zero vector, never a refusal
             from twinfed.models.trial import layout

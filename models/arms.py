@@ -494,7 +494,7 @@ def _describe(err: dict) -> str:
 
 
 def arm_controls(design: TrialDesign, arm: Arm, spec: TwinSpec, base: np.ndarray,
-                 recorded_before: np.ndarray) -> np.ndarray:
+                 recorded_before: np.ndarray, *, strict: bool = True) -> np.ndarray:
     """The arm's controls ``[P, T, C]`` float32 over the trial.
 
     ``base`` ``[P, T, C]``: the patients' usual-care controls over the trial (``T`` = the
@@ -504,7 +504,8 @@ def arm_controls(design: TrialDesign, arm: Arm, spec: TwinSpec, base: np.ndarray
     The rule applies first, to ``base``; then the scenario's operations, whose ``@MIN`` counts from
     the trial's start. A scenario on a control a rule derives from (carbs under meal-bolus) does
     not re-dose: the rule saw the usual-care amounts. A result outside the spec's control ranges
-    is a :class:`TrialError` naming the arm."""
+    is a :class:`TrialError` naming the arm (``strict=False``: returned as is, for the caller to
+    tell which patients left the range, :func:`controls_in_range`)."""
     _, duration = design.steps(spec)
     c = len(spec.controls)
     base = np.asarray(base)
@@ -524,16 +525,28 @@ def arm_controls(design: TrialDesign, arm: Arm, spec: TwinSpec, base: np.ndarray
     elif isinstance(arm.rule, DailyDose):
         out = _daily_dose(arm.rule, spec, out)
     try:
-        out = arm.parsed_scenario(spec).apply(spec, out)
+        out = arm.parsed_scenario(spec).apply(spec, out, check_range=strict)
     except ScenarioError as exc:
         raise TrialError(f"arm {arm.name}: {_scenario_reason(arm, exc)}") from None
     out = out.astype(np.float32)
-    for j, col in enumerate(spec.controls):
-        if (out[..., j] < col.min).any() or (out[..., j] > col.max).any():
-            raise TrialError(f"arm {arm.name}: {col.column} leaves the spec's range [{col.min:g}, "
-                             f"{col.max:g}] {col.unit} at some step; choose a smaller change"
-                             + (" or a larger grams_per_unit" if isinstance(arm.rule, MealBolus) else ""))
+    if strict:
+        for j, col in enumerate(spec.controls):
+            if (out[..., j] < col.min).any() or (out[..., j] > col.max).any():
+                raise TrialError(f"arm {arm.name}: {col.column} leaves the spec's range [{col.min:g}, "
+                                 f"{col.max:g}] {col.unit} at some step; choose a smaller change"
+                                 + (" or a larger grams_per_unit" if isinstance(arm.rule, MealBolus) else ""))
     return out
+
+
+def controls_in_range(controls: np.ndarray, spec: TwinSpec) -> np.ndarray:
+    """``[P]``: whether each patient's controls ``[..., P, T, C]`` stay inside the spec's control
+    ranges at every step (of every arm, when arms lead)."""
+    controls = np.asarray(controls)
+    lo = np.array([c.min for c in spec.controls], dtype=np.float64)
+    hi = np.array([c.max for c in spec.controls], dtype=np.float64)
+    inside = (controls >= lo) & (controls <= hi)  # [..., P, T, C]
+    inside = inside.all(axis=(-1, -2))
+    return inside.reshape(-1, inside.shape[-1]).all(axis=0)
 
 
 def _meal_bolus(rule: MealBolus, spec: TwinSpec, out: np.ndarray, before: np.ndarray) -> np.ndarray:

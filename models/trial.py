@@ -120,14 +120,18 @@ def trial_windows(site: SiteData, design: TrialDesign, *, patients: np.ndarray |
 
 def run_site_trial(twin, site: SiteData, design: TrialDesign, *, calibration=None,
                    patients: np.ndarray | None = None, seed: int | None = None,
-                   chunk_patients: int = CHUNK_PATIENTS) -> SiteOutcomes:
+                   chunk_patients: int = CHUNK_PATIENTS, exclude_out_of_range: bool = False) -> SiteOutcomes:
     """Every arm of ``design`` on every eligible patient of ``site`` (or of ``patients``) through
     that patient's personalised twin; ``calibration`` (an ``IntervalCalibration``) propagates
     the twin's forecast uncertainty, else each patient's arm is the twin's expected path.
 
     ``seed``: an int in [0, 2**128) (None: the design's); it keys every patient's draws with
     the patient, so each patient's values are the same whoever else takes part.
-    ``chunk_patients``: patients rolled forward together (memory only: not the values)."""
+    ``chunk_patients``: patients rolled forward together (memory only: not the values).
+    ``exclude_out_of_range``: a patient whose arm controls leave the spec's ranges is excluded
+    (counted in ``n_excluded``) instead of failing the trial: a node's release, charged before it
+    is computed, must not fail on one patient's data (a refusal after a charge would tell the
+    coordinator something about that patient); one patient's exclusion changes no other's values."""
     from twinfed.models.personalise import check_seed
 
     from twinfed.models import conformal
@@ -145,6 +149,8 @@ def run_site_trial(twin, site: SiteData, design: TrialDesign, *, calibration=Non
         ok = identified.n_windows > 0
     else:
         ok = np.zeros(0, dtype=bool)
+    if exclude_out_of_range and ok.any():
+        ok = ok & _arms_in_range(design, spec, win)
     n_excluded = win.n_excluded + int((~ok).sum())
     keep = np.flatnonzero(ok)
     values = np.zeros((keep.size, len(design.arms), len(design.outcomes)))
@@ -163,13 +169,28 @@ def run_site_trial(twin, site: SiteData, design: TrialDesign, *, calibration=Non
         origins = Origins.at(site, win.patients[part], win.origins[part])
         usual, before = win.usual[part], win.before[part]
         unc = None if scales is None else Uncertainty(scales[c0:c0 + chunk_patients], sampler)
-        controls = np.stack([arm_controls(design, arm, spec, usual, before) for arm in design.arms])
+        controls = np.stack([arm_controls(design, arm, spec, usual, before, strict=not exclude_out_of_range)
+                             for arm in design.arms])
         # The same seed in every chunk: each patient's draws are keyed by the patient.
         states = roll_forward(twin, origins, controls, usual=usual,
                               offset=None if offset is None else offset[c0:c0 + chunk_patients],
                               uncertainty=unc, draws=draws, seed=base_seed)  # [A, P, D, T, S]
         values[c0:c0 + part.size] = outcome_values(design, spec, states).mean(axis=2).transpose(1, 0, 2)
     return SiteOutcomes(values, n_excluded, calibration is not None, win.patients[keep])
+
+
+def _arms_in_range(design: TrialDesign, spec, win: TrialWindows) -> np.ndarray:
+    """``[P]``: whether every arm keeps each eligible patient's controls inside the spec's ranges
+    (each patient's own controls decide: per patient, never the site's)."""
+    from twinfed.models.arms import controls_in_range
+
+    inside = np.ones(win.patients.size, dtype=bool)
+    for c0 in range(0, win.patients.size, CHUNK_PATIENTS):
+        part = slice(c0, c0 + CHUNK_PATIENTS)
+        controls = np.stack([arm_controls(design, arm, spec, win.usual[part], win.before[part], strict=False)
+                             for arm in design.arms])
+        inside[part] = controls_in_range(controls, spec)
+    return inside
 
 
 # -- what a site releases ---------------------------------------------------------------------

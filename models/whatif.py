@@ -38,9 +38,10 @@ class Scenario:
     name: str
     ops: tuple[Op, ...] = field(default_factory=tuple)
 
-    def apply(self, spec: TwinSpec, future_controls: np.ndarray) -> np.ndarray:
+    def apply(self, spec: TwinSpec, future_controls: np.ndarray, *, check_range: bool = True) -> np.ndarray:
         """``future_controls`` ``[T, C]`` (or ``[..., T, C]``) changed by the scenario's operations;
-        ``@MIN`` counts minutes from the first of the ``T`` steps."""
+        ``@MIN`` counts minutes from the first of the ``T`` steps. ``check_range=False``: a
+        result outside the spec's control ranges is returned, for the caller to judge."""
         out = future_controls.copy()
         cols = spec.control_columns
         for op in self.ops:
@@ -60,7 +61,7 @@ class Scenario:
             else:
                 out[..., rows, j] += op.value
             c = spec.controls[j]
-            if (out[..., j] < c.min).any() or (out[..., j] > c.max).any():
+            if check_range and ((out[..., j] < c.min).any() or (out[..., j] > c.max).any()):
                 raise ScenarioError(f"scenario {self.name}: {op.column} leaves the spec's range "
                                     f"[{c.min:g}, {c.max:g}] {c.unit}; choose a smaller change")
         return out

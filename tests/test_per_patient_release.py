@@ -329,3 +329,45 @@ def test_a_nodes_release_draws_with_a_fresh_secret_seed_not_the_designs_public_o
     histograms = [_compute(training, site, patients, weights)[0] for _ in range(2)]
     assert not np.allclose(histograms[0], histograms[1])
     assert not np.allclose(histograms[0], _histogram(mlp, site, patients).ravel())
+
+
+def test_a_node_release_excludes_a_patient_whose_arm_leaves_the_specs_range_instead_of_failing(site, mlp):
+    """A node's trial is charged before it is computed, so one patient's data must not fail it
+    (a refusal after a charge tells the coordinator about that patient): a patient whose arm
+    controls leave the spec's ranges is excluded, and every other patient's values are those of
+    a trial without them. On one machine (``twinfed trial --data``) the design error is reported."""
+    from twinfed.errors import TrialError
+
+    win = trial_windows(site, DESIGN)
+    peaks = win.usual[..., SPEC.control_columns.index("insulin_u")].max(axis=1)
+    assert peaks.min() < peaks.max(), "the cohort's patients need different insulin peaks"
+    top = float(SPEC.controls[SPEC.control_columns.index("insulin_u")].max)
+    factor = round(top / float(np.median(peaks)) * 0.999, 6)  # the median patient stays just inside
+    design = parse_design(f"""
+[trial]
+name = "over-the-range"
+purpose = "in-silico-trial"
+reference = "usual-care"
+start_hours = 36
+duration_days = 1
+outcomes = ["mean_glucose"]
+seed = 7
+
+[[trial.arms]]
+name = "usual-care"
+scenario = "recorded"
+
+[[trial.arms]]
+name = "much-more-insulin"
+scenario = "insulin_u*{factor:.6f}"
+""", SPEC, source="arms.toml")
+    over = win.patients[peaks.astype(np.float64) * factor > top]
+    assert 0 < over.size < win.patients.size
+    with pytest.raises(TrialError, match="leaves the spec's range"):
+        run_site_trial(mlp, site, design)
+    node = run_site_trial(mlp, site, design, exclude_out_of_range=True)
+    assert set(node.patients.tolist()) == set(win.patients.tolist()) - set(over.tolist())
+    assert node.n_excluded == win.n_excluded + over.size
+    within = np.setdiff1d(win.patients, over)
+    alone = run_site_trial(mlp, site, design, patients=within)
+    assert np.array_equal(node.values, alone.values)
