@@ -50,7 +50,8 @@ class RoundResult:
 def serve_round(node: NodeConfig, config: dict, weights: list[np.ndarray], *,
                 secagg: SecAggView) -> RoundResult:
     """Decide, audit and (if admitted) train one round. Never raises: anything that stops the
-    round becomes a coded refusal with a zero update (a SecAgg+ round keeps its shape)."""
+    round becomes a coded refusal with a zero update (the ClientApp withdraws a refused node
+    from a masked round, ``twinfed.client.app``: only the unmasked round sends the zeros)."""
     zeros = [np.zeros_like(w, dtype=np.float32) for w in weights]
     site = node.site_name
     try:

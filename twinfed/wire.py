@@ -7,8 +7,10 @@ Coordinator -> node: :class:`RoundInstruction` (the plan as its canonical JSON, 
 its hash, the round, the coordinator's round commitment) and, once the study is over,
 :class:`StudyFinish` (the head of the coordinator's ``study_finished`` entry).
 
-Node -> coordinator: besides the masked update (SecAgg+) or a zero update when refusing, exactly
-one :class:`NodeReply`. It admits only
+Node -> coordinator: besides the masked update (SecAgg+), exactly one :class:`NodeReply`. A node
+that refuses sends no update: in a masked round it withdraws before the masked-vector stage (its
+refused reply travels in its coded error, ``twinfed.privacy.secagg``), so it never counts towards
+a minimum sum; in an unmasked round it sends a zero update beside the refusal. It admits only
 
 - protocol fields: the site's name, a coded status and :class:`Refusal` (a code and, for a data
   error, file/row/column: never a value, an identifier or a path), the node's audit head and the
