@@ -275,20 +275,32 @@ def _check_approvals(root: Path, entries: list[AuditEntry]) -> list[Issue]:
 
 
 def _check_ledger(root: Path, entries: list[AuditEntry]) -> list[Issue]:
-    """The privacy ledger must be what the signed log's spending events say, and no spend may
-    have taken the site past the budget the log set."""
-    from twinfed.ledger_file import LEDGER_FILE, LedgerError, disagreement, ledger_from_log, read_ledger
+    """The privacy ledger must be what the signed log's spending events say, and every spend must
+    keep to the budget in force when it was recorded (the latest ``privacy_budget_set`` before it):
+    recorded at no larger a delta than the budget's (an event without ``delta_budget`` reads as
+    :data:`~twinfed.ledger_file.DEFAULT_DELTA`), and taking the site no further than the budget's
+    epsilon, within the ledger's relative slack (:data:`twinfed.privacy.ledger.SLACK`)."""
+    from twinfed.ledger_file import (DEFAULT_DELTA, LEDGER_FILE, LedgerError, disagreement, ledger_from_log,
+                                     read_ledger)
+    from twinfed.privacy.ledger import SLACK
 
     issues: list[Issue] = []
-    budget = None
+    audit = str(state_paths(root).audit)
+    budget: tuple[float, float, int] | None = None  # epsilon, delta, the seq that set them
     for e in entries:
+        d = e.details
         if e.event == "privacy_budget_set":
-            budget = e.details.get("epsilon_budget")
-        elif e.event == "privacy_spent" and budget is not None and \
-                float(e.details.get("epsilon_after", 0)) > float(budget) * (1 + 1e-6):
-            issues.append(Issue(file=str(state_paths(root).audit), seq=e.seq,
-                                reason=f"a spend took the site to epsilon {e.details['epsilon_after']:.3f}, "
-                                       f"over its budget {budget:g}"))
+            budget = (float(d.get("epsilon_budget", 0)), float(d.get("delta_budget", DEFAULT_DELTA)), e.seq)
+        elif e.event == "privacy_spent" and budget is not None:
+            epsilon, delta, at = budget
+            if float(d.get("delta", 0)) > delta * (1 + 1e-9):  # as PrivacyLedger.require_delta
+                issues.append(Issue(file=audit, seq=e.seq, reason=(
+                    f"a spend was recorded at delta {float(d['delta']):.2g}, larger than the budget's "
+                    f"delta {delta:.2g} (set at seq {at}): its epsilon is not at the budget's delta")))
+            if float(d.get("epsilon_after", 0)) > epsilon * (1 + SLACK):
+                issues.append(Issue(file=audit, seq=e.seq, reason=(
+                    f"a spend took the site to epsilon {float(d['epsilon_after']):.3f}, over its budget "
+                    f"epsilon {epsilon:g} at delta {delta:.2g} (set at seq {at})")))
     try:
         why = disagreement(read_ledger(root), ledger_from_log(entries))
     except LedgerError as exc:
