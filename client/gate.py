@@ -257,7 +257,8 @@ def refuse(node: NodeConfig, audit, base: dict, instruction: RoundInstruction, e
     try:
         if refusal.code == RefusalCode.PLAN_NOT_APPROVED:
             audit.append(PlanRefused(**base, refusal=refusal))
-        elif refusal.code == RefusalCode.BUDGET_EXHAUSTED:
+        elif refusal.code in (RefusalCode.BUDGET_EXHAUSTED, RefusalCode.DELTA_EXCEEDS_BUDGET):
+            # The budget refused the release, by its epsilon or its delta: the refusal's code says which.
             audit.append(BudgetExhausted(**base, refusal=refusal))
         entry = audit.append(RoundRefusedEvent(**base, refusal=refusal,
                                                coordinator=instruction.coordinator))
