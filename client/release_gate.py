@@ -248,7 +248,7 @@ def _reserve(node: NodeConfig, plan, server_round: int, audit, entries):
     return z, DPAggregate(kind="trial" if _is_trial(plan) else "calibration", sensitivity=sens,
                           noise_multiplier=z, noise_std=noise_std(z, sens), epsilon=max(0.0, after - before),
                           delta=ledger.delta, accountant=ledger.accountant, site_epsilon_spent=after,
-                          site_epsilon_budget=ledger.budget)
+                          site_epsilon_budget=ledger.budget, site_delta=ledger.delta)
 
 
 def _compute(plan, site, patients: np.ndarray, weights) -> tuple[np.ndarray, int, int]:

@@ -195,7 +195,8 @@ def released_privacy(ledger: PrivacyLedger, study: StudyPrivacy, plan: TrainingP
         sample_rate=study.sample_rate, clipping_norm=plan.privacy.clipping_norm,
         segments=tuple(DPSegment(sample_rate=s.sample_rate, noise_multiplier=s.noise_multiplier,
                                  steps=s.steps) for s in mine),
-        site_epsilon_spent=ledger.spent(), site_epsilon_budget=ledger.budget)  # at the budget's delta
+        site_epsilon_spent=ledger.spent(), site_epsilon_budget=ledger.budget,
+        site_delta=ledger.delta)  # the site's figures, at the budget's delta
 
 
 def trial_delta(state_dir: Path, plan) -> float:

@@ -204,9 +204,10 @@ def released_spend(plan: TrainingPlan, privacy: dict | None, calibration: dict |
     site had spent before this study (the coordinator is not told on what). None: the site
     released no privacy figure (a study without DP, or a site that never trained).
 
-    A calibration's figures name the budget's delta; a round's (``DPPrivacy``) name only the
-    study's, min(plan delta, 1/N): for a study without calibration whose delta is below its
-    sites' budget delta, the parts are at the study's delta and may not sum to the total."""
+    Every part and the total are at the budget's delta, which a release names as ``site_delta``
+    (a round's ``delta`` is the study's own, min(plan delta, 1/N)), so the parts sum to the
+    total. A node from before ``site_delta`` was sent names it only in its calibration's
+    ``delta``; a round from such a node is read at the study's delta, as before."""
     from twinfed.outputs import KIND_ORDER, SiteSpend, SpendPart, attribute
     from twinfed.privacy.ledger import epsilon_of
     from twinfed.wire import DPAggregate, DPPrivacy
@@ -222,8 +223,7 @@ def released_spend(plan: TrainingPlan, privacy: dict | None, calibration: dict |
         labelled = [("count" if i == 0 and s.sample_rate == 1.0 and s.steps == 1
                      and s.noise_multiplier == plan.privacy.count_noise else "training", s)
                     for i, s in enumerate(p.segments)]
-        # at the delta of the site's total: its calibration's (the budget's) when it released one
-        at = c.delta if c is not None else p.delta
+        at = _site_delta(c if c is not None else p)  # the delta of the site's total
         parts = attribute(labelled, lambda segs: epsilon_of(segs, at, p.accountant))
     if c is not None:
         parts.append(SpendPart(kind="calibration", mechanism="gaussian-sum", epsilon=c.epsilon, releases=1))
@@ -233,9 +233,16 @@ def released_spend(plan: TrainingPlan, privacy: dict | None, calibration: dict |
     if earlier > 1e-9 * max(1.0, total):
         parts.append(SpendPart(kind="earlier", mechanism=None, epsilon=earlier, releases=0))
     parts.sort(key=lambda part: KIND_ORDER.index(part.kind))
-    return SiteSpend(epsilon=total, delta=last.delta, epsilon_budget=last.site_epsilon_budget,
+    return SiteSpend(epsilon=total, delta=_site_delta(last), epsilon_budget=last.site_epsilon_budget,
                      accountant=last.accountant, by_kind=parts,
                      source="released by the site: its last figures (rounds, then calibration)")
+
+
+def _site_delta(released) -> float:
+    """The delta a release's site figures are at: the budget's (``site_delta``); a calibration's
+    ``delta`` is the budget's too; a round's, from a node that does not send ``site_delta``, is
+    only the study's."""
+    return released.site_delta if released.site_delta is not None else released.delta
 
 
 def node_anchors(out_dir: Path):

@@ -135,6 +135,9 @@ class DPPrivacy(_Frozen):
     segments: tuple[DPSegment, ...]
     site_epsilon_spent: Annotated[float, Field(ge=0)]  # every study at this site, this one included
     site_epsilon_budget: Annotated[float, Field(gt=0)]
+    # The budget's delta, at which site_epsilon_spent and site_epsilon_budget are stated (``delta``
+    # is the study's own, min(plan delta, 1/N)). None: a node from before it was sent.
+    site_delta: Annotated[float, Field(gt=0, lt=1)] | None = None
 
 
 class DPAggregate(_Frozen):
@@ -153,6 +156,7 @@ class DPAggregate(_Frozen):
     accountant: Literal["rdp", "prv"]
     site_epsilon_spent: Annotated[float, Field(ge=0)]
     site_epsilon_budget: Annotated[float, Field(gt=0)]
+    site_delta: Annotated[float, Field(gt=0, lt=1)] | None = None  # the budget's, as in DPPrivacy
 
 
 class Released(_Frozen):
@@ -273,11 +277,12 @@ RELEASE: dict[str, str] = {
     "released.privacy.segments.noise_multiplier": DP,
     "released.privacy.segments.steps": DECLARED,
     "released.privacy.site_epsilon_spent": DP, "released.privacy.site_epsilon_budget": DECLARED,
+    "released.privacy.site_delta": DECLARED,  # the budget's delta: the first DP plan's or the officer's
     "released.aggregate.kind": PROTOCOL, "released.aggregate.sensitivity": DECLARED,
     "released.aggregate.noise_multiplier": DP, "released.aggregate.noise_std": DP,
     "released.aggregate.epsilon": DP, "released.aggregate.delta": DECLARED,
     "released.aggregate.accountant": DECLARED, "released.aggregate.site_epsilon_spent": DP,
-    "released.aggregate.site_epsilon_budget": DECLARED,
+    "released.aggregate.site_epsilon_budget": DECLARED, "released.aggregate.site_delta": DECLARED,
 }
 
 
