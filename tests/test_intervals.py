@@ -10,7 +10,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from twinfed.cli.main import main
 from twinfed.errors import ModelError
@@ -31,13 +30,8 @@ SPEC = load_spec("glucose")
 CONFIG = CalibrationConfig(edges=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The identification's many small tensor operations run ~10x slower on two contended threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Identification runs many small tensor operations: ~10x slower on two contended threads.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _twin(kind: str) -> Twin:

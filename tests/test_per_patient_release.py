@@ -69,12 +69,8 @@ scenario = "insulin_u*0.7"
 CONFIG = CalibrationConfig(identify_hours=24.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Identification runs many small tensor operations: ~10x slower on two contended threads.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _twin(kind: str) -> Twin:

@@ -8,7 +8,6 @@ import io
 import json
 
 import pytest
-import torch
 
 from twinfed.cli.main import main
 from twinfed.models.cohort import generate_cohort
@@ -49,12 +48,8 @@ def _arms_text(*, purpose="in-silico-trial", reference="usual-care", scenario="r
     return DESIGN.format(purpose=purpose, reference=reference, scenario=scenario, extra=extra)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Identification runs many small tensor operations: ~10x slower on two contended threads.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from statistics import NormalDist
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -32,13 +31,8 @@ DAY = 1440 // SPEC.step_minutes
 K = SPEC.horizon_steps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Identification runs many small tensor operations: ~10x slower on two contended threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Identification runs many small tensor operations: ~10x slower on two contended threads.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _design(arms: str, *, outcomes='["mean_glucose", "time_in_range"]', start_hours=36,
