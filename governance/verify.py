@@ -249,6 +249,7 @@ def _verify_state(root: Path) -> _State:
         issues.extend(_check_approvals(root, entries))
     if kind == "node" and result.ok:
         issues.extend(_check_ledger(root, entries))
+        issues.extend(_check_calibrated_weights(str(p.audit), entries))
     if kind == "coordinator" and result.ok:
         issues.extend(_study_ends(str(p.audit), entries))
     if kind == "node" and info is not None and info.ledger_anchor is not None:
@@ -272,6 +273,32 @@ def _check_approvals(root: Path, entries: list[AuditEntry]) -> list[Issue]:
                   reason=f"plan {a.sha256[:16]}... is approved here but the audit log has no standing "
                          "plan_approved event for it: the approval was not made through twinfed")
             for a in approvals if a.active and a.sha256 not in standing]
+
+
+def _check_calibrated_weights(audit: str, entries: list[AuditEntry]) -> list[Issue]:
+    """A study's released calibration must be of the weights the study ended with: the
+    coordinator asks for it before it closes the study, so the node can check this only once its
+    ``study_finished`` (which names the final weights) is in its log. The weights are those of the
+    ``model_received`` just before the ``aggregate_released`` (kind calibration) of that plan."""
+    finished = {e.details.get("plan_sha256"): e for e in entries if e.event == "study_finished"}
+    received: dict[tuple, AuditEntry] = {}
+    issues: list[Issue] = []
+    for e in entries:
+        d = e.details
+        key = (d.get("plan_sha256"), d.get("round"))
+        if e.event == "model_received":
+            received[key] = e
+        elif e.event == "aggregate_released" and d.get("kind") == "calibration":
+            end, asked = finished.get(key[0]), received.get(key)
+            if end is None or asked is None:
+                continue
+            if asked.details.get("weights_sha256") != end.details.get("weights_sha256"):
+                issues.append(Issue(file=audit, seq=e.seq, reason=(
+                    f"the study's calibration was released for weights "
+                    f"{str(asked.details.get('weights_sha256'))[:16]}... (seq {asked.seq}), not the weights "
+                    f"the study ended with ({str(end.details.get('weights_sha256'))[:16]}..., study_finished "
+                    f"at seq {end.seq}): the coordinator calibrated another model")))
+    return issues
 
 
 def _check_ledger(root: Path, entries: list[AuditEntry]) -> list[Issue]:
