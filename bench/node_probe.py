@@ -50,7 +50,7 @@ def main(argv: list[str]) -> dict:
         site = load_site(Path(site_dir), spec)
         out |= {"patients": site.n_patients, "rows": site.n_rows}
     elif mode == "round":
-        from twinfed.client.gate import serve_round
+        from twinfed.client.gate import serve
         from twinfed.governance.provision import provision_simulated_node
         from twinfed.models.surrogate import build_surrogate, get_weights
         from twinfed.privacy.secagg import SecAggView
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> dict:
         weights = get_weights(build_surrogate(spec, plan.model, seed=plan.seed))
         instruction = RoundInstruction(plan_json=plan.canonical_json(), plan_sha256=plan.sha256(), round=1)
         t0 = time.perf_counter()
-        result = serve_round(node, instruction.to_config(), weights,
+        result = serve(node, instruction.to_config(), weights,
                              secagg=SecAggView(masked=True, sampled=3, shares=3, threshold=2))
         if result.reply.status != "ok":
             raise SystemExit(f"the node refused the round: {result.reply.refusal}")

@@ -33,16 +33,11 @@ class TwinClient(NumPyClient):
         self.ctx = context
 
     def fit(self, parameters, config):
+        from twinfed.client.gate import serve
         from twinfed.privacy.secagg import min_sum, remember_round, secagg_view
-        from twinfed.wire import TRIAL_KEY
 
-        config = dict(config)
-        if TRIAL_KEY in config:  # an in-silico trial: a release of aggregates, not a training round
-            from twinfed.client.release_gate import serve_release as serve
-        else:
-            from twinfed.client.gate import serve_round as serve
         view = secagg_view(self.ctx)
-        result = serve(self.node, config, list(parameters), secagg=view)
+        result = serve(self.node, dict(config), list(parameters), secagg=view)
         if view.masked and result.reply.status != "ok":
             from twinfed.client.boundary import Withdrawn
 

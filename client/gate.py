@@ -1,22 +1,30 @@
-"""The node's boundary for one training round: admit, train, reply. One place, always audited.
+"""The node's gate: the one session every release goes through - admit, charge, compute,
+audit, reply - whatever is released (a training round, a study's calibration, a trial: the
+release kinds of :mod:`twinfed.client.kinds` supply only what is theirs). Never raises: anything
+that stops a release becomes a coded refusal, audited at the node
+(:mod:`twinfed.client.refusals`).
 
-Admission, in order (each failure is a coded refusal, audited at the node, see
-:mod:`twinfed.client.refusals`):
-1. the instruction parses and its plan hashes to the hash it names; the node's state is
-   initialised and its own audit log verifies (nothing could be audited otherwise);
-2. the plan asks for nothing nodes never release; a deployed node refuses a plan without DP;
-   a plan requiring SecAgg+ is refused in an unmasked round or one whose set-up (nodes sampled,
-   shares, threshold) is weaker than the plan's minimums;
-3. the plan is approved at this node: in ``approvals.json`` *and* by a standing, signed
-   ``plan_approved`` event in its log; checked before any patient data is read;
-4. the consented patients are loaded (the registry, read now: a withdrawal counts from the next
-   round);
-5. under the node's state lock (the same check again, then the ledger cross-checked against the
-   log, the study's counts released and noise calibrated on its first round, this round's spend
-   reserved: audited, then written) - so two studies on one node can never both spend the last
-   of a budget.
-Then :func:`twinfed.client.session.train_admitted` trains, and the reply is built from
-:class:`twinfed.wire.NodeReply` only: the masked update travels beside it, nothing else.
+In order, for every kind:
+1. the instruction parses (else refused ``plan_malformed``, audited under what it claims), the
+   node's state is initialised and its own audit log opens; what was received is logged;
+2. the plan parses and hashes to the instruction's hash (one identity for every entry and ledger
+   segment); the kind's checks on the plan; a deployed node refuses a plan without DP; a plan
+   requiring SecAgg+ is refused in an unmasked round or one whose set-up (nodes sampled, shares,
+   threshold) is weaker than the plan's minimums;
+3. the node's log verifies and still holds the head the coordinator last anchored and the
+   newest ledger change state.json records (else ``log_rolled_back``);
+4. the plan is approved at this node: in ``approvals.json`` *and* by a standing, signed
+   ``plan_approved`` event in its log; then the kind's checks on the log - all before any
+   patient data is read;
+5. the kind reads its patients (the consent registry, read now: a withdrawal counts from the
+   next release);
+6. under the node's state lock: the log, the approval and the kind's checks again, then (a DP
+   plan) the ledger cross-checked against the log, refused if the plan asks for a larger delta
+   than the budget's, and the kind's segment charged - audited, then written - so two releases
+   on one node can never both spend the last of a budget, and nothing is computed uncharged;
+7. the kind computes the update (noised, clipped), records it in the node's own log (exact
+   figures stay here), the sent update's digest is logged, and the reply is built from
+   :class:`twinfed.wire.NodeReply` only: the (masked) update travels beside it, nothing else.
 """
 
 from __future__ import annotations
@@ -25,124 +33,117 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from twinfed.client.kinds import ReleaseKind, kind_for
 from twinfed.client.node import NodeConfig
 from twinfed.client.refusals import RoundRefused, refusal_for, tell_node_console
-from twinfed.client.session import Admission, parse_plan, train_admitted
-from twinfed.errors import ConsentError, PlanError, TwinfedError
-from twinfed.events import (BudgetExhausted, ModelReceived, ModelSent, PlanRefused, RoundJoined,
-                            RoundRefused as RoundRefusedEvent, RoundSkipped)
+from twinfed.errors import PlanError, TwinfedError
+from twinfed.events import (BudgetExhausted, ModelReceived, ModelSent, PlanRefused,
+                            RoundRefused as RoundRefusedEvent)
 from twinfed.locking import state_lock
 from twinfed.models.digest import weights_sha256
-from twinfed.models.plan import TrainingPlan
 from twinfed.privacy.secagg import SecAggView
-from twinfed.wire import (INSTRUCTION_KEY, DPCounts, NodeHead, NodeReply, Refusal, RefusalCode, Released,
-                          RoundInstruction)
+from twinfed.wire import NodeHead, NodeReply, Refusal, RefusalCode
 
 
 @dataclass(frozen=True)
 class RoundResult:
     update: list[np.ndarray]
     reply: NodeReply
-    plan: TrainingPlan | None  # None when the instruction's plan did not parse
+    plan: object | None  # the instruction's plan; None when it did not parse
     round: int
 
 
-def serve_round(node: NodeConfig, config: dict, weights: list[np.ndarray], *,
-                secagg: SecAggView) -> RoundResult:
-    """Decide, audit and (if admitted) train one round. Never raises: anything that stops the
-    round becomes a coded refusal with a zero update (the ClientApp withdraws a refused node
-    from a masked round, ``twinfed.client.app``: only the unmasked round sends the zeros)."""
-    zeros = [np.zeros_like(w, dtype=np.float32) for w in weights]
+def serve(node: NodeConfig, config: dict, weights: list[np.ndarray], *, secagg: SecAggView) -> RoundResult:
+    """Decide, audit and (if admitted) compute one release. Never raises: anything that stops it
+    becomes a coded refusal with zeros of the release's shape (the ClientApp withdraws a refused
+    node from a masked round, ``twinfed.client.app``: only an unmasked round sends the zeros)."""
     site = node.site_name
+    kind = kind_for(config)
     try:
-        instruction = RoundInstruction.from_config(config)
+        instruction = kind.parse_instruction(config)
     except (KeyError, ValueError) as exc:
-        tell_node_console(site, "round refused", exc)
-        return RoundResult(zeros, refuse_malformed(node, config, INSTRUCTION_KEY), None, 0)
-    if instruction.stage == "calibrate":  # after the last round: a release, not training
-        from twinfed.client.release_gate import serve_release
-
-        return serve_release(node, config, weights, secagg=secagg)
+        tell_node_console(site, f"{kind.name} refused", exc)
+        return RoundResult(kind.zeros(None, weights), refuse_malformed(node, config, kind.key), None, 0)
+    kind = kind.for_instruction(instruction)
+    plan, plan_error = None, None
+    try:
+        plan = kind.parse_plan(instruction.plan_json)
+    except PlanError as exc:
+        plan_error = exc
+    zeros = kind.zeros(plan, weights)
     try:
         from twinfed.governance.layout import open_audit, read_info
 
         audit = open_audit(node.state_dir)
         fingerprint = read_info(node.state_dir).key_fingerprint
     except TwinfedError as exc:
-        tell_node_console(site, f"round {instruction.round} refused", exc)
+        tell_node_console(site, f"{kind.name} {instruction.round} refused", exc)
         return RoundResult(zeros, refused_reply(node, refusal_for(exc)), None, instruction.round)
 
     base = {"round": instruction.round, "plan_sha256": instruction.plan_sha256}
-    plan: TrainingPlan | None = None
+    release: ReleaseKind | None = None
     try:
         audit.append(ModelReceived(**base, weights_sha256=weights_sha256(weights),
                                    coordinator=instruction.coordinator))
-        plan = parse_plan(instruction.plan_json)
+        if plan_error is not None:
+            raise plan_error
         if plan.sha256() != instruction.plan_sha256:  # one identity for every entry and segment
             raise PlanError("the coordinator sent a plan that is not in its canonical form (it parses "
                             "to another plan_sha256 than the instruction names)")
-        admission, released = _admit(node, plan, instruction, secagg, audit)
-        outcome = train_admitted(admission, weights)
+        release = kind(node, plan, instruction, weights)
+        _admit(release, secagg, audit)
+        update = release.compute()
     except Exception as exc:  # the boundary: nothing but a coded refusal leaves the node
-        columns = set(plan.spec.state_columns + plan.spec.control_columns + plan.spec.covariate_columns) \
-            if plan is not None else set()
+        columns = release.spec_columns() if release is not None else set()
         return RoundResult(zeros, refuse(node, audit, base, instruction, exc, fingerprint, columns),
                            plan, instruction.round)
     try:
-        study = admission.study
-        audit.append(RoundJoined(
-            **base, coordinator=instruction.coordinator, patients_used=admission.patients_used,
-            patients_excluded=admission.patients_excluded, steps=outcome.steps,
-            differential_privacy=study is not None,
-            epsilon_study=released.privacy.epsilon if released.privacy else None,
-            epsilon_spent=released.privacy.site_epsilon_spent if released.privacy else None,
-            epsilon_budget=released.privacy.site_epsilon_budget if released.privacy else None,
-            delta=study.delta if study else None,
-            noise_multiplier=study.noise_multiplier if study else None,
-            update_clip_fraction=outcome.update_clip_fraction))
-        sent = audit.append(ModelSent(**base, update_sha256=weights_sha256(outcome.update),
+        release.record(audit, base, update, masked=secagg.masked)
+        sent = audit.append(ModelSent(**base, update_sha256=weights_sha256(update),
                                       secure_aggregation=secagg.masked))
-    except TwinfedError as exc:  # trained, but the outcome cannot be audited: send nothing
+    except TwinfedError as exc:  # computed, but it cannot be audited: send nothing
         return RoundResult(zeros, refuse(node, audit, base, instruction, exc, fingerprint, set()),
                            plan, instruction.round)
-    reply = NodeReply(site=site, status="ok", audit_head=sent.node_head,
-                      key_fingerprint=fingerprint, released=released)
-    return RoundResult(outcome.update, reply, plan, instruction.round)
+    reply = NodeReply(site=site, status="ok", audit_head=sent.node_head, key_fingerprint=fingerprint,
+                      released=release.released())
+    return RoundResult(update, reply, plan, instruction.round)
 
 
-def _admit(node: NodeConfig, plan: TrainingPlan, instruction: RoundInstruction, secagg: SecAggView,
-           audit) -> tuple[Admission, Released]:
+def _admit(release: ReleaseKind, secagg: SecAggView, audit) -> None:
+    """Steps 2-6: every check, then the charge; raises what refuses the release."""
     from twinfed.governance.approvals import require_approved
 
-    _check_plan(node, plan, secagg)
-    entries = own_entries(node)
-    check_not_rolled_back(node, entries, instruction)
-    require_approved(node.state_dir, plan.sha256(), entries=entries)  # before any data is read
-    _acknowledge_skips(audit, entries, instruction)
-    site, windows, used, excluded = _consented_site(node, plan)
-    study = None
-    with state_lock(node.state_dir):
-        if plan.privacy.enabled:
-            entries = own_entries(node)
-            require_approved(node.state_dir, plan.sha256(), entries=entries)
-            study, privacy = _reserve_privacy(node, plan, instruction.round, audit, entries,
-                                              used=used, excluded=excluded)
-    if study is None:
-        released = Released(steps=plan.training.local_steps)
-    else:
-        released = Released(steps=plan.training.local_steps, privacy=privacy,
-                            counts=_named_counts(study.counts(), plan))
-    return Admission(node=node, plan=plan, round=instruction.round, site=site, windows=windows,
-                     patients_used=used,
-                     patients_excluded=excluded, study=study), released
-
-
-def _check_plan(node: NodeConfig, plan: TrainingPlan, secagg: SecAggView) -> None:
-    if plan.unsupported_metrics():
-        raise RoundRefused(RefusalCode.PLAN_UNSUPPORTED,
-                           f"the plan asks nodes to release {', '.join(plan.unsupported_metrics())}, "
-                           "which no twinfed node releases")
+    node, plan = release.node, release.plan
+    release.check_plan()
     check_protections(node, plan, secagg)
+    entries = own_entries(node)
+    check_not_rolled_back(node, entries, release.instruction)
+    require_approved(node.state_dir, plan.sha256(), entries=entries)  # before any data is read
+    release.admit(entries, audit)
+    release.load()
+    with state_lock(node.state_dir):
+        entries = own_entries(node)
+        require_approved(node.state_dir, plan.sha256(), entries=entries)
+        release.recheck(entries)
+        if plan.privacy.enabled:
+            _charge(release, audit, entries)
+
+
+def _charge(release: ReleaseKind, audit, entries) -> None:
+    """Under the state lock: the release's segment charged to the site's ledger at the budget's
+    delta (audited, then written); refused before anything is charged if the site cannot afford
+    it or the plan asks for a larger delta than the budget's."""
+    from twinfed.privacy.ledger import PrivacyLedger
+
+    p = release.plan.privacy
+    # The first DP plan sets the site's budget, its (epsilon, delta).
+    ledger = PrivacyLedger.open(release.node.state_dir, audit, entries, epsilon_budget=p.epsilon,
+                                delta_budget=p.delta, accountant=p.accountant)
+    ledger.require_delta(p.delta)
+    segment, delta = release.segment(ledger, audit)
+    before = ledger.spent()
+    after = ledger.reserve(segment, delta, audit)
+    release.charged(ledger, before, after)
 
 
 def check_protections(node: NodeConfig, plan, secagg: SecAggView) -> None:
@@ -182,74 +183,7 @@ def own_entries(node: NodeConfig) -> list:
     return verified_entries(node.state_dir)
 
 
-def _acknowledge_skips(audit, entries: list, instruction: RoundInstruction) -> None:
-    """Record, once, each earlier round the coordinator says it did not unmask."""
-    known = {e.details.get("round") for e in entries
-             if e.event == "round_skipped" and e.details.get("plan_sha256") == instruction.plan_sha256}
-    for r in sorted(set(instruction.skipped_rounds) - known):
-        audit.append(RoundSkipped(round=r, plan_sha256=instruction.plan_sha256, code="not_unmasked",
-                                  coordinator=instruction.coordinator))
-
-
-def consented_site(node: NodeConfig, spec, purpose: str):
-    """The site's patients whose consent covers ``purpose`` (the registry, read now), and how
-    many others the export holds."""
-    from twinfed.governance.consent_registry import granted_patients
-    from twinfed.models.site_data import load_site
-
-    site = load_site(node.site_data, spec)
-    in_export = site.n_patients
-    used = site.subset(granted_patients(node.state_dir, purpose), reuse=True)
-    return used, in_export - used.n_patients  # ``site``'s arrays now hold ``used``
-
-
-def training_patients(site, plan: TrainingPlan):
-    """The consented patients a study trains on: all, or all but those it holds out to
-    calibrate its prediction intervals (``twinfed.models.calibration.held_out``)."""
-    if plan.calibration is None:
-        return site
-    from twinfed.models.calibration import held_out
-
-    out = held_out(plan.sha256(), site.patient_ids, plan.calibration.holdout_fraction)
-    return site.subset({pid for pid, h in zip(site.patient_ids, out) if not h}, reuse=True)
-
-
-def _consented_site(node: NodeConfig, plan: TrainingPlan):
-    from twinfed.models.windows import WindowIndex
-
-    consented, excluded = consented_site(node, plan.spec, plan.purpose)
-    used = training_patients(consented, plan)
-    del consented  # its arrays now hold ``used``
-    in_export = used.n_patients + excluded
-    windows = WindowIndex.build(used) if used.n_patients else None
-    if windows is None or windows.patients_with_windows().size == 0:
-        raise ConsentError(f"site {node.site_name}: no patient has granted consent for purpose "
-                           f"{plan.purpose!r} and a full window of {plan.spec.window_steps} steps; "
-                           "import consent records with 'twinfed consent import' before joining")
-    return used, windows, used.n_patients, in_export - used.n_patients
-
-
-def _reserve_privacy(node: NodeConfig, plan: TrainingPlan, server_round: int, audit, entries, *,
-                     used: int, excluded: int):
-    from twinfed.privacy.ledger import PrivacyLedger
-    from twinfed.privacy.study import calibrate_study, released_privacy
-
-    # The first DP plan sets the site's budget: its (epsilon, delta). A plan asking for a larger
-    # delta than the budget's is refused before anything is charged (delta_exceeds_budget).
-    ledger = PrivacyLedger.open(node.state_dir, audit, entries, epsilon_budget=plan.privacy.epsilon,
-                                delta_budget=plan.privacy.delta, accountant=plan.privacy.accountant)
-    study = calibrate_study(node.state_dir, plan, ledger, audit, patients_used=used,
-                            patients_excluded=excluded)
-    ledger.reserve(study.round_segment(plan, server_round), study.delta, audit)  # at the budget's delta
-    return study, released_privacy(ledger, study, plan)
-
-
-def _named_counts(counts: DPCounts, plan: TrainingPlan) -> DPCounts | None:
-    """The released counts if the plan names them (a plan may keep them at the node)."""
-    return counts if {"patients_used", "patients_excluded"} & set(plan.metrics) else None
-
-
-def refuse(node: NodeConfig, audit, base: dict, instruction: RoundInstruction, exc: BaseException,
+def refuse(node: NodeConfig, audit, base: dict, instruction, exc: BaseException,
             fingerprint: str, columns: set[str]) -> NodeReply:
     refusal = refusal_for(exc, columns=columns)
     tell_node_console(node.site_name, f"round {instruction.round} refused ({refusal})", exc)
@@ -304,3 +238,6 @@ def refused_reply(node: NodeConfig, refusal: Refusal, head: NodeHead | None = No
            fingerprint: str | None = None) -> NodeReply:
     return NodeReply(site=node.site_name, status="refused", refusal=refusal, audit_head=head,
                      key_fingerprint=fingerprint or None)
+
+
+serve_round = serve  # TEMPORARY: the tests' old name, until they import ``serve``

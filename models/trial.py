@@ -27,7 +27,7 @@ computation mixes patients; so removing one patient from the site leaves every o
 contribution unchanged, whatever the order of the patients or the chunks they are rolled forward
 in, and the release moves by that patient's contribution alone, within :func:`sensitivity`
 (tests/test_per_patient_release.py). The seed: the design's (public: a local trial is
-reproducible), or a node's per-release secret (``twinfed.client.release_gate``).
+reproducible), or a node's per-release secret (``twinfed.client.kinds.aggregate``).
 Bit for bit: a matrix product (MKL) rounds a row by where it lies in memory, so the twin's
 networks read each patient's rows alone (:func:`twinfed.models.personalise.by_group`); batched
 they moved the other patients' contributions by up to 7e-8 when one patient was removed from a

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from builders import write_site
-from twinfed.client.gate import serve_round
+from twinfed.client.gate import serve
 from twinfed.client.node import NodeConfig
 from twinfed.governance.approvals import approve_plan
 from twinfed.governance.layout import state_paths
@@ -43,7 +43,7 @@ def _events(node) -> list[dict]:
 def _serve(node, plan, config):
     shares, threshold = required_setup(3, plan)
     weights = get_weights(build_surrogate(plan.spec, plan.model, seed=plan.seed))
-    return serve_round(node, config, weights,
+    return serve(node, config, weights,
                        secagg=SecAggView(masked=True, sampled=3, shares=shares, threshold=threshold))
 
 
@@ -166,7 +166,7 @@ def test_a_re_serialised_approved_trial_plan_is_refused_and_audited_under_the_ha
     import hashlib
 
     from builders import TINY_ARMS
-    from twinfed.client.release_gate import serve_release
+    from twinfed.client.gate import serve
     from twinfed.models.arms import parse_design
     from twinfed.models.digest import weights_sha256
     from twinfed.models.trial_plan import TrialPlan, TrialTwin
@@ -181,7 +181,7 @@ def test_a_re_serialised_approved_trial_plan_is_refused_and_audited_under_the_ha
     text = json.dumps(json.loads(plan.canonical_json()), indent=1)
     sha = hashlib.sha256(text.encode()).hexdigest()
     shares, threshold = required_setup(3, plan)
-    result = serve_release(node, TrialInstruction(plan_json=text, plan_sha256=sha, coordinator=COORD).to_config(),
+    result = serve(node, TrialInstruction(plan_json=text, plan_sha256=sha, coordinator=COORD).to_config(),
                            weights, secagg=SecAggView(masked=True, sampled=3, shares=shares, threshold=threshold))
     assert result.reply.refusal.code.value == "plan_malformed"
     refused = [e["details"] for e in _events(node) if e["event"] == "round_refused"]

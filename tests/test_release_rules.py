@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 
 from builders import TINY_ARMS, write_site
-from twinfed.client.gate import serve_round
+from twinfed.client.gate import serve
 from twinfed.client.node import NodeConfig
-from twinfed.client.release_gate import serve_release
 from twinfed.governance.approvals import approve_plan
 from twinfed.governance.layout import open_audit, state_paths
 from twinfed.governance.node_state import init_node
@@ -85,7 +84,7 @@ def test_a_charged_trial_with_no_patient_whose_record_reaches_its_start_releases
     approve_plan(node.state_dir, plan, actor="officer:test")
     config = TrialInstruction(plan_json=plan.canonical_json(), plan_sha256=plan.sha256(),
                               coordinator=COORD).to_config()
-    result = serve_release(node, config, weights, secagg=_masked(plan))
+    result = serve(node, config, weights, secagg=_masked(plan))
     assert _code(result) is None and result.reply.status == "ok"
     aggregate = result.reply.released.aggregate
     assert aggregate.kind == "trial" and aggregate.epsilon > 0
@@ -106,7 +105,7 @@ def _train(node, plan):
     weights = get_weights(build_surrogate(plan.spec, plan.model, seed=plan.seed))
     cfg = RoundInstruction(plan_json=plan.canonical_json(), plan_sha256=plan.sha256(), round=1,
                            coordinator=COORD).to_config()
-    result = serve_round(node, cfg, weights, secagg=_masked(plan))
+    result = serve(node, cfg, weights, secagg=_masked(plan))
     assert result.reply.status == "ok", result.reply
     return [w + u for w, u in zip(weights, result.update)]
 
@@ -115,7 +114,7 @@ def _calibrate(node, plan, weights, *, server_round=None):
     cfg = RoundInstruction(plan_json=plan.canonical_json(), plan_sha256=plan.sha256(),
                            round=server_round or plan.rounds + 1, coordinator=COORD,
                            stage="calibrate").to_config()
-    return serve_round(node, cfg, weights, secagg=_masked(plan))
+    return serve(node, cfg, weights, secagg=_masked(plan))
 
 
 def test_a_calibration_with_no_held_out_patient_releases_noisy_zeros(tmp_path):

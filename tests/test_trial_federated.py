@@ -335,7 +335,7 @@ def test_weights_other_than_the_plans_twin_are_refused_by_the_coordinator_in_one
 def test_a_node_refuses_weights_that_are_not_its_approved_plans_twin_with_model_mismatch(
         plan, weights, cohort, tmp_path):
     from twinfed.client.node import NodeConfig
-    from twinfed.client.release_gate import serve_release
+    from twinfed.client.gate import serve
     from twinfed.governance.provision import provision_simulated_node
     from twinfed.privacy.secagg import SecAggView, required_setup
     from twinfed.wire import TrialInstruction
@@ -346,7 +346,7 @@ def test_a_node_refuses_weights_that_are_not_its_approved_plans_twin_with_model_
                              operator="operator:test")
     shares, threshold = required_setup(3, plan)
     config = TrialInstruction(plan_json=plan.canonical_json(), plan_sha256=plan.sha256()).to_config()
-    result = serve_release(node, config, _other_weights(weights),
+    result = serve(node, config, _other_weights(weights),
                            secagg=SecAggView(masked=True, sampled=3, shares=shares, threshold=threshold))
     assert result.reply.status == "refused" and result.reply.refusal.code == RefusalCode.MODEL_MISMATCH
     assert result.reply.released is None
