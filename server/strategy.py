@@ -198,8 +198,17 @@ class TwinStrategy(FedAvg):
         self._round_started = time.perf_counter()
         head = None
         if self.audit is not None:  # the round's commitment: nodes log this entry's seq and hash
-            entry = self.audit.append(RoundStarted(round=server_round, plan_sha256=self.plan.sha256()))
+            entry = self.audit.append(RoundStarted(round=self._plan_round(server_round),
+                                                   plan_sha256=self.plan.sha256()))
             head = LogHead(seq=entry.seq, hash=entry.hash)
+        return self._instruction(head, server_round)
+
+    def _plan_round(self, server_round: int) -> int:
+        """The round number the plan's nodes see (and the audit logs) for Flower's ``server_round``."""
+        return server_round
+
+    def _instruction(self, head: LogHead | None, server_round: int) -> dict:
+        """The round's fit config, under the coordinator's commitment ``head``: a training round."""
         return RoundInstruction(plan_json=self.plan_json, plan_sha256=self.plan.sha256(),
                                 round=server_round, coordinator=head,
                                 skipped_rounds=tuple(self.skipped_rounds)).to_config()
@@ -268,6 +277,7 @@ class TwinStrategy(FedAvg):
 
     def record_skipped(self, server_round: int, results, failures, *, code: str, trained: int) -> None:
         """A round whose sum the SecAgg+ workflow did not unmask (see server.secagg_workflow)."""
+        server_round = self._plan_round(server_round)
         replies = self._replies(results)
         self._record_sites(server_round, replies)
         self.skipped_rounds.append(server_round)
@@ -281,6 +291,7 @@ class TwinStrategy(FedAvg):
         self._history(server_round, trained, len(replies), len(failures), None, skipped=True, code=code)
 
     def ensure_recorded(self, server_round: int) -> None:
+        server_round = self._plan_round(server_round)
         if not any(h["round"] == server_round for h in self.history):
             self.record_skipped(server_round, [], [], code="secagg_halted", trained=0)
 
