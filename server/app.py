@@ -11,29 +11,21 @@ log, or swapping the weights file, is then caught by ``twinfed audit verify``.
 from __future__ import annotations
 
 import hashlib
-import json
-import sys
-import time
 from pathlib import Path
 
 from flwr.common import Context
-from flwr.server import LegacyContext, ServerApp, ServerConfig
-from flwr.server.workflow import DefaultWorkflow
+from flwr.server import ServerApp
 from flwr.serverapp import Grid
 
 from twinfed.errors import TwinfedError
-from twinfed.events import StudyAborted, StudyFinished, StudyStarted
+from twinfed.events import StudyFinished
 from twinfed.models.plan import TrainingPlan
-from twinfed.privacy.secagg import check_secagg
+from twinfed.server.session import CoordinatorSession, coordinator_session, server_app
+from twinfed.server.session import stderr as _stderr
 from twinfed.server.settings import StudySettings
 from twinfed.server.strategy import Progress, TwinStrategy
 
-COORDINATOR_DIRNAME = "coordinator"
 FINISH_TIMEOUT_S = 120.0
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def check_new_run(out_dir: Path) -> None:
@@ -53,52 +45,21 @@ def run_study(grid: Grid, context: Context, plan: TrainingPlan, *, out_dir: Path
     """Run ``plan``'s rounds; ``pretrained``: the model directory of the weights the plan names
     as its start (``model.pretrained_sha256``), if it names any."""
     from twinfed.models.pretrain import starting_weights
-    from twinfed.server.prompt_grid import prompt
 
-    started = time.perf_counter()
-    grid = prompt(grid)  # deployed: replies pulled every 0.1 s, not every 3 s
-    check_new_run(out_dir)
-    init = starting_weights(plan, pretrained)
-    masked = plan.privacy.secure_aggregation
-    check_secagg(plan, min_nodes)
-    audit = coordinator_audit(out_dir / COORDINATOR_DIRNAME)
-    audit.append(StudyStarted(
-        plan_sha256=plan.sha256(), purpose=plan.purpose, rounds=plan.rounds, min_nodes=min_nodes,
-        differential_privacy=plan.privacy.enabled, epsilon_per_site=plan.privacy.epsilon,
-        secure_aggregation=masked, secagg_min_sites=plan.privacy.secagg.min_sites if masked else None))
-    try:
-        from twinfed.privacy.secagg import min_sampled
-        from twinfed.server.roll_call import roll_call
-
-        anchors, answered = node_anchors(out_dir), {}
-        roll_call(grid, max(min_nodes, min_sampled(plan)) if masked else min_nodes, secure=masked,
-                  answered=answered)
-        anchors.remember_roll_call(answered)
-        fit = None
-        if masked:
-            from twinfed.server.secagg_workflow import TwinSecAggPlusWorkflow
-
-            fit = TwinSecAggPlusWorkflow(plan)
-        strategy = TwinStrategy(plan, init, min_nodes=min_nodes, progress=progress, masked=masked,
-                                audit=audit, on_sampled=fit.sampled if fit else None, anchors=anchors)
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=plan.rounds),
-                               strategy=strategy)
-        DefaultWorkflow(fit_workflow=fit)(grid, legacy)
-        calibration = _calibrate(grid, context, plan, strategy, audit, min_nodes=min_nodes,
-                                 progress=progress)
-        summary = _finish(grid, plan, strategy, audit, out_dir, started, extra, calibration)
-    except BaseException as exc:
-        audit.append(StudyAborted(plan_sha256=plan.sha256(),
-                                  code="interrupted" if isinstance(exc, KeyboardInterrupt) else "error"))
-        raise
-    return summary
+    with coordinator_session(grid, plan, out_dir=out_dir, min_nodes=min_nodes, progress=progress,
+                             check_new=check_new_run,
+                             prepare=lambda: starting_weights(plan, pretrained)) as session:
+        strategy = session.run_rounds(context, TwinStrategy, session.prepared, rounds=plan.rounds)
+        calibration = _calibrate(session, context, strategy)
+        return _finish(session, strategy, Path(out_dir), extra, calibration)
 
 
-def _calibrate(grid: Grid, context: Context, plan: TrainingPlan, strategy: TwinStrategy, audit, *,
-               min_nodes: int, progress: Progress) -> tuple[object | None, dict] | None:
+def _calibrate(session: CoordinatorSession, context: Context,
+               strategy: TwinStrategy) -> tuple[object | None, dict] | None:
     """After the last round, when the plan calibrates prediction intervals: one release round in
     which every node sends the (DP) histogram of its held-out patients' normalised errors for the
     final weights; their sum gives the intervals. ``(IntervalCalibration or None, record)``."""
+    plan = session.plan
     if plan.calibration is None:
         return None
     from twinfed.models.calibration import IntervalCalibration, twin_weights_sha256
@@ -114,14 +75,12 @@ def _calibrate(grid: Grid, context: Context, plan: TrainingPlan, strategy: TwinS
                                 coordinator=head, skipped_rounds=tuple(strategy.skipped_rounds),
                                 stage="calibrate").to_config()
 
-    result, _ = run_release(grid, context, plan, strategy.final_weights, instruction=instruction,
-                            release_round=release_round, label="calibration of prediction intervals",
-                            min_nodes=min_nodes, masked=plan.privacy.secure_aggregation, audit=audit,
-                            progress=progress, anchors=strategy.anchors)
+    result, _ = run_release(session, context, strategy.final_weights, instruction=instruction,
+                            release_round=release_round, label="calibration of prediction intervals")
     record = {"round": release_round, "sites_released": result.sites_released, "sites": result.sites,
               "releases": result.aggregates, "history": result.history}
     if result.total is None or not result.sites_released:
-        progress("no prediction intervals: the calibration was not released by enough sites")
+        session.progress("no prediction intervals: the calibration was not released by enough sites")
         return None, record | {"note": "not calibrated: too few sites released their calibration"}
     cfg = plan.calibration
     dp = plan.privacy.enabled
@@ -136,12 +95,13 @@ def _calibrate(grid: Grid, context: Context, plan: TrainingPlan, strategy: TwinS
     return cal, record
 
 
-def _finish(grid: Grid, plan: TrainingPlan, strategy: TwinStrategy, audit, out_dir: Path,
-            started: float, extra: dict | None, calibration=None) -> dict:
+def _finish(session: CoordinatorSession, strategy: TwinStrategy, out_dir: Path, extra: dict | None,
+            calibration=None) -> dict:
     from twinfed.models.digest import weights_sha256
     from twinfed.models.twin import Twin, write_text_atomic
     from twinfed.server.closing import close_study
 
+    plan = session.plan
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = Twin.from_weights(plan, strategy.final_weights).save(out_dir)
     cal, cal_record = calibration if calibration is not None else (None, None)
@@ -166,20 +126,20 @@ def _finish(grid: Grid, plan: TrainingPlan, strategy: TwinStrategy, audit, out_d
         "history": strategy.history,
         "intervals": None if cal is None else cal.label(),
         "model_dir": "model",
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds": session.seconds(),
     } | ({"calibration": cal_record} if cal_record is not None else {}) | (extra or {})
     from twinfed.outputs import StudySummary
 
     typed = StudySummary.model_validate(summary)
     summary = typed.document()
     write_text_atomic(out_dir / "summary.json", typed.to_json())
-    finished = audit.append(StudyFinished(
+    finished = session.audit.append(StudyFinished(
         plan_sha256=plan.sha256(), rounds=plan.rounds, rounds_with_update=rounds_with_update,
         skipped_rounds=tuple(strategy.skipped_rounds),
         weights_sha256=weights_sha256(strategy.final_weights),
         weights_file_sha256=hashlib.sha256((model_dir / "weights.npz").read_bytes()).hexdigest(),
         calibration_file_sha256=cal_sha))
-    close_study(grid, audit, finished, timeout=FINISH_TIMEOUT_S, anchors=strategy.anchors)
+    close_study(session.grid, session.audit, finished, timeout=FINISH_TIMEOUT_S, anchors=session.anchors)
     return summary
 
 
@@ -245,40 +205,14 @@ def _site_delta(released) -> float:
     return released.site_delta if released.site_delta is not None else released.delta
 
 
-def node_anchors(out_dir: Path):
-    """The head of each node's log the coordinator last anchored, in this run's coordinator
-    state and the runs beside it (:class:`twinfed.server.strategy.NodeAnchors`)."""
-    from twinfed.server.strategy import NodeAnchors
-
-    return NodeAnchors.open(Path(out_dir) / COORDINATOR_DIRNAME)
-
-
-def coordinator_audit(state_dir: Path):
-    """The coordinator's own state (keys, signed audit log) under the run directory."""
-    from twinfed.governance.layout import open_audit
-    from twinfed.governance.node_state import init_coordinator
-
-    init_coordinator(state_dir, exist_ok=True)
-    return open_audit(state_dir)
-
-
 def make_server_app(plan: TrainingPlan, *, out_dir: Path, min_nodes: int,
                     progress: Progress = _stderr, extra: dict | None = None,
                     pretrained: Path | None = None) -> ServerApp:
-    app = ServerApp()
-
-    @app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        run_study(grid, context, plan, out_dir=out_dir, min_nodes=min_nodes, progress=progress,
-                  extra=extra, pretrained=pretrained)
-
-    return app
+    return server_app(lambda grid, context: run_study(
+        grid, context, plan, out_dir=out_dir, min_nodes=min_nodes, progress=progress, extra=extra,
+        pretrained=pretrained))
 
 
-app = ServerApp()
-
-
-@app.main()
 def main(grid: Grid, context: Context) -> None:
     try:
         settings = StudySettings.from_run_config(dict(context.run_config))
@@ -315,3 +249,6 @@ def _main_trial(grid: Grid, context: Context, settings: StudySettings) -> None:
         provision_run_config_sites(settings.out_dir, settings.sites, plan)
     run_trial(grid, context, plan, weights, out_dir=settings.out_dir, min_nodes=settings.min_nodes,
               progress=_stderr, extra={"engine": "flwr-run"})
+
+
+app = server_app(main)

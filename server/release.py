@@ -17,12 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.server import LegacyContext, ServerConfig
-from flwr.server.workflow import DefaultWorkflow
 
-from twinfed.events import RoundAggregated, RoundStarted, SecAggSetup
-from twinfed.models.digest import weights_sha256
-from twinfed.server.strategy import Progress, TwinStrategy
+from twinfed.server.strategy import TwinStrategy
 from twinfed.wire import LogHead
 
 Instruction = Callable[[LogHead | None], dict]  # the coordinator's commitment -> the fit config
@@ -55,14 +51,10 @@ class ReleaseStrategy(TwinStrategy):
         self.aggregates: dict[str, dict] = {}  # site -> its release's privacy figures (DPAggregate)
         self.last_replies: list = []  # the round's (NodeReply, FitRes) pairs
 
-    def _fit_config(self, server_round: int) -> dict:
-        import time
+    def _plan_round(self, server_round: int) -> int:
+        return self.release_round
 
-        self._round_started = time.perf_counter()
-        head = None
-        if self.audit is not None:
-            entry = self.audit.append(RoundStarted(round=self.release_round, plan_sha256=self.plan.sha256()))
-            head = LogHead(seq=entry.seq, hash=entry.hash)
+    def _instruction(self, head: LogHead | None, server_round: int) -> dict:
         return self.instruction(head)
 
     def aggregate_fit(self, server_round, results, failures):
@@ -83,21 +75,13 @@ class ReleaseStrategy(TwinStrategy):
             self.noise_var = float(sum(r.released.aggregate.noise_std ** 2 for r in released))
             self.aggregates = {r.site: r.released.aggregate.model_dump(mode="json") for r in released}
         self.sites_released = trained
-        if self.audit is not None:
-            self._pin_keys(replies)
-            setup = SecAggSetup(sampled=self._secagg[0], shares=self._secagg[1],
-                                threshold=self._secagg[2]) if self._secagg else None
-            self.audit.append(RoundAggregated(
-                round=self.release_round, plan_sha256=self.plan.sha256(), node_heads=self._heads(replies),
-                sites_replied=len(replies), sites_trained=trained, sites_refused=self._refused(replies),
-                failures=len(failures), weights_sha256=weights_sha256(self.final_weights), update_norm=None,
-                secagg=setup))
+        self._audit_round(self.release_round, replies, len(failures), trained, None)
         self._history(self.release_round, trained, len(replies), len(failures), None, skipped=False)
         return ndarrays_to_parameters(self.final_weights), {}
 
     def record_skipped(self, server_round: int, results, failures, *, code: str, trained: int) -> None:
         self.last_replies = self._replies(results)
-        super().record_skipped(self.release_round, results, failures, code=code, trained=trained)
+        super().record_skipped(server_round, results, failures, code=code, trained=trained)
 
     def node_heads(self) -> dict:
         """The audit heads of the nodes that replied in the round."""
@@ -107,9 +91,6 @@ class ReleaseStrategy(TwinStrategy):
         """Each refusing node's coded refusal."""
         return self._refused(self.last_replies)
 
-    def ensure_recorded(self, server_round: int) -> None:
-        super().ensure_recorded(self.release_round)
-
     def _round_line(self, server_round, trained, replied, failures, what, seconds) -> str:
         label = "" if self.plan.privacy.enabled else " [NO DIFFERENTIAL PRIVACY]"
         what = "summed" if what == "no update" else what
@@ -117,20 +98,12 @@ class ReleaseStrategy(TwinStrategy):
                 f"{failures} failed, {what}, {seconds:.1f} s")
 
 
-def run_release(grid, context, plan, weights, *, instruction: Instruction, release_round: int,
-                label: str, min_nodes: int, masked: bool, audit, progress: Progress,
-                anchors=None) -> tuple[ReleaseResult, ReleaseStrategy]:
-    """One release round on the nodes of ``grid``; the nodes receive ``weights`` as the model."""
-    fit = None
-    if masked:
-        from twinfed.server.secagg_workflow import TwinSecAggPlusWorkflow
-
-        fit = TwinSecAggPlusWorkflow(plan)
-    strategy = ReleaseStrategy(plan, weights, instruction=instruction, release_round=release_round,
-                               label=label, min_nodes=min_nodes, progress=progress, masked=masked,
-                               audit=audit, on_sampled=fit.sampled if fit else None, anchors=anchors)
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
-    DefaultWorkflow(fit_workflow=fit)(grid, legacy)
+def run_release(session, context, weights, *, instruction: Instruction, release_round: int,
+                label: str) -> tuple[ReleaseResult, ReleaseStrategy]:
+    """One release round on the nodes of ``session`` (a
+    :class:`twinfed.server.session.CoordinatorSession`); the nodes receive ``weights`` as the model."""
+    strategy = session.run_rounds(context, ReleaseStrategy, weights, rounds=1, instruction=instruction,
+                                  release_round=release_round, label=label)
     history = strategy.history[-1] if strategy.history else {}
     total = None if history.get("skipped") else strategy.total
     sites = {name: rec.summary() for name, rec in sorted(strategy.sites.items())}

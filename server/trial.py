@@ -11,12 +11,10 @@ whose digest the plan names: checked here before anything is sent, and by every 
 from __future__ import annotations
 
 import hashlib
-import json
-import time
 from pathlib import Path
 
 from twinfed.errors import TwinfedError
-from twinfed.events import StudyAborted, StudyStarted, TrialFinished
+from twinfed.events import TrialFinished
 
 RESULTS_FILE = "trial.json"
 
@@ -35,76 +33,63 @@ def run_trial(grid, context, plan, weights, *, out_dir: Path, min_nodes: int, pr
               extra: dict | None = None) -> dict:
     """Run ``plan`` (a :class:`twinfed.models.trial_plan.TrialPlan`) on the nodes of ``grid``
     with the twin ``weights``; write and return the results."""
-    from twinfed.models.digest import weights_sha256
-    from twinfed.models.trial import summarise
-    from twinfed.models.twin import write_text_atomic
-    from twinfed.privacy.secagg import check_secagg, min_sampled
-    from twinfed.server.app import COORDINATOR_DIRNAME, coordinator_audit
-    from twinfed.server.prompt_grid import prompt
-    from twinfed.server.release import run_release
-    from twinfed.server.roll_call import roll_call
-    from twinfed.wire import TrialInstruction
+    from twinfed.server.session import coordinator_session
 
-    started = time.perf_counter()
-    grid = prompt(grid)
-    check_new_trial(out_dir)
+    with coordinator_session(grid, plan, out_dir=out_dir, min_nodes=min_nodes, progress=progress,
+                             check_new=check_new_trial,
+                             prepare=lambda: _check_weights(plan, weights)) as session:
+        return _release(session, context, weights, Path(out_dir), extra)
+
+
+def _check_weights(plan, weights) -> None:
+    from twinfed.models.digest import weights_sha256
+
     if weights_sha256(weights) != plan.twin.weights_sha256:
         raise TwinfedError("the model's weights are not the twin the trial plan names; give the model "
                            "directory the plan was made from")
-    masked = plan.privacy.secure_aggregation
-    check_secagg(plan, min_nodes)
-    audit = coordinator_audit(Path(out_dir) / COORDINATOR_DIRNAME)
-    audit.append(StudyStarted(
-        plan_sha256=plan.sha256(), purpose=plan.purpose, rounds=1, min_nodes=min_nodes,
-        differential_privacy=plan.privacy.enabled, epsilon_per_site=plan.privacy.epsilon,
-        secure_aggregation=masked, secagg_min_sites=plan.privacy.secagg.min_sites if masked else None))
-    try:
-        from twinfed.server.app import node_anchors
 
-        anchors, answered = node_anchors(out_dir), {}
-        roll_call(grid, max(min_nodes, min_sampled(plan)) if masked else min_nodes, secure=masked,
-                  answered=answered)
-        anchors.remember_roll_call(answered)
-        plan_json = plan.canonical_json()
 
-        def instruction(head):
-            return TrialInstruction(plan_json=plan_json, plan_sha256=plan.sha256(), coordinator=head).to_config()
+def _release(session, context, weights, out_dir: Path, extra: dict | None) -> dict:
+    """The trial's release round, its results written to ``RESULTS_FILE`` and ``trial_finished``."""
+    from twinfed.models.trial import summarise
+    from twinfed.models.twin import write_text_atomic
+    from twinfed.outputs import TrialReport
+    from twinfed.server.release import run_release
+    from twinfed.wire import TrialInstruction
 
-        result, strategy = run_release(grid, context, plan, weights, instruction=instruction, release_round=1,
-                                       label=f"trial {plan.design.name}", min_nodes=min_nodes, masked=masked,
-                                       audit=audit, progress=progress, anchors=anchors)
-        report = {"trial": plan.design.name, "n_patients": 0, "arms": {}, "contrasts": {}}
-        if result.total is not None and result.sites_released:
-            report = summarise(result.total, plan.design, plan.spec, noise_var=result.noise_var)
-        else:
-            report["note"] = "no result: too few sites released the trial's aggregates (see sites)"
-        report |= {
-            "plan_sha256": plan.sha256(),
-            "privacy": plan.privacy.label() | {"noise_variance_in_sums": result.noise_var,
-                                                "sites": result.aggregates},
-            "uncertainty": _uncertainty(plan),
-            "design": {"start_hours": plan.design.start_hours, "duration_days": plan.design.duration_days,
-                       "draws": plan.design.draws, "purpose": plan.design.purpose},
-            "sites": {name: {k: s[k] for k in ("rounds_joined", "rounds_refused", "refusals")}
-                      | _site_spend(result.aggregates.get(name)) for name, s in result.sites.items()},
-            "sites_released": result.sites_released,
-            "seconds": round(time.perf_counter() - started, 3),
-            "model": _model_label(plan),
-        } | (extra or {})
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        from twinfed.outputs import TrialReport
+    plan = session.plan
+    plan_json = plan.canonical_json()
 
-        text = TrialReport.model_validate(report).to_json()
-        write_text_atomic(out_dir / RESULTS_FILE, text)
-        audit.append(TrialFinished(
-            plan_sha256=plan.sha256(), sites_released=result.sites_released,
-            sites_refused=strategy.refusals(), node_heads=strategy.node_heads(),
-            results_file_sha256=hashlib.sha256(text.encode()).hexdigest()))
-    except BaseException as exc:
-        audit.append(StudyAborted(plan_sha256=plan.sha256(),
-                                  code="interrupted" if isinstance(exc, KeyboardInterrupt) else "error"))
-        raise
+    def instruction(head):
+        return TrialInstruction(plan_json=plan_json, plan_sha256=plan.sha256(), coordinator=head).to_config()
+
+    result, strategy = run_release(session, context, weights, instruction=instruction, release_round=1,
+                                   label=f"trial {plan.design.name}")
+    report = {"trial": plan.design.name, "n_patients": 0, "arms": {}, "contrasts": {}}
+    if result.total is not None and result.sites_released:
+        report = summarise(result.total, plan.design, plan.spec, noise_var=result.noise_var)
+    else:
+        report["note"] = "no result: too few sites released the trial's aggregates (see sites)"
+    report |= {
+        "plan_sha256": plan.sha256(),
+        "privacy": plan.privacy.label() | {"noise_variance_in_sums": result.noise_var,
+                                            "sites": result.aggregates},
+        "uncertainty": _uncertainty(plan),
+        "design": {"start_hours": plan.design.start_hours, "duration_days": plan.design.duration_days,
+                   "draws": plan.design.draws, "purpose": plan.design.purpose},
+        "sites": {name: {k: s[k] for k in ("rounds_joined", "rounds_refused", "refusals")}
+                  | _site_spend(result.aggregates.get(name)) for name, s in result.sites.items()},
+        "sites_released": result.sites_released,
+        "seconds": session.seconds(),
+        "model": _model_label(plan),
+    } | (extra or {})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = TrialReport.model_validate(report).to_json()
+    write_text_atomic(out_dir / RESULTS_FILE, text)
+    session.audit.append(TrialFinished(
+        plan_sha256=plan.sha256(), sites_released=result.sites_released,
+        sites_refused=strategy.refusals(), node_heads=strategy.node_heads(),
+        results_file_sha256=hashlib.sha256(text.encode()).hexdigest()))
     return report
 
 
@@ -143,13 +128,7 @@ def _uncertainty(plan) -> str:
 
 def make_trial_server_app(plan, weights, *, out_dir: Path, min_nodes: int, progress,
                           extra: dict | None = None):
-    from flwr.server import ServerApp
+    from twinfed.server.session import server_app
 
-    app = ServerApp()
-
-    @app.main()
-    def _main(grid, context) -> None:
-        run_trial(grid, context, plan, weights, out_dir=out_dir, min_nodes=min_nodes, progress=progress,
-                  extra=extra)
-
-    return app
+    return server_app(lambda grid, context: run_trial(
+        grid, context, plan, weights, out_dir=out_dir, min_nodes=min_nodes, progress=progress, extra=extra))
