@@ -1,12 +1,16 @@
-"""Small site directories for tests, written in the data contract's layout."""
+"""Small builders for tests: site directories in the data contract's layout, a node and the
+rounds it is sent, its ledger, trial designs and cohorts."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from twinfed.models.spec import TwinSpec, load_spec
+from twinfed.privacy.secagg import SecAggView
+from twinfed.wire import LogHead, RoundInstruction
 
 
 def write_site(site_dir: Path, spec: TwinSpec | None = None, *, n_patients: int = 5, n_steps: int = 60,
@@ -70,6 +74,122 @@ def simulate_from_cli(root: Path, *, patients: int, seed: int, holdout: int, fla
     sites = [a for n in ("site-a", "site-b", "site-c") for a in ("--site", f"{n}={root / 'cohort' / n}")]
     assert main(["simulate", "--spec", str(root / "cohort" / "spec.toml"), *sites, *flags,
                  "--out", str(root / "run")]) == 0
+
+
+# -- a node and the rounds it is sent ------------------------------------------------------------
+
+# The coordinator's log head a round instruction names, and a masked round of three sites any two
+# of which unmask.
+COORD = LogHead(seq=4, hash="ab" * 32)
+MASKED = SecAggView(masked=True, sampled=3, shares=3, threshold=2)
+
+
+def small_plan(rounds: int = 2, **privacy):
+    """A glucose study small enough for a 5-patient site: an 8-wide surrogate trained two local
+    steps of 4 patients a round; ``privacy`` are the plan's PrivacyConfig fields."""
+    from twinfed.models.plan import ModelConfig, PrivacyConfig, TrainingConfig, TrainingPlan
+
+    return TrainingPlan(spec=load_spec("glucose"), rounds=rounds, model=ModelConfig(hidden=8),
+                        training=TrainingConfig(local_steps=2, batch_size=4),
+                        privacy=PrivacyConfig(**privacy))
+
+
+def new_node(root: Path, *, name: str = "a", simulated: bool = False, n_patients: int = 5,
+             budget: tuple[float, float] | None = None):
+    """A node named ``name`` over a fresh site of ``n_patients`` in ``root/site``, its state
+    initialised in ``root/state``; ``budget``: the (epsilon, delta) its ledger is opened at, as if
+    an earlier plan had set it (None: no ledger yet)."""
+    from twinfed.client.node import NodeConfig
+    from twinfed.governance.node_state import init_node
+
+    site = write_site(root / "site", n_patients=n_patients, n_steps=60)
+    init_node(root / "state", site_name=name, site_data=site)
+    if budget is not None:
+        open_ledger(root / "state", epsilon=budget[0], delta=budget[1])
+    return NodeConfig(site_name=name, site_data=site, state_dir=root / "state", simulated=simulated)
+
+
+def round_config(plan, *, server_round: int = 1, anchor=None) -> dict:
+    """The config of the instruction the coordinator sends for round ``server_round`` of ``plan``;
+    ``anchor``: the head of the node's log it last anchored (None: it sends none)."""
+    extra = {} if anchor is None else {"node_anchor": anchor}
+    return RoundInstruction(plan_json=plan.canonical_json(), plan_sha256=plan.sha256(), round=server_round,
+                            coordinator=COORD, **extra).to_config()
+
+
+def start_weights(plan) -> list:
+    """The weights a round is sent: the plan's surrogate at its seed."""
+    from twinfed.models.surrogate import build_surrogate, get_weights
+
+    return get_weights(build_surrogate(plan.spec, plan.model, seed=plan.seed))
+
+
+def refusal_code(result) -> str | None:
+    """The code of a served round's refusal (None: it was not refused)."""
+    return result.reply.refusal.code.value if result.reply.refusal else None
+
+
+def audit_events(node) -> list[dict]:
+    """A node's audit log as it stands on disk, one dict an entry (not verified)."""
+    from twinfed.governance.layout import state_paths
+
+    return [json.loads(x) for x in state_paths(node.state_dir).audit.read_text().splitlines()]
+
+
+def open_ledger(root: Path, *, epsilon: float = 3.0, delta: float = 1e-5):
+    """A site's privacy ledger opened as a plan of (``epsilon``, ``delta``) opens it: the first sets
+    the budget. A ``root`` that does not exist yet becomes a node's state (site "a") first."""
+    from twinfed.governance.layout import open_audit
+    from twinfed.governance.node_state import init_node
+    from twinfed.privacy.ledger import PrivacyLedger
+
+    if not root.exists():
+        init_node(root, site_name="a")
+    return PrivacyLedger.open(root, open_audit(root), own_entries(root), epsilon_budget=epsilon,
+                              delta_budget=delta)
+
+
+# -- trials ---------------------------------------------------------------------------------------
+
+def _toml(value) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def trial_toml(name: str, arms: dict, **trial) -> str:
+    """A trial's arms file: ``[trial]`` with ``name``, purpose in-silico-trial, reference
+    usual-care and then ``trial``'s keys in their order, and an ``[[trial.arms]]`` for each of
+    ``arms`` (an arm's name: its scenario, or a dict of its keys, e.g. ``{"rule": {...}}``)."""
+    head = {"name": name, "purpose": "in-silico-trial", "reference": "usual-care", **trial}
+    text = "[trial]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in head.items())
+    for arm, keys in arms.items():
+        keys = {"scenario": keys} if isinstance(keys, str) else keys
+        text += f'\n[[trial.arms]]\nname = "{arm}"\n' + "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items())
+    return text
+
+
+def trial_design(name: str, arms: dict, spec: TwinSpec | None = None, **trial):
+    """``trial_toml``'s design, parsed against ``spec`` (glucose unless given)."""
+    from twinfed.models.arms import parse_design
+
+    return parse_design(trial_toml(name, arms, **trial), spec or load_spec("glucose"), source="arms.toml")
+
+
+def trial_plan(delta: float, *, epsilon: float = 0.5):
+    """A node's trial of a recorded and a half-insulin arm for a one-round glucose twin (weights
+    never read: a plan for the gate's checks and charge), asking (``epsilon``, ``delta``)."""
+    from twinfed.models.plan import TrainingPlan
+    from twinfed.models.trial_plan import TrialPlan, TrialPrivacy, TrialTwin
+
+    spec = load_spec("glucose")
+    design = trial_design("t", {"usual-care": "recorded", "b": "insulin_u*0.5"}, spec, start_hours=36,
+                          duration_days=1, outcomes=["mean_glucose", "time_in_range"], draws=4, seed=7)
+    return TrialPlan(design=design, twin=TrialTwin(training_plan_json=TrainingPlan(spec=spec, rounds=1)
+                                                   .canonical_json(), weights_sha256="0" * 64),
+                     privacy=TrialPrivacy(epsilon=epsilon, delta=delta))
 
 
 # A one-day trial of two arms (usual care, a meal-bolus rule) and two outcomes, two draws: the

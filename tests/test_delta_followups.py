@@ -8,9 +8,8 @@ import json
 import pytest
 
 from audit_builders import PLAN_SHA, Clock
-from builders import own_entries
-from test_budget_delta import _ledger, _trial_plan
-from test_node_gate import _code, _events, _node, _plan, _serve
+from builders import audit_events, new_node, open_ledger, own_entries, refusal_code, small_plan, trial_plan
+from test_node_gate import _serve
 from twinfed import events as ev
 from twinfed.cli.main import main
 from twinfed.governance.approvals import approve_plan
@@ -95,15 +94,14 @@ def test_verify_flags_a_spend_past_the_budgets_epsilon_by_more_than_the_ledgers_
 
 
 def test_a_release_refused_for_its_delta_is_audited_like_an_exhausted_budget(tmp_path):
-    node = _node(tmp_path)
-    _ledger(node.state_dir, epsilon=3.0, delta=1e-5)
-    loose = _plan(epsilon=1.0, delta=1e-2)
+    node = new_node(tmp_path, budget=(3.0, 1e-5))
+    loose = small_plan(epsilon=1.0, delta=1e-2)
     approve_plan(node.state_dir, loose, actor="officer:test")
-    assert _code(_serve(node, loose)) == "delta_exceeds_budget"
-    last = _events(node)[-2:]
+    assert refusal_code(_serve(node, loose)) == "delta_exceeds_budget"
+    last = audit_events(node)[-2:]
     assert [e["event"] for e in last] == ["budget_exhausted", "round_refused"]
     assert [e["details"]["refusal"]["code"] for e in last] == ["delta_exceeds_budget"] * 2
-    assert not [e for e in _events(node) if e["event"] == "privacy_spent"]
+    assert not [e for e in audit_events(node) if e["event"] == "privacy_spent"]
 
 
 # --- a round's figures name the budget's delta -------------------------------------------------
@@ -139,7 +137,7 @@ def _reply(plan, earlier: list[Segment]):
 def test_the_coordinators_breakdown_of_a_rounds_figures_sums_to_the_total_at_the_budgets_delta(earlier):
     from twinfed.server.app import released_spend
 
-    plan = _plan(epsilon=1.0, delta=STUDY_DELTA)
+    plan = small_plan(epsilon=1.0, delta=STUDY_DELTA)
     reply = _reply(plan, earlier)
     spend = released_spend(plan, json.loads(reply.released.privacy.model_dump_json()), None)
     total = epsilon_of([*earlier, *_study_segments(plan)], BUDGET_DELTA)
@@ -157,7 +155,7 @@ def test_the_coordinators_breakdown_of_a_rounds_figures_sums_to_the_total_at_the
 def test_a_reply_from_a_node_that_does_not_name_its_budgets_delta_still_reads():
     from twinfed.server.app import released_spend
 
-    plan = _plan(epsilon=1.0, delta=STUDY_DELTA)
+    plan = small_plan(epsilon=1.0, delta=STUDY_DELTA)
     privacy = json.loads(_reply(plan, []).released.privacy.model_dump_json())
     del privacy["site_delta"]
     assert released_spend(plan, privacy, None).delta == STUDY_DELTA  # as before: the study's
@@ -176,8 +174,8 @@ def test_a_nodes_round_and_trial_figures_name_the_budgets_delta(tmp_path):
     from twinfed.privacy.study import StudyPrivacy, released_privacy
 
     root = tmp_path / "s"
-    plan = _plan(epsilon=1.0, delta=STUDY_DELTA)
-    ledger = _ledger(root, epsilon=10.0, delta=BUDGET_DELTA)
+    plan = small_plan(epsilon=1.0, delta=STUDY_DELTA)
+    ledger = open_ledger(root, epsilon=10.0, delta=BUDGET_DELTA)
     for seg in _study_segments(plan):
         ledger.reserve(seg, STUDY_DELTA, open_audit(root))
     study = StudyPrivacy(plan_sha256=plan.sha256(), released_used=50, released_excluded=0, count_noise=1.0,
@@ -188,7 +186,6 @@ def test_a_nodes_round_and_trial_figures_name_the_budgets_delta(tmp_path):
     assert (privacy.delta, privacy.site_delta) == (STUDY_DELTA, BUDGET_DELTA)
     assert privacy.site_epsilon_spent == pytest.approx(epsilon_of(_study_segments(plan), BUDGET_DELTA))
 
-    node = _node(tmp_path / "n")
-    _ledger(node.state_dir, epsilon=3.0, delta=1e-5)
-    _, aggregate = _reserve(node, _trial_plan(1e-5), 1, open_audit(node.state_dir), own_entries(node.state_dir))
+    node = new_node(tmp_path / "n", budget=(3.0, 1e-5))
+    _, aggregate = _reserve(node, trial_plan(1e-5), 1, open_audit(node.state_dir), own_entries(node.state_dir))
     assert aggregate.site_delta == 1e-5

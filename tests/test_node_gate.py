@@ -5,53 +5,26 @@ import multiprocessing as mp
 
 import pytest
 
-from builders import edit_csv, own_entries, write_site
+from builders import (COORD, MASKED, audit_events, edit_csv, new_node, own_entries, refusal_code, round_config,
+                      small_plan, start_weights, write_site)
 from twinfed.client import session
 from twinfed.client.gate import serve_round
 from twinfed.client.node import NodeConfig
 from twinfed.governance.approvals import approve_plan
 from twinfed.governance.layout import state_paths
 from twinfed.governance.node_state import init_node
-from twinfed.models.plan import ModelConfig, PrivacyConfig, SecAggConfig, TrainingConfig, TrainingPlan
-from twinfed.models.spec import load_spec
-from twinfed.models.surrogate import build_surrogate, get_weights
+from twinfed.models.plan import SecAggConfig, TrainingPlan
 from twinfed.privacy.secagg import SecAggView
-from twinfed.wire import RELEASE, LogHead, NodeHead, RoundInstruction
-
-COORD = LogHead(seq=4, hash="ab" * 32)
-MASKED = SecAggView(masked=True, sampled=3, shares=3, threshold=2)
-
-
-def _plan(rounds=2, **privacy) -> TrainingPlan:
-    return TrainingPlan(spec=load_spec("glucose"), rounds=rounds, model=ModelConfig(hidden=8),
-                        training=TrainingConfig(local_steps=2, batch_size=4),
-                        privacy=PrivacyConfig(**privacy))
-
-
-def _node(root, *, simulated=False, n_patients=5) -> NodeConfig:
-    site = write_site(root / "site", n_patients=n_patients, n_steps=60)
-    init_node(root / "state", site_name="a", site_data=site)
-    return NodeConfig(site_name="a", site_data=site, state_dir=root / "state", simulated=simulated)
+from twinfed.wire import RELEASE, NodeHead
 
 
 @pytest.fixture()
 def node(tmp_path):
-    return _node(tmp_path)
-
-
-def _events(node) -> list[dict]:
-    return [json.loads(x) for x in state_paths(node.state_dir).audit.read_text().splitlines()]
+    return new_node(tmp_path)
 
 
 def _serve(node, plan, *, secagg=MASKED, server_round=1):
-    weights = get_weights(build_surrogate(plan.spec, plan.model, seed=plan.seed))
-    cfg = RoundInstruction(plan_json=plan.canonical_json(), plan_sha256=plan.sha256(),
-                           round=server_round, coordinator=COORD).to_config()
-    return serve_round(node, cfg, weights, secagg=secagg)
-
-
-def _code(result) -> str | None:
-    return result.reply.refusal.code.value if result.reply.refusal else None
+    return serve_round(node, round_config(plan, server_round=server_round), start_weights(plan), secagg=secagg)
 
 
 def _leaf_paths(obj, prefix=""):
@@ -69,9 +42,9 @@ def _leaf_paths(obj, prefix=""):
 
 def test_an_unapproved_plan_is_refused_before_any_patient_data_is_read(node):
     (node.site_data / "timeseries.csv").write_text("not,a,valid,export\n")  # never reached
-    result = _serve(node, _plan())
-    assert _code(result) == "plan_not_approved" and result.reply.status == "refused"
-    events = _events(node)
+    result = _serve(node, small_plan())
+    assert refusal_code(result) == "plan_not_approved" and result.reply.status == "refused"
+    events = audit_events(node)
     assert [e["event"] for e in events][-3:] == ["model_received", "plan_refused", "round_refused"]
     assert result.reply.audit_head == NodeHead(hash=events[-1]["hash"])
     assert events[-1]["details"]["coordinator"] == COORD.model_dump()
@@ -79,18 +52,18 @@ def test_an_unapproved_plan_is_refused_before_any_patient_data_is_read(node):
 
 
 def test_a_hand_added_approval_is_not_an_approval(node):
-    plan = _plan()
-    other = _node(node.state_dir.parent / "elsewhere")  # approved there, copied here by hand
+    plan = small_plan()
+    other = new_node(node.state_dir.parent / "elsewhere")  # approved there, copied here by hand
     approve_plan(other.state_dir, plan, actor="officer:o")
     state_paths(node.state_dir).approvals.write_bytes(state_paths(other.state_dir).approvals.read_bytes())
-    assert _code(_serve(node, plan)) == "plan_not_approved"
+    assert refusal_code(_serve(node, plan)) == "plan_not_approved"
     assert not (node.state_dir / "privacy_ledger.json").exists()
 
 
 def test_a_plan_requiring_secure_aggregation_is_refused_in_an_unmasked_round(node):
-    plan = _plan()
+    plan = small_plan()
     approve_plan(node.state_dir, plan, actor="officer:test")
-    assert _code(_serve(node, plan, secagg=SecAggView(masked=False))) == "not_masked"
+    assert refusal_code(_serve(node, plan, secagg=SecAggView(masked=False))) == "not_masked"
     assert not (node.state_dir / "privacy_ledger.json").exists()
 
 
@@ -105,11 +78,11 @@ def test_a_plan_requiring_secure_aggregation_is_refused_in_an_unmasked_round(nod
     (SecAggView(True, sampled=10, shares=5, threshold=3), {"secagg": SecAggConfig(corrupt_fraction=0.3)}),
 ])
 def test_a_round_whose_secagg_setup_is_weaker_than_the_plans_assumptions_is_refused(node, view, privacy):
-    plan = _plan(**privacy)
+    plan = small_plan(**privacy)
     approve_plan(node.state_dir, plan, actor="officer:test")
-    assert _code(_serve(node, plan, secagg=view)) == "secagg_setup_weak"
-    assert _events(node)[-1]["details"]["refusal"] == {"code": "secagg_setup_weak", "file": None,
-                                                        "row": None, "column": None}
+    assert refusal_code(_serve(node, plan, secagg=view)) == "secagg_setup_weak"
+    assert audit_events(node)[-1]["details"]["refusal"] == {"code": "secagg_setup_weak", "file": None,
+                                                             "row": None, "column": None}
     assert not (node.state_dir / "privacy_ledger.json").exists()
 
 
@@ -118,18 +91,18 @@ def test_a_round_whose_secagg_setup_is_weaker_than_the_plans_assumptions_is_refu
 def test_a_setup_meeting_the_plans_assumptions_is_not_weak(sampled, shares, threshold):
     from twinfed.privacy.secagg import required_setup, weaker_than_plan
 
-    plan = _plan()
+    plan = small_plan()
     assert weaker_than_plan(plan, sampled=sampled, shares=shares, threshold=threshold) is None
     k, t = required_setup(sampled, plan)  # the coordinator's choice passes the nodes' check
     assert weaker_than_plan(plan, sampled=sampled, shares=k, threshold=t) is None
 
 
 def test_an_approved_round_reserves_its_spend_before_training_and_replies_only_the_allow_list(node):
-    plan = _plan()
+    plan = small_plan()
     approve_plan(node.state_dir, plan, actor="officer:test")
     result = _serve(node, plan)
     assert result.reply.status == "ok"
-    events = _events(node)
+    events = audit_events(node)
     names = [e["event"] for e in events]
     assert names.index("privacy_spent") < names.index("round_joined") < names.index("model_sent")
     # Exact counts stay in the node's own log; the reply carries the once-released noisy ones.
@@ -148,29 +121,29 @@ def test_an_approved_round_reserves_its_spend_before_training_and_replies_only_t
 
 
 def test_a_deployed_node_refuses_a_plan_without_dp_and_a_simulated_one_trains_it(tmp_path):
-    plan = _plan(enabled=False)
-    real, simulated = _node(tmp_path / "real"), _node(tmp_path / "sim", simulated=True)
+    plan = small_plan(enabled=False)
+    real, simulated = new_node(tmp_path / "real"), new_node(tmp_path / "sim", simulated=True)
     for n in (real, simulated):
         approve_plan(n.state_dir, plan, actor="officer:test")
-    assert _code(_serve(real, plan)) == "dp_required"
+    assert refusal_code(_serve(real, plan)) == "dp_required"
     result = _serve(simulated, plan)
     assert result.reply.status == "ok" and result.reply.released.privacy is None
     assert result.reply.released.counts is None  # nothing DP to release: the counts are withheld
 
 
 def test_a_round_over_budget_is_refused_and_the_exhaustion_is_audited(node):
-    plan = _plan(epsilon=0.5)
+    plan = small_plan(epsilon=0.5)
     approve_plan(node.state_dir, plan, actor="officer:test")
     assert _serve(node, plan).reply.status == "ok"
-    bigger = _plan(epsilon=0.6)  # a second study on a site whose 0.5 is nearly spent
+    bigger = small_plan(epsilon=0.6)  # a second study on a site whose 0.5 is nearly spent
     approve_plan(node.state_dir, bigger, actor="officer:test")
-    assert _code(_serve(node, bigger)) == "budget_exhausted"
-    assert [e["event"] for e in _events(node)][-2:] == ["budget_exhausted", "round_refused"]
+    assert refusal_code(_serve(node, bigger)) == "budget_exhausted"
+    assert [e["event"] for e in audit_events(node)][-2:] == ["budget_exhausted", "round_refused"]
 
 
 @pytest.mark.parametrize("edit", ["empty", "raise", "delete"])
 def test_a_node_whose_ledger_was_edited_refuses_to_train(node, edit):
-    plan = _plan(rounds=3)
+    plan = small_plan(rounds=3)
     approve_plan(node.state_dir, plan, actor="officer:test")
     assert _serve(node, plan).reply.status == "ok"
     path = node.state_dir / "privacy_ledger.json"
@@ -179,11 +152,11 @@ def test_a_node_whose_ledger_was_edited_refuses_to_train(node, edit):
         path.unlink()
     else:
         path.write_text(json.dumps(data | ({"segments": []} if edit == "empty" else {"epsilon_budget": 1000})))
-    assert _code(_serve(node, plan, server_round=2)) == "ledger_mismatch"
+    assert refusal_code(_serve(node, plan, server_round=2)) == "ledger_mismatch"
 
 
 def test_a_data_error_leaves_the_node_as_file_row_and_column_only(node):
-    plan = _plan()
+    plan = small_plan()
     approve_plan(node.state_dir, plan, actor="officer:test")
     edit_csv(node.site_data / "timeseries.csv", 10, "glucose_mgdl", "777.125")
     result = _serve(node, plan)
@@ -195,7 +168,7 @@ def test_a_data_error_leaves_the_node_as_file_row_and_column_only(node):
 
 
 def test_an_unexpected_exception_becomes_a_coded_refusal_and_its_text_stays_home(node, monkeypatch, capsys):
-    plan = _plan()
+    plan = small_plan()
     approve_plan(node.state_dir, plan, actor="officer:test")
 
     def boom(*_a, **_k):
@@ -204,21 +177,21 @@ def test_an_unexpected_exception_becomes_a_coded_refusal_and_its_text_stays_home
     monkeypatch.setattr(session, "train_admitted", boom)
     monkeypatch.setattr("twinfed.client.gate.train_admitted", boom)
     result = _serve(node, plan)
-    assert _code(result) == "internal_error"
+    assert refusal_code(result) == "internal_error"
     for text in (result.reply.model_dump_json(), state_paths(node.state_dir).audit.read_text()):
         assert "512.25" not in text and "p3" not in text
     assert "patient p3 glucose 512.25" in capsys.readouterr().err  # the node's own console only
 
 
 def test_a_crash_during_training_keeps_the_spend_and_saves_no_optimizer_state(node, monkeypatch):
-    plan = _plan()
+    plan = small_plan()
     approve_plan(node.state_dir, plan, actor="officer:test")
 
     def crash(*_a, **_k):
         raise MemoryError("killed mid-training")
 
     monkeypatch.setattr("twinfed.privacy.dp.run_steps", crash)
-    assert _code(_serve(node, plan)) == "internal_error"
+    assert refusal_code(_serve(node, plan)) == "internal_error"
     ledger = json.loads((node.state_dir / "privacy_ledger.json").read_text())
     assert [s["round"] for s in ledger["segments"] if s["mechanism"] == "dp-sgd"] == [1]
     assert not session.optimizer_state(node, plan).exists()
@@ -227,17 +200,17 @@ def test_a_crash_during_training_keeps_the_spend_and_saves_no_optimizer_state(no
 def test_an_uninitialised_node_refuses_without_an_audit_head(tmp_path):
     site = write_site(tmp_path / "site", n_patients=3, n_steps=60)
     node = NodeConfig(site_name="a", site_data=site, state_dir=tmp_path / "state")
-    result = _serve(node, _plan())
-    assert _code(result) == "node_not_initialised" and result.reply.audit_head is None
+    result = _serve(node, small_plan())
+    assert refusal_code(result) == "node_not_initialised" and result.reply.audit_head is None
 
 
 def test_a_node_with_no_consented_patient_refuses_before_spending(tmp_path):
     site = write_site(tmp_path / "site", n_patients=3, n_steps=60, consent="withdrawn")
     init_node(tmp_path / "state", site_name="a", site_data=site)
     node = NodeConfig(site_name="a", site_data=site, state_dir=tmp_path / "state")
-    plan = _plan()
+    plan = small_plan()
     approve_plan(node.state_dir, plan, actor="officer:test")
-    assert _code(_serve(node, plan)) == "no_eligible_patients"
+    assert refusal_code(_serve(node, plan)) == "no_eligible_patients"
     assert not (node.state_dir / "privacy_ledger.json").exists()
 
 
@@ -252,7 +225,7 @@ def test_two_studies_at_once_on_one_node_never_overspend_its_budget(node):
     from twinfed.ledger_file import read_ledger
     from twinfed.privacy.ledger import PrivacyLedger
 
-    plans = [_plan(epsilon=2.0, rounds=1), _plan(epsilon=2.0, rounds=2)]
+    plans = [small_plan(epsilon=2.0, rounds=1), small_plan(epsilon=2.0, rounds=2)]
     for p in plans:
         approve_plan(node.state_dir, p, actor="officer:test")
     # The site's budget is 3 (as if set by an earlier plan); each study alone would fit in it.
@@ -275,8 +248,8 @@ def test_two_studies_at_once_on_one_node_never_overspend_its_budget(node):
 
 
 def test_each_plan_is_accounted_at_its_own_delta(tmp_path):
-    node = _node(tmp_path, n_patients=5)
-    first, strict = _plan(epsilon=1.0), _plan(epsilon=1.0, delta=1e-8)  # e.g. for 500,000 patients
+    node = new_node(tmp_path, n_patients=5)
+    first, strict = small_plan(epsilon=1.0), small_plan(epsilon=1.0, delta=1e-8)  # e.g. for 500,000 patients
     for p in (first, strict):
         approve_plan(node.state_dir, p, actor="officer:test")
     assert _serve(node, first).reply.status == "ok"  # the site's budget is now 1, from this plan
@@ -285,5 +258,5 @@ def test_each_plan_is_accounted_at_its_own_delta(tmp_path):
     set_budget(node.state_dir, 3.0, actor="officer:test", delta=1e-8)  # the officer raises it
     result = _serve(node, strict)
     assert result.reply.status == "ok" and result.reply.released.privacy.delta == 1e-8
-    spends = [e["details"] for e in _events(node) if e["event"] == "privacy_spent"]
+    spends = [e["details"] for e in audit_events(node) if e["event"] == "privacy_spent"]
     assert {d["delta"] for d in spends if d["plan_sha256"] == strict.sha256()} == {1e-8}
