@@ -192,24 +192,19 @@ def trial_plan(delta: float, *, epsilon: float = 0.5):
                      privacy=TrialPrivacy(epsilon=epsilon, delta=delta))
 
 
+def one_site_cohort(out: Path, *, patients: int, days: float, seed: int, twin: str = "glucose"):
+    """A virtual cohort of one site (``out/site-a``) from ``twin``'s simulator, loaded."""
+    from twinfed.models.cohort import generate_cohort
+    from twinfed.models.site_data import load_site
+
+    generate_cohort(twin, sites=1, patients=patients, days=days, seed=seed, out=out)
+    return load_site(out / "site-a", load_spec(twin))
+
+
 # A one-day trial of two arms (usual care, a meal-bolus rule) and two outcomes, two draws: the
 # smallest trial that exercises a rule, a contrast and propagated uncertainty.
-TINY_ARMS = """\
-[trial]
-name = "tiny-carb-ratio"
-purpose = "in-silico-trial"
-reference = "usual-care"
-start_hours = 48
-duration_days = 1
-outcomes = ["time_in_range", "mean_glucose"]
-draws = 2
-seed = 0
-
-[[trial.arms]]
-name = "usual-care"
-scenario = "recorded"
-
-[[trial.arms]]
-name = "ratio-10"
-rule = { kind = "meal-bolus", insulin = "insulin_u", carbs = "carbs_g", grams_per_unit = 10.0, basal_u_per_h = "recorded" }
-"""
+TINY_ARMS = trial_toml("tiny-carb-ratio", {
+    "usual-care": "recorded",
+    "ratio-10": {"rule": {"kind": "meal-bolus", "insulin": "insulin_u", "carbs": "carbs_g",
+                          "grams_per_unit": 10.0, "basal_u_per_h": "recorded"}},
+}, start_hours=48, duration_days=1, outcomes=["time_in_range", "mean_glucose"], draws=2, seed=0)

@@ -24,14 +24,12 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from twinfed.models.arms import parse_design
+from builders import one_site_cohort, trial_design
 from twinfed.models.calibration import (IntervalCalibration, calibration_histogram, calibration_parts,
                                         identify_patients)
-from twinfed.models.cohort import generate_cohort
 from twinfed.models.conformal import n_bins
 from twinfed.models.plan import CalibrationConfig, ModelConfig, TrainingPlan
 from twinfed.models.rollout import Origins, Uncertainty, roll_forward
-from twinfed.models.site_data import load_site
 from twinfed.models.spec import load_spec
 from twinfed.models.surrogate import build_surrogate, get_weights
 from twinfed.models.trial import contributions, run_site_trial, sensitivity, trial_windows
@@ -46,25 +44,8 @@ SUM_TOL = 1e-9
 FEW = settings(max_examples=12, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate),
                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-DESIGN = parse_design("""
-[trial]
-name = "per-patient"
-purpose = "in-silico-trial"
-reference = "usual-care"
-start_hours = 36
-duration_days = 1
-outcomes = ["mean_glucose", "time_in_range"]
-draws = 3
-seed = 7
-
-[[trial.arms]]
-name = "usual-care"
-scenario = "recorded"
-
-[[trial.arms]]
-name = "less-insulin"
-scenario = "insulin_u*0.7"
-""", SPEC, source="arms.toml")
+DESIGN = trial_design("per-patient", {"usual-care": "recorded", "less-insulin": "insulin_u*0.7"}, SPEC,
+                      start_hours=36, duration_days=1, outcomes=["mean_glucose", "time_in_range"], draws=3, seed=7)
 # Identified on the first 24 h, scored on the rest of the 3 days.
 CONFIG = CalibrationConfig(identify_hours=24.0)
 
@@ -80,9 +61,7 @@ def _twin(kind: str) -> Twin:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    out = tmp_path_factory.mktemp("per-patient") / "cohort"
-    generate_cohort("glucose", sites=1, patients=N, days=3, seed=11, out=out)
-    return load_site(out / "site-a", SPEC)
+    return one_site_cohort(tmp_path_factory.mktemp("per-patient") / "cohort", patients=N, days=3, seed=11)
 
 
 @pytest.fixture(scope="module")
@@ -339,24 +318,9 @@ def test_a_node_release_excludes_a_patient_whose_arm_leaves_the_specs_range_inst
     assert peaks.min() < peaks.max(), "the cohort's patients need different insulin peaks"
     top = float(SPEC.controls[SPEC.control_columns.index("insulin_u")].max)
     factor = round(top / float(np.median(peaks)) * 0.999, 6)  # the median patient stays just inside
-    design = parse_design(f"""
-[trial]
-name = "over-the-range"
-purpose = "in-silico-trial"
-reference = "usual-care"
-start_hours = 36
-duration_days = 1
-outcomes = ["mean_glucose"]
-seed = 7
-
-[[trial.arms]]
-name = "usual-care"
-scenario = "recorded"
-
-[[trial.arms]]
-name = "much-more-insulin"
-scenario = "insulin_u*{factor:.6f}"
-""", SPEC, source="arms.toml")
+    arms = {"usual-care": "recorded", "much-more-insulin": f"insulin_u*{factor:.6f}"}
+    design = trial_design("over-the-range", arms, SPEC, start_hours=36, duration_days=1, outcomes=["mean_glucose"],
+                          seed=7)
     over = win.patients[peaks.astype(np.float64) * factor > top]
     assert 0 < over.size < win.patients.size
     with pytest.raises(TrialError, match="leaves the spec's range"):
