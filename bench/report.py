@@ -20,7 +20,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-SECTIONS = ("accuracy", "whatif", "trial", "cost", "scale", "deployed", "capacity", "audit", "soak")
+SECTIONS = ("accuracy", "whatif", "trial", "trial_validation", "cost", "scale", "deployed", "capacity", "audit",
+            "soak")
 
 
 def figure(value: float, unit: str, *, conditions: dict | None = None,

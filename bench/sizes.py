@@ -84,6 +84,21 @@ class Sizes:
     # seed (other patients than the worlds' seed 0 and the pretraining's)
     trial_real_patients: int = 400
     trial_real_seed: int = 15
+    # the trial's validation (issue 21, bench.trial_validation): per world, a pool of fresh
+    # patients (held-out patients of a cohort of their own seed), from which each repetition
+    # draws a small trial's cohort; every effect's trial runs that long, with that many draws.
+    # The twins of the pool dominate its time (measured on one thread, 2 cores at load 4.4:
+    # 0.11 s per patient for the glucose twin's 7 arms, 0.20 s for the cardio twin's 5, over 2
+    # days with 8 draws; replaying the truth about 0.014 s): a pool of 1,500 per world, about
+    # 12-13 minutes for the section's three worlds (with trained twins). The repetitions cost
+    # little (sums, noise, summaries): their number is free; 200 patients per trial keep the
+    # release's noise on a mean contrast about 7 mg/dL or points (bench.trial_validation).
+    validation_repeats: int = 200
+    validation_patients: int = 200
+    validation_pool: int = 1500
+    validation_days: float = 2.0
+    validation_draws: int = 8
+    validation_seed: int = 21
 
     def conditions(self) -> dict:
         return asdict(self)
@@ -103,4 +118,6 @@ QUICK = Sizes(
     scale_without_secagg=False, secagg_cost_sites=(3, 10),
     memory_patients=200, memory_days=1.0, memory_curve_patients=(100, 200, 400), deployed_patients=10,
     deployed_rounds=2, audit_entries=5_000, trial_real_patients=40,
+    validation_repeats=5, validation_patients=12, validation_pool=30, validation_days=1.0,
+    validation_draws=2,
 )
