@@ -118,6 +118,6 @@ QUICK = Sizes(
     scale_without_secagg=False, secagg_cost_sites=(3, 10),
     memory_patients=200, memory_days=1.0, memory_curve_patients=(100, 200, 400), deployed_patients=10,
     deployed_rounds=2, audit_entries=5_000, trial_real_patients=40,
-    validation_repeats=5, validation_patients=12, validation_pool=30, validation_days=1.0,
+    validation_repeats=5, validation_patients=24, validation_pool=40, validation_days=1.0,
     validation_draws=2,
 )

@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
 
 from bench.trial_validation import (COVERAGE_TARGET, SLOPE_TARGET, combined_df, coverage,  # noqa: E402
-                                    effects, no_effect_twin, nonzero, score, slope, tost)
+                                    effects, no_effect_twin, nonzero, rejection, score, slope, tost)
 
 Z = 1.959963984540054
 
@@ -121,6 +121,12 @@ def test_an_effect_is_nonzero_when_the_truths_interval_excludes_zero_in_half_the
     assert nonzero(np.array([-1.0, -1.0, 0.5]), np.array([1.0, 1.0, 2.0])) is False
 
 
+def test_the_no_effect_twin_is_rejected_by_the_share_of_nonzero_effects_it_fails():
+    assert rejection([True, True, False], [0.2, 0.95, 0.1]) == 0.5  # the zero effect is not counted
+    assert rejection([True, True], [0.0, 0.89]) == 1.0
+    assert math.isnan(rejection([False, False], [0.1, 0.1]))
+
+
 # -- a validation that can fail --------------------------------------------------------------------
 
 def _synthetic(ratio: float, seed: int = 0):
@@ -162,6 +168,7 @@ def test_the_no_effect_twin_fails_where_the_twin_equal_to_the_truth_passes():
     # every effect here is non-zero: the no-effect twin's interval (half width 1.96) misses them all
     assert all(nonzero(t - 2, t + 2) for t in truth.T)
     assert max(v["coverage"]) < 0.5 and max(v["equivalent"]) <= 0.1 and v["equivalent"][1:] == [0.0, 0.0, 0.0]
+    assert rejection([True] * 4, v["coverage"]) == 1.0
 
 
 def test_a_twin_that_states_60_percent_of_the_effect_fails_coverage_and_slope():
