@@ -126,10 +126,10 @@ def _admit(release: ReleaseKind, secagg: SecAggView, audit) -> None:
         require_approved(node.state_dir, plan.sha256(), entries=entries)
         release.recheck(entries)
         if plan.privacy.enabled:
-            _charge(release, audit, entries)
+            charge(release, audit, entries)
 
 
-def _charge(release: ReleaseKind, audit, entries) -> None:
+def charge(release: ReleaseKind, audit, entries) -> None:
     """Under the state lock: the release's segment charged to the site's ledger at the budget's
     delta (audited, then written); refused before anything is charged if the site cannot afford
     it or the plan asks for a larger delta than the budget's."""
@@ -238,6 +238,3 @@ def refused_reply(node: NodeConfig, refusal: Refusal, head: NodeHead | None = No
            fingerprint: str | None = None) -> NodeReply:
     return NodeReply(site=node.site_name, status="refused", refusal=refusal, audit_head=head,
                      key_fingerprint=fingerprint or None)
-
-
-serve_round = serve  # TEMPORARY: the tests' old name, until they import ``serve``

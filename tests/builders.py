@@ -192,6 +192,19 @@ def trial_plan(delta: float, *, epsilon: float = 0.5):
                      privacy=TrialPrivacy(epsilon=epsilon, delta=delta))
 
 
+def charge_trial(node, plan, *, audit=None):
+    """The node's charge of ``plan`` (a trial) as its session makes it, under no lock (the caller
+    is alone): ``(noise multiplier, DPAggregate)``; raises what refuses it."""
+    from twinfed.client.gate import charge, own_entries
+    from twinfed.client.kinds.trial import Trial
+    from twinfed.governance.layout import open_audit
+    from twinfed.wire import TrialInstruction
+
+    release = Trial(node, plan, TrialInstruction(plan_json=plan.canonical_json(), plan_sha256=plan.sha256()), [])
+    charge(release, audit or open_audit(node.state_dir), own_entries(node))
+    return release.z, release.aggregate
+
+
 def one_site_cohort(out: Path, *, patients: int, days: float, seed: int, twin: str = "glucose"):
     """A virtual cohort of one site (``out/site-a``) from ``twin``'s simulator, loaded."""
     from twinfed.models.cohort import generate_cohort

@@ -144,15 +144,15 @@ def test_a_trials_delta_is_capped_at_one_over_the_sites_released_count():
 
 
 def test_a_trial_asking_delta_1e_2_at_a_site_budgeted_at_1e_5_is_refused_by_the_node(tmp_path):
-    from twinfed.client.release_gate import _reserve
+    from builders import charge_trial
 
     node = new_node(tmp_path, budget=(3.0, 1e-5))
     audit = open_audit(node.state_dir)
     with pytest.raises(DeltaExceedsBudget):
-        _reserve(node, trial_plan(1e-2), 1, audit, own_entries(node.state_dir))
+        charge_trial(node, trial_plan(1e-2), audit=audit)
     assert not [e for e in audit_events(node) if e["event"] == "privacy_spent"]
     # At the budget's delta it runs, and its figures are the budget's.
-    _, aggregate = _reserve(node, trial_plan(1e-5), 1, audit, own_entries(node.state_dir))
+    _, aggregate = charge_trial(node, trial_plan(1e-5), audit=audit)
     assert aggregate.delta == 1e-5 and aggregate.epsilon <= 0.5 + 1e-6
     ledger = read_ledger(node.state_dir)
     assert aggregate.site_epsilon_spent == pytest.approx(epsilon_of(ledger.segments, 1e-5))

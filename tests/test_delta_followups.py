@@ -169,7 +169,7 @@ def test_the_site_delta_is_on_the_wire_allow_list_as_declared():
 
 
 def test_a_nodes_round_and_trial_figures_name_the_budgets_delta(tmp_path):
-    from twinfed.client.release_gate import _reserve
+    from builders import charge_trial
     from twinfed.privacy.ledger import PrivacyLedger
     from twinfed.privacy.study import StudyPrivacy, released_privacy
 
@@ -187,5 +187,5 @@ def test_a_nodes_round_and_trial_figures_name_the_budgets_delta(tmp_path):
     assert privacy.site_epsilon_spent == pytest.approx(epsilon_of(_study_segments(plan), BUDGET_DELTA))
 
     node = new_node(tmp_path / "n", budget=(3.0, 1e-5))
-    _, aggregate = _reserve(node, trial_plan(1e-5), 1, open_audit(node.state_dir), own_entries(node.state_dir))
+    _, aggregate = charge_trial(node, trial_plan(1e-5))
     assert aggregate.site_delta == 1e-5

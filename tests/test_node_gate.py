@@ -8,7 +8,7 @@ import pytest
 from builders import (COORD, MASKED, audit_events, edit_csv, new_node, own_entries, refusal_code, round_config,
                       small_plan, start_weights, write_site)
 from twinfed.client import session
-from twinfed.client.gate import serve_round
+from twinfed.client.gate import serve
 from twinfed.client.node import NodeConfig
 from twinfed.governance.approvals import approve_plan
 from twinfed.governance.layout import state_paths
@@ -24,7 +24,7 @@ def node(tmp_path):
 
 
 def _serve(node, plan, *, secagg=MASKED, server_round=1):
-    return serve_round(node, round_config(plan, server_round=server_round), start_weights(plan), secagg=secagg)
+    return serve(node, round_config(plan, server_round=server_round), start_weights(plan), secagg=secagg)
 
 
 def _leaf_paths(obj, prefix=""):
@@ -175,7 +175,7 @@ def test_an_unexpected_exception_becomes_a_coded_refusal_and_its_text_stays_home
         raise RuntimeError("patient p3 glucose 512.25")
 
     monkeypatch.setattr(session, "train_admitted", boom)
-    monkeypatch.setattr("twinfed.client.gate.train_admitted", boom)
+    monkeypatch.setattr("twinfed.client.kinds.training.train_admitted", boom)
     result = _serve(node, plan)
     assert refusal_code(result) == "internal_error"
     for text in (result.reply.model_dump_json(), state_paths(node.state_dir).audit.read_text()):

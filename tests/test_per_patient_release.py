@@ -283,10 +283,22 @@ def test_the_calibration_does_not_depend_on_the_patients_order(site, mlp, parts)
 
 # -- a node's release -------------------------------------------------------------------------------
 
+def _node_sum(kind, plan, site, patients, weights):
+    """``kind``'s computation at a node on ``patients`` of ``site`` (a plan without DP: nothing
+    charged, nothing noised): the sum as sent (unscaled), patients used, patients excluded."""
+    from twinfed.privacy.release import from_update
+
+    release = kind(None, plan, None, weights)
+    release.site, release.patients = site, patients
+    return from_update(release.compute()), release.used, release.excluded
+
+
 def test_a_nodes_release_draws_with_a_fresh_secret_seed_not_the_designs_public_one(site, mlp, calibration):
-    """The node's computation (``release_gate._compute``) on the same patients twice: the draws
-    differ from release to release and from the public seed's (which anyone could replay)."""
-    from twinfed.client.release_gate import _compute
+    """The node's computation (a release kind's ``compute``, without DP: the exact sum) on the
+    same patients twice: the draws differ from release to release and from the public seed's
+    (which anyone could replay)."""
+    from twinfed.client.kinds.calibration import Calibration
+    from twinfed.client.kinds.trial import Trial
     from twinfed.models.digest import weights_sha256
     from twinfed.models.plan import TrainingPlan
     from twinfed.models.trial_plan import TrialPlan, TrialTwin
@@ -298,10 +310,10 @@ def test_a_nodes_release_draws_with_a_fresh_secret_seed_not_the_designs_public_o
                                                     calibration=calibration))
     patients = np.arange(N)
     public = _release(_trial(mlp, site, patients, calibration))
-    releases = [_compute(trial, site, patients, weights) for _ in range(2)]
+    releases = [_node_sum(Trial, trial, site, patients, weights) for _ in range(2)]
     assert [r[1:] for r in releases] == [(N, 0), (N, 0)]
     assert not np.allclose(releases[0][0], releases[1][0]) and not np.allclose(releases[0][0], public)
-    histograms = [_compute(training, site, patients, weights)[0] for _ in range(2)]
+    histograms = [_node_sum(Calibration, training, site, patients, weights)[0] for _ in range(2)]
     assert not np.allclose(histograms[0], histograms[1])
     assert not np.allclose(histograms[0], _histogram(mlp, site, patients).ravel())
 

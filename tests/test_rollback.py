@@ -20,7 +20,7 @@ import pytest
 
 from builders import (COORD, MASKED, audit_events, new_node, refusal_code, round_config, small_plan, start_weights,
                       write_site)
-from twinfed.client.gate import serve_round
+from twinfed.client.gate import serve
 from twinfed.client.node import NodeConfig
 from twinfed.governance.approvals import approve_plan
 from twinfed.governance.consent_registry import withdraw
@@ -34,7 +34,7 @@ def _plan(rounds=3, **privacy):
 
 
 def _serve(node, plan, *, server_round=1, anchor=None):
-    return serve_round(node, round_config(plan, server_round=server_round, anchor=anchor), start_weights(plan),
+    return serve(node, round_config(plan, server_round=server_round, anchor=anchor), start_weights(plan),
                        secagg=MASKED)
 
 
