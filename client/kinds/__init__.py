@@ -36,6 +36,7 @@ class ReleaseKind:
     and hashed to the instruction's hash; its methods are called in the session's order."""
 
     key: ClassVar[str]  # the instruction's config key
+    instruction_model: ClassVar[type]  # what is sent under it (twinfed.wire)
     name: ClassVar[str]  # what the node's console calls it
 
     def __init__(self, node: NodeConfig, plan, instruction, weights: list[np.ndarray]):
@@ -49,7 +50,7 @@ class ReleaseKind:
     @classmethod
     def parse_instruction(cls, config: dict):
         """The instruction under ``cls.key``; KeyError/ValueError when it does not parse."""
-        raise NotImplementedError
+        return cls.instruction_model.model_validate_json(str(config[cls.key]))
 
     @classmethod
     def for_instruction(cls, instruction) -> type[ReleaseKind]:

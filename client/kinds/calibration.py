@@ -14,13 +14,10 @@ from twinfed.wire import INSTRUCTION_KEY, RefusalCode, RoundInstruction
 
 
 class Calibration(AggregateRelease):
+    instruction_model = RoundInstruction
     key = INSTRUCTION_KEY
     name = "calibration"
     kind = "calibration"
-
-    @classmethod
-    def parse_instruction(cls, config: dict) -> RoundInstruction:
-        return RoundInstruction.from_config(config)
 
     @classmethod
     def parse_plan(cls, text: str):

@@ -17,12 +17,9 @@ from twinfed.wire import INSTRUCTION_KEY, DPCounts, RefusalCode, Released, Round
 
 
 class TrainingRound(ReleaseKind):
+    instruction_model = RoundInstruction
     key = INSTRUCTION_KEY
     name = "round"
-
-    @classmethod
-    def parse_instruction(cls, config: dict) -> RoundInstruction:
-        return RoundInstruction.from_config(config)
 
     @classmethod
     def for_instruction(cls, instruction: RoundInstruction) -> type[ReleaseKind]:

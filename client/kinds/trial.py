@@ -15,13 +15,10 @@ from twinfed.wire import TRIAL_KEY, RefusalCode, TrialInstruction
 
 
 class Trial(AggregateRelease):
+    instruction_model = TrialInstruction
     key = TRIAL_KEY
     name = "trial"
     kind = "trial"
-
-    @classmethod
-    def parse_instruction(cls, config: dict) -> TrialInstruction:
-        return TrialInstruction.from_config(config)
 
     @classmethod
     def parse_plan(cls, text: str):
