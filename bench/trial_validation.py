@@ -299,13 +299,13 @@ def site_noise(run_dir: Path, plan, sites: list[str]) -> dict[str, float]:
 def run_world(ws: Workspace, sizes: Sizes, twin: str, world: str) -> dict:
     import torch
 
-    from twinfed.errors import TrialError
     from twinfed.models.calibration import load_calibration
     from twinfed.models.cohort import cohort_simulator
     from twinfed.models.digest import weights_sha256
     from twinfed.models.site_data import load_site
     from twinfed.models.surrogate import get_weights
-    from twinfed.models.trial import contributions, run_site_trial, sensitivity, summarise, trial_windows
+    from twinfed.models.trial import _unit as outcome_unit
+    from twinfed.models.trial import contributions, run_site_trial, sensitivity, trial_windows
     from twinfed.models.trial_plan import TrialPlan, TrialTwin
     from twinfed.models.twin import Twin
 
@@ -333,7 +333,7 @@ def run_world(ws: Workspace, sizes: Sizes, twin: str, world: str) -> dict:
     ws.progress(f"  trial_validation {twin} ({world}): the truth, {sizes.validation_pool} patients replayed "
                 f"under {len(names)} arms")
     t0 = time.perf_counter()
-    truth, truth_excluded, replay_rms = replayed_outcomes(pool, HOLDOUT, combined, spec, cohort_simulator(cohort),
+    truth, truth_excluded, replay_rms = replayed_outcomes(pool, HOLDOUT, combined, spec, cohort_simulator(pool),
                                                           noise_seed=(NOISE_SEED, 0))
     t_truth = time.perf_counter() - t0
     site = load_site(pool / HOLDOUT, spec)
@@ -370,14 +370,11 @@ def run_world(ws: Workspace, sizes: Sizes, twin: str, world: str) -> dict:
             sens = sensitivity(design)
             var = float(sum((z * sens) ** 2 for z in multipliers.values()))
             rng = np.random.default_rng([RELEASE_NOISE_SEED, r, e])
-            exact_rep = summarise(exact, design, spec)
-            try:
-                released = summarise(exact + rng.normal(0.0, math.sqrt(var), exact.shape), design, spec,
-                                     noise_var=var)
-            except TrialError:  # the noisy count below 2: the coordinator would report no result
-                released = {"contrasts": {effect: {o: {"mean": math.nan, "ci95": [math.nan, math.nan]}
-                                                   for o in outcomes}}, "n_patients": 0}
-                failed[e] += 1
+            noise = rng.normal(0.0, math.sqrt(var), exact.shape)
+            exact_rep = _summary(exact, design, spec, 0.0)
+            released = _summary(exact + noise, design, spec, var)
+            failed[e] += released is None
+            released, exact_rep = released or _no_result(effect, outcomes), exact_rep or _no_result(effect, outcomes)
             for o, name in enumerate(outcomes):
                 real = welch(truth[block[assigned == 0], ref, o], truth[block[assigned == 1], a, o])
                 tr = paired(truth[block[in_twins], a, o] - truth[block[in_twins], ref, o])
@@ -416,7 +413,7 @@ def run_world(ws: Workspace, sizes: Sizes, twin: str, world: str) -> dict:
             "seconds": {"pool": round(t_pool, 1), "truth": round(t_truth, 1), "twins": round(t_twins, 1),
                         "repetitions": round(t_reps, 1)}}
     figs: dict = {}
-    units = {o.name: exact_rep["units"][o.name] for o in combined.outcomes}
+    units = {o.name: outcome_unit(spec, o) for o in combined.outcomes}
     twin_df = np.maximum(n_twins - 1, 1).astype(np.float64)
     for o, name in enumerate(outcomes):
         unit = units[name]
@@ -493,6 +490,23 @@ def run_world(ws: Workspace, sizes: Sizes, twin: str, world: str) -> dict:
         "twins_seconds_per_patient": t_twins / max(eligible.size, 1), "cpus": ws.cpus})
     _plot(ws, twin, world, per_effect, outcomes, units, rec, base)
     return figs
+
+
+def _summary(total: np.ndarray, design, spec, noise_var: float) -> dict | None:
+    """The trial's summary of a released sum, None when it gives no result (the count, noisy in a
+    release, below 2: the coordinator reports none)."""
+    from twinfed.errors import TrialError
+    from twinfed.models.trial import summarise
+
+    try:
+        return summarise(total, design, spec, noise_var=noise_var)
+    except TrialError:
+        return None
+
+
+def _no_result(effect: str, outcomes: list[str]) -> dict:
+    nan = math.nan
+    return {"contrasts": {effect: {o: {"mean": nan, "ci95": [nan, nan]} for o in outcomes}}}
 
 
 def _mean(values: np.ndarray) -> float:
