@@ -48,9 +48,10 @@ def _calibration(spec):
 
 
 @contextlib.contextmanager
-def variant(name: str):
-    """The modules' ``by_group`` replaced for the run: ``batched`` calls ``fn`` once on every row,
-    ``per-patient`` calls it on each group alone (the by_group of commit e5ac7b1)."""
+def variant(name: str, arms: int, draws: int):
+    """The modules' ``by_group`` and the roll's ``row_exact`` replaced for the run: ``batched``
+    calls ``fn`` once on every row (MKL), ``per-patient`` calls it on each patient's rows alone
+    (the by_group of commit e5ac7b1; a roll's rows are ``arms`` x patients x ``draws``)."""
     from twinfed.models import calibration, personalise, rollout
 
     if name == "current":
@@ -68,15 +69,26 @@ def variant(name: str):
             out[torch.from_numpy(g)] = o
         return out
 
+    def roll_rows(fn, u):
+        n = next(iter(u.values())).shape[0]
+        with torch.no_grad():
+            if name == "batched":
+                return fn(u)
+            return per_patient(fn, u, rollout._Rows(arms, draws).groups(n // (arms * draws)))
+
+    import torch
     fn = batched if name == "batched" else per_patient
     saved = {m: getattr(m, "by_group") for m in (calibration, personalise, rollout) if hasattr(m, "by_group")}
+    saved_row_exact = rollout.row_exact
     try:
         for m in saved:
             m.by_group = fn
+        rollout.row_exact = roll_rows
         yield
     finally:
         for m, f in saved.items():
             m.by_group = f
+        rollout.row_exact = saved_row_exact
 
 
 def main(argv=None) -> int:
@@ -92,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--patients", type=int, default=400)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--variants", default="batched,per-patient,current")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (a node computes on one; 0: torch's default)")
     p.add_argument("--cohort", type=Path, help="a cohort directory to reuse (else generated in a temp dir)")
     args = p.parse_args(argv)
     if args.threads:
@@ -110,7 +122,7 @@ def main(argv=None) -> int:
         values = {}
         for r in range(args.repeats):
             for name in names:
-                with variant(name):
+                with variant(name, len(design.arms), design.draws):
                     w0, c0 = time.perf_counter(), time.process_time()
                     out = run_site_trial(twin, site, design, calibration=cal, patients=patients)
                     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
