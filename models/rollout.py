@@ -15,9 +15,10 @@ warmed-up forecasts:
   treatment;
 - the core's compartments (insulin and carbohydrate on board, drug amounts) carry on exactly from
   one horizon to the next; each horizon starts from the last forecast reading;
-- the bounded correction reads the rolled-forward readings and the patient's *usual* treatment,
-  never the trial's: treatments differ only through the core, as in a what-if, whose effects have
-  the right direction by construction.
+- the bounded correction reads the *reference* treatment's rolled-forward readings and the
+  patient's *usual* treatment, never another treatment's: every treatment of a patient gets the
+  same correction at every horizon, so treatments differ only through the core, as in a what-if,
+  whose effects have the right direction by construction.
 A neural twin (no core) sees what it always sees: the rolled history and the planned treatment.
 
 The draws are **per patient**: each patient's errors come from their own generator, keyed by the
@@ -82,7 +83,7 @@ class Uncertainty:
 
 def roll_forward(twin: Twin, origins: Origins, controls: np.ndarray, *, usual: np.ndarray | None = None,
                  offset: torch.Tensor | None = None, uncertainty: Uncertainty | None = None,
-                 draws: int = 1, seed: int = 0) -> np.ndarray:
+                 draws: int = 1, seed: int = 0, reference: int = 0) -> np.ndarray:
     """The twin's states ``[P, draws, T, S]`` over the ``T`` steps after each origin, under the
     planned ``controls`` ``[P, T, C]``; or ``[A, P, draws, T, S]`` under ``A`` treatments at once
     (``controls`` ``[A, P, T, C]``: one pass, and the same error draws in each). ``usual``
@@ -91,7 +92,9 @@ def roll_forward(twin: Twin, origins: Origins, controls: np.ndarray, *, usual: n
     Without ``uncertainty`` every draw is the twin's expected path; with it, each horizon's
     forecast gets an error drawn from each patient's own generator under ``seed`` (an int in
     [0, 2**128); the same draws for the same ``seed`` and patient, whatever the controls, the
-    other patients or their order: common random numbers)."""
+    other patients or their order: common random numbers). ``reference``: the treatment whose
+    rolled-forward readings a hybrid's correction reads, for every treatment (a trial's
+    reference arm)."""
     controls = np.asarray(controls, np.float32)
     single = controls.ndim == 3
     if single:
@@ -101,13 +104,15 @@ def roll_forward(twin: Twin, origins: Origins, controls: np.ndarray, *, usual: n
     if p != len(origins) or usual.shape != controls.shape[1:]:
         raise ValueError("controls, usual and origins must hold the same patients and steps")
     draws = max(1, int(draws))
+    if not 0 <= reference < arms:
+        raise ValueError(f"reference treatment {reference} is not one of the {arms} treatments")
     if len(origins.keys) != p:
         raise ValueError("origins must hold a key per patient")
     check_seed(seed)
     rng = [patient_rng(seed, ROLLOUT, int(key)) for key in origins.keys] if uncertainty is not None else []
     roll = _roll_hybrid if twin.hybrid else _roll_neural
     with torch.no_grad():
-        out = roll(twin, origins, controls, usual, offset, uncertainty, _Rows(arms, draws), rng)
+        out = roll(twin, origins, controls, usual, offset, uncertainty, _Rows(arms, draws), rng, reference)
     out = out.reshape(arms, p, draws, t, out.shape[-1])
     return out[0] if single else out
 
@@ -126,6 +131,10 @@ class _Rows:
             return a.repeat(self.arms, *([1] * (a.dim() - 1)))
         a = np.repeat(a, self.draws, axis=0)
         return np.tile(a, (self.arms,) + (1,) * (a.ndim - 1))
+
+    def of_treatment(self, a: int, patients: int) -> slice:
+        """Treatment ``a``'s rows (each patient's draws)."""
+        return slice(a * patients * self.draws, (a + 1) * patients * self.draws)
 
     def groups(self, patients: int) -> list[np.ndarray]:
         """Each patient's rows (every treatment's draws of that patient)."""
@@ -182,7 +191,7 @@ def _bounds(spec) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _roll_hybrid(twin, origins, controls, usual, offset, uncertainty, rows: _Rows,
-                 rng: list[np.random.Generator]) -> np.ndarray:
+                 rng: list[np.random.Generator], reference: int) -> np.ndarray:
     model, spec = twin.surrogate, twin.spec
     binding = model.binding
     h, k_max, s = spec.history_steps, spec.horizon_steps, len(spec.states)
@@ -209,6 +218,7 @@ def _roll_hybrid(twin, origins, controls, usual, offset, uncertainty, rows: _Row
     half = torch.from_numpy(twin.inputs.half)
     lo, hi = (torch.from_numpy(b) for b in _bounds(spec))
     n = readings.shape[0]
+    ref = rows.of_treatment(reference, p)  # the reference treatment's rows: what the correction reads
     out = np.empty((n, t, s), np.float32)
     for c0 in range(0, t, k_max):
         k = min(k_max, t - c0)
@@ -217,8 +227,9 @@ def _roll_hybrid(twin, origins, controls, usual, offset, uncertainty, rows: _Row
                                                        "covariates": covariates})
         last = readings[:, -1, :]
         path = torch.where(torch.isfinite(core), core, last[:, None, :])
-        correction = row_exact(model.corrections, {"states": readings, "controls": usual_history,
-                                                   "covariates": covariates}).reshape(n, k_max, s)[:, :k]
+        correction = row_exact(model.corrections, {"states": readings[ref], "controls": usual_history[ref],
+                                                   "covariates": covariates[ref]})
+        correction = correction.reshape(-1, k_max, s)[:, :k].repeat(rows.arms, 1, 1)  # every treatment alike
         path = path + correction * half / DELTA_UNITS
         err = _errors(uncertainty, rows, p, k, s, rng)
         if err is not None:
@@ -232,7 +243,7 @@ def _roll_hybrid(twin, origins, controls, usual, offset, uncertainty, rows: _Row
 
 
 def _roll_neural(twin, origins, controls, usual, offset, uncertainty, rows: _Rows,
-                 rng: list[np.random.Generator]) -> np.ndarray:
+                 rng: list[np.random.Generator], reference: int) -> np.ndarray:
     spec = twin.spec
     h, k_max, s, c = spec.history_steps, spec.horizon_steps, len(spec.states), len(spec.controls)
     _, p, t = controls.shape[:3]

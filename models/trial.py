@@ -164,6 +164,7 @@ def run_site_trial(twin, site: SiteData, design: TrialDesign, *, calibration=Non
         state = calibration.states[spec.state_columns[j]]
         return conformal.sample_scores(np.asarray(state.histogram), calibration.edges, rng, size)
 
+    ref = [arm.name for arm in design.arms].index(design.reference)  # what a hybrid's correction reads
     for c0 in range(0, keep.size, chunk_patients):
         part = keep[c0:c0 + chunk_patients]
         origins = Origins.at(site, win.patients[part], win.origins[part])
@@ -172,7 +173,7 @@ def run_site_trial(twin, site: SiteData, design: TrialDesign, *, calibration=Non
         controls = np.stack([arm_controls(design, arm, spec, usual, before, strict=not exclude_out_of_range)
                              for arm in design.arms])
         # The same seed in every chunk: each patient's draws are keyed by the patient.
-        states = roll_forward(twin, origins, controls, usual=usual,
+        states = roll_forward(twin, origins, controls, usual=usual, reference=ref,
                               offset=None if offset is None else offset[c0:c0 + chunk_patients],
                               uncertainty=unc, draws=draws, seed=base_seed)  # [A, P, D, T, S]
         values[c0:c0 + part.size] = outcome_values(design, spec, states).mean(axis=2).transpose(1, 0, 2)

@@ -410,3 +410,30 @@ def test_a_trial_whose_start_leaves_no_record_after_it_excludes_everyone(cohort,
     outcomes = run_site_trial(origin[2], cohort, late)
     assert outcomes.n_patients == 0 and outcomes.n_excluded == 4
     assert outcomes.values.shape == (0, 2, 2)
+
+
+def test_a_hybrids_correction_reads_the_reference_arms_path_so_arms_differ_only_through_the_core(origin):
+    """The bounded correction is no treatment effect: in a trial it reads the reference arm's
+    rolled-forward readings (and the usual treatment), so every arm of a patient gets the same
+    correction at every horizon and the arms differ only through the core."""
+    origins, usual, hybrid, offset = origin
+    planned = _planned(usual)
+    seen = []
+    corrections = hybrid.surrogate.corrections
+
+    def spy(u):
+        seen.append(u["states"].clone())
+        return corrections(u)
+
+    hybrid.surrogate.corrections = spy
+    try:
+        rolled = roll_forward(hybrid, origins, np.stack([usual, planned]), usual=usual, offset=offset,
+                              reference=0)
+    finally:
+        del hybrid.surrogate.corrections
+    assert not np.allclose(rolled[0], rolled[1])  # the arms differ (through the core)
+    s, h = rolled.shape[-1], SPEC.history_steps
+    for j, states in enumerate(seen):  # the horizon starting at step j * K
+        ref = np.concatenate([origins.history[:, :, :s], rolled[0, :, 0, :j * K]], axis=1)[:, -h:]
+        assert states.shape[0] == len(origins)  # one correction per patient, read by every arm
+        np.testing.assert_array_equal(states.numpy(), ref)
