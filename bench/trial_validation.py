@@ -273,6 +273,40 @@ def run(ws: Workspace, sizes: Sizes) -> dict:
     return out
 
 
+def conforming_pool(pool: Path, spec) -> tuple[Path, list[str]]:
+    """The pool without the patients whose record leaves the spec's ranges (a site refuses such a
+    record whole: ``load_site``'s DataError), and their ids. Such patients are the generator's
+    (a bergman pool of 1,500 at seed 21 held an elderly patient bolused 112.6 U for 125 g, above
+    the spec's 100 U); the others' files are copied byte for byte, once, beside the pool."""
+    import shutil
+
+    import pandas as pd
+
+    cols = [*spec.states, *spec.controls]
+    ts = pd.read_csv(pool / HOLDOUT / "timeseries.csv", usecols=["patient_id", *(c.column for c in cols)])
+    bad: set[str] = set()
+    for c in cols:
+        v = ts[c.column]
+        bad |= set(ts.loc[(v < c.min) | (v > c.max), "patient_id"].astype(str))
+    if not bad:
+        return pool, []
+    out = pool.parent / f"{pool.name}-conforming"
+    if not (out / "cohort.json").is_file():
+        tmp = pool.parent / f".{out.name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(pool, tmp)
+        for rel in (f"{HOLDOUT}/timeseries.csv", f"{HOLDOUT}/patients.csv", f"{HOLDOUT}/consent.csv",
+                    f"truth/{HOLDOUT}.csv"):
+            path = tmp / rel
+            if path.is_file():
+                with path.open(encoding="utf-8") as fh:
+                    lines = fh.readlines()
+                kept = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].strip('"') not in bad]
+                path.write_text("".join(kept), encoding="utf-8")
+        tmp.rename(out)
+    return out, sorted(bad)
+
+
 def site_noise(run_dir: Path, plan, sites: list[str]) -> dict[str, float]:
     """Each training site's noise multiplier for the trial plan's release, as its node would
     calibrate it on its ledger now (read only: nothing is charged)."""
@@ -329,6 +363,7 @@ def run_world(ws: Workspace, sizes: Sizes, twin: str, world: str) -> dict:
     t0 = time.perf_counter()
     pool = ws.cohort(twin, sites=1, patients=1, days=days, holdout=sizes.validation_pool,
                      seed=sizes.validation_seed, simulator=world)
+    pool, refused = conforming_pool(pool, spec)
     t_pool = time.perf_counter() - t0
     ws.progress(f"  trial_validation {twin} ({world}): the truth, {sizes.validation_pool} patients replayed "
                 f"under {len(names)} arms")
@@ -393,6 +428,7 @@ def run_world(ws: Workspace, sizes: Sizes, twin: str, world: str) -> dict:
                      "its DP calibration",
             "repetitions": R, "patients_per_trial": n, "pool_patients": int(eligible.size),
             "pool": {"cohort": pool.name, "seed": sizes.validation_seed, "excluded_by_the_record": truth_excluded,
+                     "refused_by_the_spec": len(refused),
                      "excluded_by_the_twins_trial": int(eligible.size - twins.n_patients),
                      "replay_check_rms_before_start": replay_rms},
             "patients_in_twins_trial_mean": float(n_twins.mean()),

@@ -238,6 +238,36 @@ def test_an_arm_rolled_forward_beside_others_has_its_two_arm_trials_values(tmp_p
         np.testing.assert_allclose(alone.values, both.values[:, [0, names.index(effect)]], rtol=1e-6, atol=1e-6)
 
 
+def test_a_pool_patient_whose_record_leaves_the_specs_range_is_dropped_from_every_file(tmp_path):
+    """A site refuses a record outside the spec's ranges whole (load_site); the pool keeps every
+    other patient, byte for byte."""
+    from bench.trial_validation import conforming_pool
+    from twinfed.models.cohort import generate_cohort, read_truth
+    from twinfed.models.site_data import load_site
+    from twinfed.models.spec import load_spec
+
+    spec = load_spec("glucose")
+    pool = tmp_path / "pool"
+    generate_cohort("glucose", sites=1, patients=1, days=1, seed=3, holdout=3, out=pool)
+    assert conforming_pool(pool, spec) == (pool, [])
+    ts = pool / "holdout" / "timeseries.csv"
+    lines = ts.read_text().splitlines(keepends=True)
+    victim = lines[-1].split(",", 1)[0].strip('"')
+    cells = lines[-1].rstrip("\n").split(",")
+    cells[3] = "150"  # insulin_u above the spec's 100 U
+    ts.write_text("".join(lines[:-1]) + ",".join(cells) + "\n")
+    with pytest.raises(Exception, match="above the spec's max"):
+        load_site(pool / "holdout", spec)
+    out, refused = conforming_pool(pool, spec)
+    assert refused == [victim] and out != pool
+    site = load_site(out / "holdout", spec)
+    assert site.n_patients == 2 and victim not in site.patient_ids
+    assert victim not in read_truth(out / "truth" / "holdout.csv")[0]
+    assert [ln for ln in (out / "holdout" / "timeseries.csv").read_text().splitlines(keepends=True)] == \
+        [ln for ln in lines if ln.split(",", 1)[0].strip('"') != victim]
+    assert conforming_pool(pool, spec) == (out, [victim])  # made once
+
+
 # -- the section end to end --------------------------------------------------------------------------
 
 @pytest.mark.slow
