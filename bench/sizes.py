@@ -87,12 +87,12 @@ class Sizes:
     # the trial's validation (issue 21, bench.trial_validation): per world, a pool of fresh
     # patients (held-out patients of a cohort of their own seed), from which each repetition
     # draws a small trial's cohort; every effect's trial runs that long, with that many draws.
-    # The twins of the pool dominate its time (measured on one thread, 2 cores at load 4.4:
-    # 0.11 s per patient for the glucose twin's 7 arms, 0.20 s for the cardio twin's 5, over 2
-    # days with 8 draws; replaying the truth about 0.014 s): a pool of 1,500 per world, about
-    # 12-13 minutes for the section's three worlds (with trained twins). The repetitions cost
-    # little (sums, noise, summaries): their number is free; 200 patients per trial keep the
-    # release's noise on a mean contrast about 7 mg/dL or points (bench.trial_validation).
+    # The twins of the pool dominate its time: measured at these sizes (on --quick-trained twins,
+    # one torch thread, 2 cores at load about 4), 95 / 106 / 313 s for the bergman / hovorka /
+    # baroreflex pools (0.06-0.07 s per patient for the glucose twin's 7 arms, 0.21 s for the
+    # cardio twin's 5, over 2 days with 8 draws), the truth's replays 8-10 s, the 200
+    # repetitions 1-3 s: 562 s for the section after the twins are trained. 200 patients per
+    # trial keep the release's noise on a mean contrast at 6.9 mg/dL or points (2.3 mmHg).
     validation_repeats: int = 200
     validation_patients: int = 200
     validation_pool: int = 1500
