@@ -157,3 +157,18 @@ def test_a_generated_cohort_can_be_replayed_to_its_mechanistic_truth(tmp_path, s
     assert np.abs(measured - truth).mean() < 10  # only sensor noise separates them
     more = dict(ctrl, carbs_g=ctrl["carbs_g"] + np.where(np.arange(len(rows)) == 60, 40.0, 0.0))
     assert replay_truth(tmp_path, "site-a", ids[0], more)["glucose_mgdl"][84] > truth[84] + 30
+
+
+def test_a_patient_with_an_extreme_carb_ratio_is_never_given_more_insulin_than_the_spec_allows():
+    """A pump delivers at most the spec's insulin per step: a generated patient whose carb ratio
+    is extreme (1 g/U here; a 1,500-patient cohort held one at 1.1 g/U, bolused 112.6 U) keeps a
+    record the site can load, instead of failing the whole site's export."""
+    spec = load_spec("glucose")
+    top = spec.controls[spec.control_columns.index("insulin_u")].max
+    n = 200
+    doses = glucose_sim.treatment(glucose_sim.SITE_PROFILES[2], weight_kg=np.full(n, 110.0),
+                                  basal_u_per_h=np.full(n, 1.0), carb_ratio_g_per_u=np.full(n, 1.0),
+                                  n_steps=288 * 2, step_minutes=spec.step_minutes,
+                                  rng=np.random.default_rng(0))
+    assert doses["insulin_u"].max() <= top
+    assert doses["insulin_u"].max() > 50  # still the large boluses such a patient takes

@@ -22,6 +22,9 @@ import numpy as np
 from twinfed.models.sim.base import SimCohort, SiteProfile, lognormal
 
 SUBSTEP_MIN = 1.0
+# A pump delivers at most this much insulin in one step (the glucose spec's range): a patient
+# whose bolus would exceed it gets the most the pump gives, and their record stays loadable.
+PUMP_MAX_U_PER_STEP = 100.0
 CGM_RANGE = (40.0, 400.0)
 
 SITE_PROFILES: tuple[SiteProfile, ...] = (
@@ -112,7 +115,7 @@ def treatment(profile: SiteProfile, *, weight_kg: np.ndarray, basal_u_per_h: np.
             has = n_snacks > k
             minute = np.where(has, d * 1440 + rng.uniform(9 * 60, 22 * 60, n), -1e9)
             add(minute, rng.uniform(10, 30, n) * size, 0.5)
-    return {"insulin_u": insulin, "carbs_g": carbs}
+    return {"insulin_u": np.minimum(insulin, PUMP_MAX_U_PER_STEP), "carbs_g": carbs}
 
 
 def simulate(params: dict[str, np.ndarray], controls: dict[str, np.ndarray], *,
