@@ -22,6 +22,22 @@ mean over that patient's own windows plus their prior, so Adam's elementwise ste
 patient's offset see only that patient. A released aggregate (a trial, a calibration) depends on
 this: removing one patient must leave every other patient's contribution unchanged (DESIGN.md
 section 4; tests/test_per_patient_release.py).
+
+**What the fit does not know** (issue 21 item 1). Around the fitted offset, a Laplace
+(Gauss-Newton) posterior per patient (:func:`laplace_posterior`): with ``J`` the Jacobian of the
+patient's window outputs (scaled units, ``M`` per window) with respect to the offset (``n``
+parameters) and ``sigma^2`` the patient's residual variance at the fit (the noise model, floored
+at ``SIGMA2_FLOOR``),
+
+    precision = (J^T J + c I) / sigma^2,   c = prior_weight * M / n,
+
+the summed likelihood of all the patient's outputs plus the fit's Gaussian prior in the same
+summed units (``prior_weight * mean(offset^2)`` is weighed against one window's mean squared
+error, i.e. the prior is worth one window). The likelihood grows with the windows, the prior does
+not, so the posterior sharpens as the record grows. It is each patient's own too: ``J`` and the
+residuals are computed row by row and summed over that patient's rows alone.
+:func:`parameter_spread` maps it through the core's binding to one physical parameter (the
+delta method on its log: a relative spread), with an identifiability flag.
 """
 
 from __future__ import annotations
@@ -49,6 +65,13 @@ PRIOR_WEIGHT = 0.02
 # seed draws a patient's identification windows and their roll-forward errors independently.
 IDENTIFICATION = 1
 ROLLOUT = 2
+# The noise model's floor on a patient's residual variance (scaled units squared; DELTA_UNITS = 10
+# per half-range, so 1e-3 is a residual SD of 0.03, 0.09 mg/dL for glucose): noise-free data
+# would otherwise claim a point mass.
+SIGMA2_FLOOR = 1e-3
+# A parameter is identified from a patient's record when its posterior relative SD (the SD of its
+# log) is below this: a 95% interval within a factor of exp(1.96 * 0.25) = 1.63 either way.
+IDENTIFIABLE_REL_SD = 0.25
 SEED_BITS = 128  # a seed is an int in [0, 2**128): a design's public seed or a release's secret
 
 
@@ -192,6 +215,9 @@ class Identified:
     starts: np.ndarray
     owner: np.ndarray
     patients: np.ndarray
+    # The Laplace posterior's covariance of each offset ``[P, n, n]`` (float64; NaN for a patient
+    # without windows, who has no noise model): :func:`laplace_posterior`.
+    posterior_cov: torch.Tensor | None = None
 
 
 def identification_windows(site: SiteData, patients: np.ndarray, until_steps: np.ndarray, *,
@@ -219,16 +245,20 @@ def identification_windows(site: SiteData, patients: np.ndarray, until_steps: np
 
 def identify(model, site: SiteData, patients: np.ndarray, until_steps: np.ndarray, *,
              windows: int = WINDOWS, steps: int = STEPS, prior_weight: float = PRIOR_WEIGHT,
-             seed: int = 0) -> Identified:
+             seed: int = 0, posterior: bool = True) -> Identified:
     """Fit each of ``patients`` (indices into ``site``) on its windows whose horizon ends at or
     before its ``until_steps`` (the site's time grid). Each patient's fit is their own: the same
-    whoever else is fitted with them, in whatever order (see the module's note)."""
+    whoever else is fitted with them, in whatever order (see the module's note). With
+    ``posterior``, also each patient's Laplace posterior around the fit
+    (``Identified.posterior_cov``)."""
     patients = np.asarray(patients, dtype=np.int64)
     starts, counts = identification_windows(site, patients, until_steps, windows=windows, seed=seed)
     owner_np = np.repeat(np.arange(len(patients)), counts)
     offset = torch.zeros(len(patients), len(model.binding.params), requires_grad=True)
     if counts.sum() == 0:
-        return Identified(offset.detach(), counts, starts, owner_np, patients)
+        n = offset.shape[1]
+        cov = torch.full((len(patients), n, n), float("nan"), dtype=torch.float64) if posterior else None
+        return Identified(offset.detach(), counts, starts, owner_np, patients, cov)
     owner = torch.from_numpy(owner_np)
     model.eval()
     with torch.no_grad():  # what does not depend on the offset, once
@@ -255,4 +285,102 @@ def identify(model, site: SiteData, patients: np.ndarray, until_steps: np.ndarra
             m.mul_(b1).add_(grad, alpha=1 - b1)
             v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
             offset -= LEARNING_RATE * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + 1e-8)
-    return Identified(offset.detach(), counts, starts, owner_np, patients)
+    offset = offset.detach()
+    cov = laplace_posterior(model, u, z_windows, correction, y, offset, owner_np, counts,
+                            prior_weight=prior_weight) if posterior else None
+    return Identified(offset, counts, starts, owner_np, patients, cov)
+
+
+def laplace_posterior(model, u: dict[str, torch.Tensor], z_windows: torch.Tensor, correction: torch.Tensor,
+                      y: torch.Tensor, offset: torch.Tensor, owner: np.ndarray, counts: np.ndarray, *,
+                      prior_weight: float = PRIOR_WEIGHT) -> torch.Tensor:
+    """Each patient's Laplace (Gauss-Newton) posterior covariance ``[P, n, n]`` (float64) of their
+    ``offset`` at the fitted point (see the module's note for the formula): ``model.outputs(u,
+    z_windows + offset[owner], correction)`` are the windows' forecasts (rows grouped by patient,
+    ``owner`` each row's patient, ``counts`` their windows), ``y`` their targets. The Jacobian is
+    forward-mode, one pass per parameter; a patient without windows gets NaN."""
+    n_pat, n = offset.shape
+    cov = torch.full((n_pat, n, n), float("nan"), dtype=torch.float64)
+    if owner.size == 0:
+        return cov
+    idx = torch.from_numpy(owner)
+
+    def forecast(off: torch.Tensor) -> torch.Tensor:
+        return model.outputs(u, z_windows + off[idx], correction)
+
+    columns, out = [], None
+    with torch.no_grad():
+        for j in range(n):
+            tangent = torch.zeros_like(offset)
+            tangent[:, j] = 1.0
+            out, column = torch.func.jvp(forecast, (offset,), (tangent,))
+            columns.append(column)
+    jac = torch.stack(columns, dim=-1)  # [W, M, n]
+    resid = out - y
+    m = resid.shape[-1]
+    prior = prior_weight * m / n
+    for rows in runs(owner):  # each patient's rows alone, in fresh tensors: see by_group
+        p = int(owner[rows[0]])
+        r = torch.from_numpy(rows)
+        jp = jac[r].double().reshape(-1, n)
+        sigma2 = max(float((resid[r].double() ** 2).mean()), SIGMA2_FLOOR)
+        precision = (jp.T @ jp + prior * torch.eye(n, dtype=torch.float64)) / sigma2
+        cov[p] = torch.linalg.inv(precision)
+    return cov
+
+
+@dataclass
+class Spread:
+    """One core parameter's posterior spread per patient (:func:`parameter_spread`): its value at
+    the fit, its SD (the parameter's units), its relative SD (the SD of its log) and whether the
+    record identifies it (relative SD below ``IDENTIFIABLE_REL_SD``). NaN and not identifiable
+    for a patient without a posterior."""
+
+    name: str
+    value: np.ndarray
+    sd: np.ndarray
+    relative_sd: np.ndarray
+    identifiable: np.ndarray
+
+
+def parameter_spread(model, site: SiteData, fitted: Identified, name: str, *,
+                     reference: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None) -> Spread:
+    """The posterior spread of core parameter ``name`` (e.g. the glucose core's insulin
+    sensitivity ``si``) for each patient of ``fitted``, by the delta method through the binding:
+    with ``g`` the gradient of ``log theta[name]`` with respect to ``z`` at ``z_ref + offset``,
+    relative SD = sqrt(g^T Sigma g) and SD = theta * relative SD. ``reference``: each patient's
+    unpacked inputs and encoder ``z`` at which to read the parameter (e.g. a what-if's origin);
+    by default each patient's last identification window."""
+    n_pat = len(fitted.patients)
+    names = [p.name for p in model.binding.params]
+    if name not in names:
+        raise ValueError(f"the core has no parameter {name!r} (it has {', '.join(names)})")
+    nan = np.full(n_pat, np.nan)
+    if fitted.posterior_cov is None or n_pat == 0:
+        return Spread(name, nan, nan.copy(), nan.copy(), np.zeros(n_pat, bool))
+    if reference is None:
+        has = fitted.n_windows > 0
+        last = np.cumsum(fitted.n_windows) - 1
+        rows = fitted.starts[last[has]]
+        if not has.any():
+            return Spread(name, nan, nan.copy(), nan.copy(), np.zeros(n_pat, bool))
+        with torch.no_grad():
+            batch = gather(site, rows, fitted.patients[has], with_context=True)
+            u = model.unpack(torch.from_numpy(model.inputs.batch_features(batch)))
+            z_ref = by_group(model.parameters_of, u, [np.array([i]) for i in range(int(has.sum()))])
+        offset = fitted.offset[torch.from_numpy(np.flatnonzero(has))]
+        cov = fitted.posterior_cov[torch.from_numpy(np.flatnonzero(has))]
+    else:
+        has = np.ones(n_pat, bool)
+        u, z_ref = reference
+        offset, cov = fitted.offset, fitted.posterior_cov
+    z = (z_ref + offset).detach().requires_grad_(True)
+    log_theta = torch.log(model.binding.theta(z, u)[name])
+    (g,) = torch.autograd.grad(log_theta.sum(), z)  # row-wise: each row's own gradient
+    g = g.double()
+    rel = torch.sqrt(torch.einsum("pi,pij,pj->p", g, cov, g)).numpy()
+    value = torch.exp(log_theta).detach().double().numpy()
+    out_value, out_sd, out_rel = nan.copy(), nan.copy(), nan.copy()
+    out_value[has], out_rel[has], out_sd[has] = value, rel, value * rel
+    identifiable = np.where(np.isfinite(out_rel), out_rel < IDENTIFIABLE_REL_SD, False)
+    return Spread(name, out_value, out_sd, out_rel, identifiable.astype(bool))

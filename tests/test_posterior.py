@@ -1,0 +1,94 @@
+"""The Laplace posterior of a patient's core-parameter offset (issue 21 item 1): what the twin does
+not know about the patient, sharpening as their record grows."""
+
+import numpy as np
+import pytest
+import torch
+
+from twinfed.models.hybrid import HybridSurrogate
+from twinfed.models.personalise import (
+    IDENTIFIABLE_REL_SD, SIGMA2_FLOOR, identify, laplace_posterior, parameter_spread,
+)
+from twinfed.models.plan import ModelConfig
+
+from test_personalise import DAYS, SPEC, _site
+
+
+class _Param:
+    def __init__(self, name):
+        self.name = name
+
+
+class _LinearModel:
+    """A stand-in exposing what the Laplace step uses: ``outputs(u, z, correction)``, here linear
+    in ``z`` (each window's outputs ``A_w z``) plus the correction."""
+
+    def __init__(self, a: torch.Tensor):
+        self.a = a  # [W, M, n]
+
+    def outputs(self, u, z, correction):
+        return torch.einsum("wmn,wn->wm", self.a, z) + correction
+
+
+def test_on_outputs_linear_in_the_offset_the_laplace_posterior_is_the_exact_gaussian_posterior():
+    rng = np.random.default_rng(3)
+    n, m = 3, 5
+    counts = np.array([4, 7])  # two patients, their windows grouped
+    owner = np.repeat(np.arange(2), counts)
+    a = torch.from_numpy(rng.normal(size=(counts.sum(), m, n))).float()
+    truth = rng.normal(size=(2, n))
+    y = torch.einsum("wmn,wn->wm", a, torch.from_numpy(truth[owner]).float()) \
+        + torch.from_numpy(rng.normal(0, 0.3, size=(counts.sum(), m))).float()
+    offset = torch.from_numpy(rng.normal(size=(2, n))).float()  # any point: the outputs are linear
+    z = torch.zeros(counts.sum(), n)
+    corr = torch.zeros(counts.sum(), m)
+    weight = 0.02
+    cov = laplace_posterior(_LinearModel(a), {}, z, corr, y, offset, owner, counts, prior_weight=weight)
+    assert cov.shape == (2, n, n)
+    for p in range(2):
+        rows = owner == p
+        A = a[rows].double().reshape(-1, n).numpy()  # all the patient's outputs, stacked
+        r = (A @ offset[p].double().numpy() - y[rows].double().reshape(-1).numpy())
+        sigma2 = max(float(np.mean(r ** 2)), SIGMA2_FLOOR)
+        # y | theta ~ N(A theta, sigma2 I); theta ~ N(0, sigma2 n / (weight M) I): the fit's prior,
+        # weight * mean(theta^2) against one window's mean squared error.
+        exact = np.linalg.inv(A.T @ A / sigma2 + np.eye(n) * weight * m / (n * sigma2))
+        np.testing.assert_allclose(cov[p].numpy(), exact, rtol=1e-5, atol=1e-9)
+
+
+def test_a_patient_without_windows_has_no_posterior():
+    a = torch.zeros(0, 2, 3)
+    cov = laplace_posterior(_LinearModel(a), {}, torch.zeros(0, 3), torch.zeros(0, 2), torch.zeros(0, 2),
+                            torch.zeros(1, 3), np.zeros(0, np.int64), np.array([0]), prior_weight=0.02)
+    assert torch.isnan(cov).all()
+
+
+@pytest.fixture(scope="module")
+def noisy_site():
+    site = _site(2)
+    rng = np.random.default_rng(1)
+    site.series[:, 0] += rng.normal(0, 8.0, size=len(site.series)).astype(np.float32)  # CGM noise
+    return site
+
+
+def test_the_spread_of_insulin_sensitivity_shrinks_as_a_patients_windows_grow(noisy_site):
+    torch.manual_seed(0)
+    model = HybridSurrogate(SPEC, ModelConfig(kind="hybrid", hidden=8, layers=1))
+    until = np.full(noisy_site.n_patients, DAYS * 288 - 1)
+    sd = {}
+    for w in (4, 16, 64):
+        fit = identify(model, noisy_site, np.arange(2), until, windows=w, steps=60)
+        assert fit.posterior_cov.shape == (2, len(SPEC.core and model.binding.params), len(model.binding.params))
+        spread = parameter_spread(model, noisy_site, fit, "si")
+        assert np.all(np.isfinite(spread.sd)) and np.all(spread.sd > 0)
+        sd[w] = spread.relative_sd
+    assert np.all(sd[64] < sd[16]) and np.all(sd[16] < sd[4])
+
+
+def test_a_patient_without_windows_is_not_identifiable(noisy_site):
+    torch.manual_seed(0)
+    model = HybridSurrogate(SPEC, ModelConfig(kind="hybrid", hidden=8, layers=1))
+    fit = identify(model, noisy_site, np.array([0, 1]), np.array([10, DAYS * 288 - 1]), steps=20)
+    spread = parameter_spread(model, noisy_site, fit, "si")
+    assert spread.identifiable.tolist() == [False, bool(spread.relative_sd[1] < IDENTIFIABLE_REL_SD)]
+    assert np.isnan(spread.sd[0])
