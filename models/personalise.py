@@ -72,6 +72,15 @@ SIGMA2_FLOOR = 1e-3
 # A parameter is identified from a patient's record when its posterior relative SD (the SD of its
 # log) is below this: a 95% interval within a factor of exp(1.96 * 0.25) = 1.63 either way.
 IDENTIFIABLE_REL_SD = 0.25
+# The parameter whose spread flags a patient as identified, by core: the one a treatment's effect
+# scales with (the glucose core's insulin sensitivity, the cardio core's maximal drug effect).
+KEY_PARAMETERS = ("si", "emax")
+
+
+def key_parameter(binding) -> str:
+    """The core parameter whose posterior spread is a patient's identifiability flag."""
+    names = [p.name for p in binding.params]
+    return next((k for k in KEY_PARAMETERS if k in names), names[0])
 SEED_BITS = 128  # a seed is an int in [0, 2**128): a design's public seed or a release's secret
 
 

@@ -64,6 +64,10 @@ class SiteOutcomes:
     n_excluded: int
     uncertainty: bool  # forecast errors were propagated (the twin had a calibration)
     patients: np.ndarray | None = None  # [P]: each row's patient (index into the site)
+    # Of these patients, how many records leave the core's key parameter (the glucose core's
+    # insulin sensitivity) unidentified (``personalise.parameter_spread``); None without a core.
+    # A count at the site, never released (a node's release carries only its DP sums).
+    n_not_identifiable: int | None = None
 
     @property
     def n_patients(self) -> int:
@@ -154,8 +158,16 @@ def run_site_trial(twin, site: SiteData, design: TrialDesign, *, calibration=Non
     n_excluded = win.n_excluded + int((~ok).sum())
     keep = np.flatnonzero(ok)
     values = np.zeros((keep.size, len(design.arms), len(design.outcomes)))
+    n_unidentified = None
+    if twin.hybrid:
+        from twinfed.models.personalise import key_parameter, parameter_spread
+
+        n_unidentified = 0
+        if keep.size:
+            spread = parameter_spread(twin.surrogate, site, identified, key_parameter(twin.surrogate.binding))
+            n_unidentified = int((~spread.identifiable[keep]).sum())
     if keep.size == 0:
-        return SiteOutcomes(values, n_excluded, calibration is not None, win.patients[keep])
+        return SiteOutcomes(values, n_excluded, calibration is not None, win.patients[keep], n_unidentified)
     offset = identified.offset[keep] if twin.hybrid else None
     scales = identification_scales(twin, site, identified)[keep] if calibration is not None else None
     draws = design.draws if calibration is not None else 1
@@ -177,7 +189,7 @@ def run_site_trial(twin, site: SiteData, design: TrialDesign, *, calibration=Non
                               offset=None if offset is None else offset[c0:c0 + chunk_patients],
                               uncertainty=unc, draws=draws, seed=base_seed)  # [A, P, D, T, S]
         values[c0:c0 + part.size] = outcome_values(design, spec, states).mean(axis=2).transpose(1, 0, 2)
-    return SiteOutcomes(values, n_excluded, calibration is not None, win.patients[keep])
+    return SiteOutcomes(values, n_excluded, calibration is not None, win.patients[keep], n_unidentified)
 
 
 def _arms_in_range(design: TrialDesign, spec, win: TrialWindows) -> np.ndarray:

@@ -125,6 +125,9 @@ class WhatIf:
     bands: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] | None = None
     intervals: dict | None = None
     intervals_note: str | None = None
+    # A personalised hybrid: the Laplace posterior's spread of each core parameter at --at
+    # (twinfed.models.personalise.parameter_spread) and the identifiability flag of the key one.
+    posterior: dict | None = None
 
 
 def origin_batch(site: SiteData, p: int, end: int, history: np.ndarray) -> Batch:
@@ -171,10 +174,12 @@ def run_whatif(twin: Twin, site: SiteData, patient_id: str, at_min: float,
     recorded = series[end + 1: end + 1 + k, s:] if future_known else np.zeros((k, len(spec.controls)), np.float32)
     observed = series[end + 1: end + 1 + k, :s] if future_known else None
     origin = origin_batch(site, p, end, history)
-    offset, clinical, source, n_fit, fitted = None, None, None, 0, None
+    offset, clinical, source, n_fit, fitted, posterior = None, None, None, 0, None, None
     if twin.hybrid:
         offset, source, n_fit, fitted = _identification(twin, site, p, at, personalise)
         clinical = _clinical(twin, origin, offset)
+        if fitted is not None and fitted.posterior_cov is not None:
+            posterior = _posterior(twin, origin, fitted)
     forecasts, controls = {}, {}
     for sc in scenarios:
         fc = sc.apply(spec, recorded.astype(np.float32))
@@ -194,6 +199,7 @@ def run_whatif(twin: Twin, site: SiteData, patient_id: str, at_min: float,
         recorded_future_known=bool(future_known), clinical=clinical, parameters_from=source,
         identification_windows=n_fit, scales=scales, bands=bands,
         intervals=None if bands is None else calibration.label(), intervals_note=note,
+        posterior=posterior,
     )
 
 
@@ -235,3 +241,26 @@ def _clinical(twin: Twin, origin: Batch, offset) -> dict[str, float]:
         z = model.parameters_of(u)
         terms = model.binding.clinical(z if offset is None else z + offset, u)
     return {name: round(float(v[0]), 4) for name, v in terms.items()}
+
+
+def _posterior(twin: Twin, origin: Batch, fitted) -> dict:
+    """Each core parameter's posterior value, SD and relative SD at the origin, and whether the
+    record identifies the key parameter (relative SD below the threshold)."""
+    import torch
+
+    from twinfed.models.personalise import IDENTIFIABLE_REL_SD, key_parameter, parameter_spread
+
+    model = twin.surrogate
+    with torch.no_grad():
+        u = model.unpack(torch.from_numpy(twin.inputs.batch_features(origin)))
+        z = model.parameters_of(u)
+    spreads = {p.name: parameter_spread(model, None, fitted, p.name, reference=(u, z))
+               for p in model.binding.params}
+    key = spreads[key_parameter(model.binding)]
+    return {"method": "laplace",
+            "parameters": {name: {"value": round(float(s.value[0]), 6), "sd": round(float(s.sd[0]), 6),
+                                  "relative_sd": round(float(s.relative_sd[0]), 4)}
+                           for name, s in spreads.items()},
+            "identifiability": {"parameter": key.name, "relative_sd": round(float(key.relative_sd[0]), 4),
+                                "identifiable": bool(key.identifiable[0]),
+                                "threshold_relative_sd": IDENTIFIABLE_REL_SD}}

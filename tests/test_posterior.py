@@ -92,3 +92,30 @@ def test_a_patient_without_windows_is_not_identifiable(noisy_site):
     spread = parameter_spread(model, noisy_site, fit, "si")
     assert spread.identifiable.tolist() == [False, bool(spread.relative_sd[1] < IDENTIFIABLE_REL_SD)]
     assert np.isnan(spread.sd[0])
+
+
+def test_whatif_json_reports_the_posterior_spread_of_insulin_sensitivity_and_its_flag(noisy_site):
+    import json
+
+    from twinfed.cli.twin import whatif_json
+    from twinfed.models.plan import TrainingPlan
+    from twinfed.models.twin import Twin
+    from twinfed.models.whatif import default_scenarios, run_whatif
+
+    torch.manual_seed(0)
+    config = ModelConfig(kind="hybrid", hidden=8, layers=1)
+    twin = Twin(TrainingPlan(spec=SPEC, rounds=1, model=config), HybridSurrogate(SPEC, config))
+    res = run_whatif(twin, noisy_site, "p1", 2 * 1440.0, default_scenarios(SPEC))
+    out = json.loads(json.dumps(whatif_json(res, twin, SPEC)))
+    params = out["parameters"]
+    assert params["from"] == "personalised" and "clinical" in params  # the fields that were there
+    post = params["posterior"]
+    assert set(post["parameters"]) == {p.name for p in twin.surrogate.binding.params}
+    si = post["parameters"]["si"]
+    assert si["sd"] > 0 and si["relative_sd"] == pytest.approx(si["sd"] / si["value"], rel=1e-2)
+    key = post["identifiability"]
+    assert key["parameter"] == "si" and key["threshold_relative_sd"] == IDENTIFIABLE_REL_SD
+    assert key["identifiable"] == (key["relative_sd"] < IDENTIFIABLE_REL_SD)
+    # without personalisation there is no posterior to report
+    res = run_whatif(twin, noisy_site, "p1", 2 * 1440.0, default_scenarios(SPEC), personalise=False)
+    assert whatif_json(res, twin, SPEC)["parameters"]["posterior"] is None

@@ -127,6 +127,9 @@ def test_a_trial_counts_the_patients_without_consent_and_writes_its_results_and_
     assert code == 0
     report = json.loads(out)
     assert report["patients_not_consented"] == 1 and report["patients_excluded"] == 0
+    # the hybrid's records that leave insulin sensitivity unidentified, counted (issue 21 item 1)
+    unidentified = report["patients_not_identifiable"]
+    assert unidentified["parameter"] == "si" and 0 <= unidentified["count"] <= 4
     assert json.loads((where / "trial.json").read_text()) == report
     assert (where / "trial.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "4 patients consented for 'in-silico-trial'" in err

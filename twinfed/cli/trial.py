@@ -108,7 +108,7 @@ def _local(args, twin, design, calibration) -> tuple[dict, object]:
     from twinfed.models.trial import contributions, run_site_trial, summarise
 
     _one_thread()
-    parts, excluded, not_consented = [], 0, 0
+    parts, excluded, not_consented, unidentified = [], 0, 0, None
     for d in args.data:
         site = load_site(d, twin.spec)
         consented = site.subset(granted(site_consent(d), design.purpose), reuse=True)
@@ -121,6 +121,8 @@ def _local(args, twin, design, calibration) -> tuple[dict, object]:
         outcomes = run_site_trial(twin, consented, design, calibration=calibration)
         parts.append(outcomes.values)
         excluded += outcomes.n_excluded
+        if outcomes.n_not_identifiable is not None:
+            unidentified = (unidentified or 0) + outcomes.n_not_identifiable
     values = np.concatenate(parts) if parts else np.zeros((0, len(design.arms), len(design.outcomes)))
     if values.shape[0] < 2:
         raise TrialError(f"fewer than 2 patients could take part ({values.shape[0]}): they need consent for "
@@ -131,12 +133,24 @@ def _local(args, twin, design, calibration) -> tuple[dict, object]:
                            "note": "one machine: the sites' data never left it; results are exact "
                                    "aggregates over its patients"},
                "patients_excluded": excluded, "patients_not_consented": not_consented,
+               "patients_not_identifiable": _not_identifiable(twin, unidentified),
                "uncertainty": _uncertainty(design, calibration), "engine": "local",
                "design": {"start_hours": design.start_hours, "duration_days": design.duration_days,
                           "draws": design.draws if calibration is not None else 1,
                           "purpose": design.purpose},
                "model": _model_label(twin)}
     return report, values
+
+
+def _not_identifiable(twin, count: int | None) -> dict | None:
+    """How many taking part have a record that leaves the core's key parameter unidentified
+    (a hybrid twin only; a local trial's figure, never a federated release's)."""
+    if count is None or not twin.hybrid:
+        return None
+    from twinfed.models.personalise import IDENTIFIABLE_REL_SD, key_parameter
+
+    return {"count": count, "parameter": key_parameter(twin.surrogate.binding),
+            "threshold_relative_sd": IDENTIFIABLE_REL_SD}
 
 
 def _federated(args, twin, design, calibration) -> int:

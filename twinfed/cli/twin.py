@@ -113,24 +113,7 @@ def cmd_whatif(args) -> int:
 
         plot_whatif(res, spec, args.plot)
     if args.json:
-        print(json.dumps({
-            "minutes": res.minutes,
-            "recorded_future_known": res.recorded_future_known,
-            "scenarios": {name: {"controls": {c: fc[:, j].tolist() for j, c in enumerate(spec.control_columns)},
-                                 "states": {c: res.forecasts[name][:, j].tolist()
-                                            for j, c in enumerate(spec.state_columns)},
-                                 "intervals": _bands_json(res, name, spec)}
-                          for name, fc in res.controls.items()},
-            "intervals": res.intervals,
-            "intervals_note": res.intervals_note,
-            "privacy": twin.plan.privacy.label(),
-            "observed": None if res.observed is None else
-            {c: res.observed[:, j].tolist() for j, c in enumerate(spec.state_columns)},
-            "model": {"kind": twin.plan.model.kind, "pretrained_sha256": twin.plan.model.pretrained_sha256},
-            "parameters": None if res.clinical is None else {
-                "from": res.parameters_from, "identification_windows": res.identification_windows,
-                "clinical": res.clinical},
-        }))
+        print(json.dumps(whatif_json(res, twin, spec)))
         return 0
     if res.clinical is not None:
         how = ("identified from this patient's record before --at "
@@ -138,6 +121,11 @@ def cmd_whatif(args) -> int:
                else "the population twin's (no full window of record before --at to identify from)")
         print(f"the patient's twin, {how}:")
         print(format_table(["parameter", "value"], [[k, v] for k, v in res.clinical.items()]))
+        if res.posterior is not None:
+            key = res.posterior["identifiability"]
+            print(f"posterior relative SD of {key['parameter']}: {key['relative_sd']:g} "
+                  f"({'identified' if key['identifiable'] else 'NOT identified'} by the record: "
+                  f"threshold {key['threshold_relative_sd']:g})")
         print()
     if not res.recorded_future_known:
         print("note: the record ends here; 'recorded' means no further treatment")
@@ -162,6 +150,29 @@ def cmd_whatif(args) -> int:
     if args.plot:
         print(f"\nplot: {args.plot}")
     return 0
+
+
+def whatif_json(res, twin, spec) -> dict:
+    """``twinfed whatif --json``: the forecasts, their intervals and the patient's parameters
+    (with their posterior spread when personalised)."""
+    return {
+        "minutes": res.minutes,
+        "recorded_future_known": res.recorded_future_known,
+        "scenarios": {name: {"controls": {c: fc[:, j].tolist() for j, c in enumerate(spec.control_columns)},
+                             "states": {c: res.forecasts[name][:, j].tolist()
+                                        for j, c in enumerate(spec.state_columns)},
+                             "intervals": _bands_json(res, name, spec)}
+                      for name, fc in res.controls.items()},
+        "intervals": res.intervals,
+        "intervals_note": res.intervals_note,
+        "privacy": twin.plan.privacy.label(),
+        "observed": None if res.observed is None else
+        {c: res.observed[:, j].tolist() for j, c in enumerate(spec.state_columns)},
+        "model": {"kind": twin.plan.model.kind, "pretrained_sha256": twin.plan.model.pretrained_sha256},
+        "parameters": None if res.clinical is None else {
+            "from": res.parameters_from, "identification_windows": res.identification_windows,
+            "clinical": res.clinical, "posterior": res.posterior},
+    }
 
 
 def _bands_json(res, name: str, spec) -> dict | None:
