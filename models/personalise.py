@@ -65,6 +65,7 @@ PRIOR_WEIGHT = 0.02
 # seed draws a patient's identification windows and their roll-forward errors independently.
 IDENTIFICATION = 1
 ROLLOUT = 2
+POSTERIOR = 3  # a trial's draws of a patient's core parameters from their posterior
 # The noise model's floor on a patient's residual variance (scaled units squared; DELTA_UNITS = 10
 # per half-range, so 1e-3 is a residual SD of 0.03, 0.09 mg/dL for glucose): noise-free data
 # would otherwise claim a point mass.
@@ -393,3 +394,27 @@ def parameter_spread(model, site: SiteData, fitted: Identified, name: str, *,
     out_value[has], out_rel[has], out_sd[has] = value, rel, value * rel
     identifiable = np.where(np.isfinite(out_rel), out_rel < IDENTIFIABLE_REL_SD, False)
     return Spread(name, out_value, out_sd, out_rel, identifiable.astype(bool))
+
+
+def posterior_draws(offset: torch.Tensor, cov: torch.Tensor, keys, draws: int, *, seed) -> torch.Tensor:
+    """``draws`` samples ``[P, draws, n]`` of each patient's offset from their Laplace posterior
+    N(``offset``, ``cov``) (``cov`` ``[P, n, n]``, e.g. ``Identified.posterior_cov``), each
+    patient's from their own generator (:func:`patient_rng` with ``POSTERIOR``; ``keys``: their
+    :func:`patient_key`), so the same whoever else is drawn. A patient without a posterior (NaN)
+    keeps their offset in every draw."""
+    seed = check_seed(seed)
+    p, n = offset.shape
+    out = np.empty((p, max(1, int(draws)), n))
+    for i in range(p):
+        mean = offset[i].double().numpy()
+        c = cov[i].numpy()
+        if not np.isfinite(c).all():
+            out[i] = mean
+            continue
+        try:
+            chol = np.linalg.cholesky(c)
+        except np.linalg.LinAlgError:  # numerically semi-definite: a little jitter
+            chol = np.linalg.cholesky(c + np.eye(n) * 1e-9 * max(float(np.trace(c)), 1e-12))
+        eps = patient_rng(seed, POSTERIOR, int(keys[i])).standard_normal((out.shape[1], n))
+        out[i] = mean + eps @ chol.T
+    return torch.from_numpy(out.astype(np.float32))

@@ -11,8 +11,8 @@ contrast between treatments reflects the treatments, not the dice.
 A hybrid twin is rolled forward as a simulation of its core, not as a chain of separately
 warmed-up forecasts:
 - its core parameters are fixed at the origin (the encoder's, plus the patient's identification
-  when personalised): a patient's physiology does not change because the trial changed their
-  treatment;
+  when personalised, or one draw per path from its posterior): a patient's physiology does not
+  change because the trial changed their treatment, and every treatment sees the same draw;
 - the core's compartments (insulin and carbohydrate on board, drug amounts) carry on exactly from
   one horizon to the next; each horizon starts from the last forecast reading;
 - the bounded correction reads the *reference* treatment's rolled-forward readings and the
@@ -88,7 +88,9 @@ def roll_forward(twin: Twin, origins: Origins, controls: np.ndarray, *, usual: n
     planned ``controls`` ``[P, T, C]``; or ``[A, P, draws, T, S]`` under ``A`` treatments at once
     (``controls`` ``[A, P, T, C]``: one pass, and the same error draws in each). ``usual``
     (``[P, T, C]``, default the first treatment): the patients' usual treatment over the same
-    steps, what a hybrid's correction reads. ``offset``: the patients' identification (hybrid).
+    steps, what a hybrid's correction reads. ``offset``: the patients' identification (hybrid):
+    ``[P, n]``, or ``[P, draws, n]`` for a parameter draw per path (e.g.
+    ``personalise.posterior_draws``), the same draw in every treatment.
     Without ``uncertainty`` every draw is the twin's expected path; with it, each horizon's
     forecast gets an error drawn from each patient's own generator under ``seed`` (an int in
     [0, 2**128); the same draws for the same ``seed`` and patient, whatever the controls, the
@@ -108,6 +110,9 @@ def roll_forward(twin: Twin, origins: Origins, controls: np.ndarray, *, usual: n
         raise ValueError(f"reference treatment {reference} is not one of the {arms} treatments")
     if len(origins.keys) != p:
         raise ValueError("origins must hold a key per patient")
+    if offset is not None and offset.dim() == 3 and tuple(offset.shape[:2]) != (p, draws):
+        raise ValueError(f"per-draw offsets must be [patients, draws, n] = [{p}, {draws}, n], "
+                         f"not {list(offset.shape)}")
     check_seed(seed)
     rng = [patient_rng(seed, ROLLOUT, int(key)) for key in origins.keys] if uncertainty is not None else []
     roll = _roll_hybrid if twin.hybrid else _roll_neural
@@ -206,12 +211,20 @@ def _roll_hybrid(twin, origins, controls, usual, offset, uncertainty, rows: _Row
     # every horizon, reads every row in one batch with each row rounded alike in any batch
     # (personalise.row_exact): by_group there cost a call per patient per horizon (2.5x the trial).
     z = by_group(model.parameters_of, u0, [np.array([i]) for i in range(p)])
-    if offset is not None:
-        z = z + offset
-    theta = binding.theta(z, u0)
-    state = binding.origin(theta, u0)
-    theta = {name: rows.of_patients(v) for name, v in theta.items()}
-    state = {name: rows.of_patients(v) for name, v in state.items()}
+    if offset is not None and offset.dim() == 3:  # a parameter draw per path, alike in every treatment
+        per_draw = {name: v.repeat_interleave(rows.draws, dim=0) for name, v in u0.items()}
+        z = (z[:, None, :] + offset).reshape(p * rows.draws, -1)
+        theta = binding.theta(z, per_draw)
+        state = binding.origin(theta, per_draw)
+        theta = {name: v.repeat(rows.arms, *([1] * (v.dim() - 1))) for name, v in theta.items()}
+        state = {name: v.repeat(rows.arms, *([1] * (v.dim() - 1))) for name, v in state.items()}
+    else:
+        if offset is not None:
+            z = z + offset
+        theta = binding.theta(z, u0)
+        state = binding.origin(theta, u0)
+        theta = {name: rows.of_patients(v) for name, v in theta.items()}
+        state = {name: rows.of_patients(v) for name, v in state.items()}
     covariates = rows.of_patients(u0["covariates"])
     readings = rows.of_patients(torch.from_numpy(origins.history[:, :, :s].copy()))
     usual_history = rows.of_patients(torch.from_numpy(origins.history[:, :, s:].copy()))

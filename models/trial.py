@@ -124,7 +124,8 @@ def trial_windows(site: SiteData, design: TrialDesign, *, patients: np.ndarray |
 
 def run_site_trial(twin, site: SiteData, design: TrialDesign, *, calibration=None,
                    patients: np.ndarray | None = None, seed: int | None = None,
-                   chunk_patients: int = CHUNK_PATIENTS, exclude_out_of_range: bool = False) -> SiteOutcomes:
+                   chunk_patients: int = CHUNK_PATIENTS, exclude_out_of_range: bool = False,
+                   parameter_draws: bool = True) -> SiteOutcomes:
     """Every arm of ``design`` on every eligible patient of ``site`` (or of ``patients``) through
     that patient's personalised twin; ``calibration`` (an ``IntervalCalibration``) propagates
     the twin's forecast uncertainty, else each patient's arm is the twin's expected path.
@@ -135,7 +136,10 @@ def run_site_trial(twin, site: SiteData, design: TrialDesign, *, calibration=Non
     ``exclude_out_of_range``: a patient whose arm controls leave the spec's ranges is excluded
     (counted in ``n_excluded``) instead of failing the trial: a node's release, charged before it
     is computed, must not fail on one patient's data (a refusal after a charge would tell the
-    coordinator something about that patient); one patient's exclusion changes no other's values."""
+    coordinator something about that patient); one patient's exclusion changes no other's values.
+    ``parameter_draws`` (with a ``calibration``, a hybrid twin): each path rolls one draw of the
+    patient's core parameters from their Laplace posterior (``personalise.posterior_draws``, keyed
+    by the seed and the patient), the same draw in every arm; off, every path rolls the fit."""
     from twinfed.models.personalise import check_seed
 
     from twinfed.models import conformal
@@ -169,6 +173,12 @@ def run_site_trial(twin, site: SiteData, design: TrialDesign, *, calibration=Non
     if keep.size == 0:
         return SiteOutcomes(values, n_excluded, calibration is not None, win.patients[keep], n_unidentified)
     offset = identified.offset[keep] if twin.hybrid else None
+    if offset is not None and calibration is not None and parameter_draws \
+            and identified.posterior_cov is not None:
+        from twinfed.models.personalise import patient_key, posterior_draws
+
+        keys = [patient_key(site.patient_ids[p]) for p in win.patients[keep]]
+        offset = posterior_draws(offset, identified.posterior_cov[keep], keys, design.draws, seed=base_seed)
     scales = identification_scales(twin, site, identified)[keep] if calibration is not None else None
     draws = design.draws if calibration is not None else 1
 
