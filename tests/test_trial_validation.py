@@ -270,7 +270,7 @@ def test_a_pool_patient_whose_record_leaves_the_specs_range_is_dropped_from_ever
 
 # -- the section end to end --------------------------------------------------------------------------
 
-@pytest.mark.slow
+@pytest.mark.studies  # a whole federated study and 5 repeated trials: make test-studies
 def test_the_section_at_quick_sizes_scores_the_twin_and_the_no_effect_twin(tmp_path):
     """One world (the glucose twin's built-in) through the real section at --quick sizes: a
     federated DP twin trained on Flower, the pool replayed, the repeated trials scored."""
