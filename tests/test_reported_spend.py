@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

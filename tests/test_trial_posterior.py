@@ -1,7 +1,6 @@
 """A trial's quality figures carry what the twins do not know (issue 21 item 1): how many
 patients' records leave the key core parameter unidentified (counted, never named)."""
 
-import numpy as np
 import pytest
 
 from twinfed.models.arms import parse_design
