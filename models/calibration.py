@@ -219,11 +219,14 @@ def held_out(plan_sha256: str, patient_ids: list[str], fraction: float) -> np.nd
     return out
 
 
-def identify_patients(twin, site, patients: np.ndarray, until_steps: np.ndarray, *, seed: int = 0):
+def identify_patients(twin, site, patients: np.ndarray, until_steps: np.ndarray, *, seed: int = 0,
+                      posterior: bool = False):
     """The identification the intervals are computed on: a hybrid twin's fit of each patient
     (``personalise.identify``); for any other twin, the same choice of windows and no offset
     (an offset with no parameters), since it has nothing to personalise. Either way each
-    patient's is their own (windows keyed by ``seed`` and the patient), whoever else is given."""
+    patient's is their own (windows keyed by ``seed`` and the patient), whoever else is given.
+    ``posterior``: also each patient's Laplace posterior (what a trial or a what-if reports;
+    intervals' calibration and evaluation do without it)."""
     import torch
 
     from twinfed.models.personalise import Identified, identification_windows, identify
@@ -231,7 +234,7 @@ def identify_patients(twin, site, patients: np.ndarray, until_steps: np.ndarray,
     patients = np.asarray(patients, dtype=np.int64)
     until_steps = np.asarray(until_steps)
     if twin.hybrid:
-        return identify(twin.surrogate, site, patients, until_steps, seed=seed)
+        return identify(twin.surrogate, site, patients, until_steps, seed=seed, posterior=posterior)
     starts, counts = identification_windows(site, patients, until_steps, seed=seed)
     return Identified(torch.zeros(len(patients), 0), counts, starts,
                       np.repeat(np.arange(len(patients)), counts), patients)

@@ -255,7 +255,7 @@ def identification_windows(site: SiteData, patients: np.ndarray, until_steps: np
 
 def identify(model, site: SiteData, patients: np.ndarray, until_steps: np.ndarray, *,
              windows: int = WINDOWS, steps: int = STEPS, prior_weight: float = PRIOR_WEIGHT,
-             seed: int = 0, posterior: bool = True) -> Identified:
+             seed: int = 0, posterior: bool = False) -> Identified:
     """Fit each of ``patients`` (indices into ``site``) on its windows whose horizon ends at or
     before its ``until_steps`` (the site's time grid). Each patient's fit is their own: the same
     whoever else is fitted with them, in whatever order (see the module's note). With

@@ -153,7 +153,8 @@ def run_site_trial(twin, site: SiteData, design: TrialDesign, *, calibration=Non
         calibration.check_twin(twin)
     win = trial_windows(site, design, patients=patients)
     if win.patients.size:
-        identified = identify_patients(twin, site, win.patients, site.steps[win.origins], seed=base_seed)
+        identified = identify_patients(twin, site, win.patients, site.steps[win.origins], seed=base_seed,
+                                       posterior=True)
         ok = identified.n_windows > 0
     else:
         ok = np.zeros(0, dtype=bool)

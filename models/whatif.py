@@ -226,7 +226,7 @@ def _identification(twin: Twin, site: SiteData, p: int, at_step: int, personalis
     if personalise:
         from twinfed.models.personalise import identify
 
-        fitted = identify(twin.surrogate, site, np.array([p]), np.array([at_step]))
+        fitted = identify(twin.surrogate, site, np.array([p]), np.array([at_step]), posterior=True)
         if fitted.n_windows[0] > 0:
             return fitted.offset, "personalised", int(fitted.n_windows[0]), fitted
     return None, "population", 0, None

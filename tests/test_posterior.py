@@ -77,7 +77,7 @@ def test_the_spread_of_insulin_sensitivity_shrinks_as_a_patients_windows_grow(no
     until = np.full(noisy_site.n_patients, DAYS * 288 - 1)
     sd = {}
     for w in (4, 16, 64):
-        fit = identify(model, noisy_site, np.arange(2), until, windows=w, steps=60)
+        fit = identify(model, noisy_site, np.arange(2), until, windows=w, steps=60, posterior=True)
         assert fit.posterior_cov.shape == (2, len(SPEC.core and model.binding.params), len(model.binding.params))
         spread = parameter_spread(model, noisy_site, fit, "si")
         assert np.all(np.isfinite(spread.sd)) and np.all(spread.sd > 0)
@@ -88,7 +88,7 @@ def test_the_spread_of_insulin_sensitivity_shrinks_as_a_patients_windows_grow(no
 def test_a_patient_without_windows_is_not_identifiable(noisy_site):
     torch.manual_seed(0)
     model = HybridSurrogate(SPEC, ModelConfig(kind="hybrid", hidden=8, layers=1))
-    fit = identify(model, noisy_site, np.array([0, 1]), np.array([10, DAYS * 288 - 1]), steps=20)
+    fit = identify(model, noisy_site, np.array([0, 1]), np.array([10, DAYS * 288 - 1]), steps=20, posterior=True)
     spread = parameter_spread(model, noisy_site, fit, "si")
     assert spread.identifiable.tolist() == [False, bool(spread.relative_sd[1] < IDENTIFIABLE_REL_SD)]
     assert np.isnan(spread.sd[0])

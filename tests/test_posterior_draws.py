@@ -22,7 +22,7 @@ def fitted(cohort):  # noqa: F811
     rows = cohort.offsets[patients] + 36 * 60 // SPEC.step_minutes - 1
     usual = np.stack([cohort.series[r + 1:r + 1 + T, len(SPEC.states):] for r in rows])
     hybrid = _twin("hybrid")
-    fit = identify_patients(hybrid, cohort, patients, cohort.steps[rows])
+    fit = identify_patients(hybrid, cohort, patients, cohort.steps[rows], posterior=True)
     return Origins.at(cohort, patients, rows), usual, hybrid, fit
 
 

@@ -53,7 +53,8 @@ def test_a_hybrid_trial_counts_the_patients_whose_insulin_sensitivity_the_record
     twin = _twin("hybrid")
     outcomes = run_site_trial(twin, cohort, DESIGN)
     win = trial_windows(cohort, DESIGN)
-    fitted = identify_patients(twin, cohort, win.patients, cohort.steps[win.origins], seed=DESIGN.seed)
+    fitted = identify_patients(twin, cohort, win.patients, cohort.steps[win.origins], seed=DESIGN.seed,
+                               posterior=True)
     spread = parameter_spread(twin.surrogate, cohort, fitted, "si")
     kept = fitted.n_windows > 0
     assert outcomes.n_patients == int(kept.sum()) > 0
