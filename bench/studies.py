@@ -235,3 +235,14 @@ def rmse_at(run_dir: Path, cohort_dir: Path, *, minutes: int = 60, stride: int =
             "identify_hours": info["identify_hours"], "kind": rep["model"]["kind"],
             "trained_weights": rep["model"]["trained_weights"], "seconds": time.perf_counter() - t0,
             "intervals": intervals, "intervals_note": rep.get("intervals_note")}
+
+
+def each_world(ws, sizes, run_world, *, twins=None) -> dict:
+    """Every world of every twin (of ``twins``, default all) through
+    ``run_world(ws, sizes, twin, world)``, their figures merged: a section's ``run``."""
+    out: dict = {}
+    for twin in sizes.twins:
+        if twins is None or twin in twins:
+            for world in sizes.worlds[twin]:
+                out.update(run_world(ws, sizes, twin, world))
+    return out

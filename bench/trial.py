@@ -54,7 +54,7 @@ import numpy as np
 from bench.accuracy import HORIZON_MIN, reference_epsilon, trained, world_cohort
 from bench.report import figure, plot_trial_contrasts
 from bench.sizes import Sizes
-from bench.studies import HOLDOUT, Workspace, rmse_at
+from bench.studies import HOLDOUT, Workspace, each_world, rmse_at
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "trials"
 ARMS = {"glucose": EXAMPLES / "glucose-carb-ratio.toml", "cardio": EXAMPLES / "cardio-morning-dose.toml"}
@@ -71,11 +71,7 @@ LEVELS = ("80", "95")
 
 
 def run(ws: Workspace, sizes: Sizes) -> dict:
-    out: dict = {}
-    for twin in sizes.twins:
-        for world in sizes.worlds[twin]:
-            out.update(run_world(ws, sizes, twin, world))
-    return out
+    return each_world(ws, sizes, run_world)
 
 
 def run_world(ws: Workspace, sizes: Sizes, twin: str, world: str) -> dict:

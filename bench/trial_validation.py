@@ -82,7 +82,7 @@ import numpy as np
 from bench.accuracy import reference_epsilon, trained, world_cohort
 from bench.report import figure
 from bench.sizes import Sizes
-from bench.studies import HOLDOUT, Workspace
+from bench.studies import HOLDOUT, Workspace, each_world
 from bench.trial import ARMS, paired, randomise, replayed_outcomes, welch
 
 COVERAGE_TARGET = 0.90
@@ -266,11 +266,7 @@ def designs(ws: Workspace, sizes: Sizes, twin: str, spec) -> tuple[object, dict,
 # -- the section -----------------------------------------------------------------------------------
 
 def run(ws: Workspace, sizes: Sizes) -> dict:
-    out: dict = {}
-    for twin in sizes.twins:
-        for world in sizes.worlds[twin]:
-            out.update(run_world(ws, sizes, twin, world))
-    return out
+    return each_world(ws, sizes, run_world)
 
 
 def conforming_pool(pool: Path, spec) -> tuple[Path, list[str]]:

@@ -37,7 +37,7 @@ import numpy as np
 from bench.accuracy import central_kind, reference_epsilon, trained, world_cohort
 from bench.report import figure, plot_whatif_case
 from bench.sizes import Sizes
-from bench.studies import HOLDOUT, Workspace
+from bench.studies import HOLDOUT, Workspace, each_world
 
 SCENARIOS = {
     "glucose": ("recorded=recorded", "insulin-x1.5=insulin_u*1.5", "skip-insulin=insulin_u*0",
@@ -63,12 +63,7 @@ REGIMES = ("federated_dp", "central")
 
 
 def run(ws: Workspace, sizes: Sizes) -> dict:
-    out: dict = {}
-    for twin in sizes.twins:
-        if twin in SCENARIOS:
-            for world in sizes.worlds[twin]:
-                out.update(run_world(ws, sizes, twin, world))
-    return out
+    return each_world(ws, sizes, run_world, twins=SCENARIOS)
 
 
 def alone(scenarios: list, twin: str) -> dict[str, list[str]]:
