@@ -397,13 +397,14 @@ def run_world(ws: Workspace, sizes: Sizes, twin: str, world: str) -> dict:
             a = names.index(effect)
             assigned = randomise(block.size, 2, RANDOMISATION_SEED + 1000 * r + e)
             values = twins.values[rows_t][:, [ref, a], :]
-            exact = contributions(values, design).sum(axis=0)
-            sens = sensitivity(design)
+            sv = None if twins.structure_values is None else twins.structure_values[rows_t][:, :, [ref, a], :]
+            exact = contributions(values, design, sv).sum(axis=0)
+            sens = sensitivity(design, twins.structures)
             var = float(sum((z * sens) ** 2 for z in multipliers.values()))
             rng = np.random.default_rng([RELEASE_NOISE_SEED, r, e])
             noise = rng.normal(0.0, math.sqrt(var), exact.shape)
-            exact_rep = _summary(exact, design, spec, 0.0)
-            released = _summary(exact + noise, design, spec, var)
+            exact_rep = _summary(exact, design, spec, 0.0, twins.structures)
+            released = _summary(exact + noise, design, spec, var, twins.structures)
             failed[e] += released is None
             released, exact_rep = released or _no_result(effect, outcomes), exact_rep or _no_result(effect, outcomes)
             for o, name in enumerate(outcomes):
@@ -524,14 +525,14 @@ def run_world(ws: Workspace, sizes: Sizes, twin: str, world: str) -> dict:
     return figs
 
 
-def _summary(total: np.ndarray, design, spec, noise_var: float) -> dict | None:
+def _summary(total: np.ndarray, design, spec, noise_var: float, structures: tuple[str, ...] = ()) -> dict | None:
     """The trial's summary of a released sum, None when it gives no result (the count, noisy in a
     release, below 2: the coordinator reports none)."""
     from twinfed.errors import TrialError
     from twinfed.models.trial import summarise
 
     try:
-        return summarise(total, design, spec, noise_var=noise_var)
+        return summarise(total, design, spec, noise_var=noise_var, structures=structures)
     except TrialError:
         return None
 

@@ -355,8 +355,13 @@ def calibration_parts(twin, site, patients: np.ndarray, config: CalibrationConfi
 
 
 def interval_bands(forecast: np.ndarray, scales: np.ndarray, cal: IntervalCalibration,
-                   spec: TwinSpec) -> dict:
-    """forecast [..., K, S], scales [..., K, S] -> {"80": (lower, upper), "95": (...)} arrays, clipped."""
+                   spec: TwinSpec, *, structural_sd: np.ndarray | None = None) -> dict:
+    """forecast [..., K, S], scales [..., K, S] -> {"80": (lower, upper), "95": (...)} arrays, clipped.
+    ``structural_sd`` [..., K, S] (an ensemble twin's spread between its core structures' forecasts):
+    added in quadrature, as a normal error at each level (what the calibration's own errors of
+    the structures' mean do not say: how far a planned treatment's effect is uncertain)."""
+    from statistics import NormalDist
+
     cal.check_spec(spec)
     lo = np.array([c.min for c in spec.states])
     hi = np.array([c.max for c in spec.states])
@@ -365,5 +370,8 @@ def interval_bands(forecast: np.ndarray, scales: np.ndarray, cal: IntervalCalibr
     for level, key in zip(cal.levels, cal.level_keys()):
         q = np.array([cal.quantile(col, level) for col in spec.state_columns])
         half = q * np.asarray(scales, dtype=np.float64)  # inf: the whole spec range
+        if structural_sd is not None:
+            z = NormalDist().inv_cdf(0.5 + level / 2)
+            half = np.sqrt(half ** 2 + (z * np.asarray(structural_sd, dtype=np.float64)) ** 2)
         bands[key] = (np.clip(forecast - half, lo, hi), np.clip(forecast + half, lo, hi))
     return bands

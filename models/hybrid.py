@@ -110,7 +110,7 @@ class HybridSurrogate(nn.Module):
             self.register_buffer(name, torch.tensor(values, dtype=torch.float32), persistent=False)
         n_enc = 6 * s + 4 * c + self.inputs.v + 1
         n_corr = (spec.history_steps + 1) * s + spec.history_steps * c + self.inputs.v
-        self.encoder = _mlp(n_enc, len(self.core.PARAMS), config)
+        self.encoder = _mlp(n_enc, len(self.binding.params), config)
         self.correction = _mlp(n_corr, self.inputs.n_outputs, config)
 
     # -- unpacking ----------------------------------------------------------------------------
@@ -177,22 +177,44 @@ class HybridSurrogate(nn.Module):
         """The bounded correction ``[..., K*S]``: a function of history and covariates only."""
         return CORRECTION_BOUND * torch.tanh(self.correction(self.correction_features(u)))
 
-    def outputs(self, u: dict[str, torch.Tensor], z: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
-        """The forecast (change from the last reading, scaled) of the core run with ``z``, plus
-        ``correction``."""
-        core, _ = self.simulate(z, u)
-        last = u["states"][..., -1, :]
+    @property
+    def n_structures(self) -> int:
+        """The core structures the twin runs (more than one: an ensemble, ``spec.core.structures``)."""
+        return self.binding.n_members
+
+    def _scaled(self, core: torch.Tensor, last: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
         bound = torch.isfinite(core)
         delta = torch.where(bound, (torch.nan_to_num(core) - last.unsqueeze(-2)) / self.s_half * DELTA_UNITS,
                             torch.zeros_like(core))
         return delta.flatten(-2) + correction
 
+    def outputs(self, u: dict[str, torch.Tensor], z: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
+        """The forecast (change from the last reading, scaled) of the core run with ``z``, plus
+        ``correction``; an ensemble's is its structures' mean."""
+        core, _ = self.simulate(z, u)
+        return self._scaled(core, u["states"][..., -1, :], correction)
+
+    def member_outputs(self, u: dict[str, torch.Tensor], z: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
+        """Each structure's forecast ``[..., M, K*S]`` (as :meth:`outputs`; ``M = 1`` for one
+        structure): what training and identification fit, so that every structure is fitted
+        to the data on its own (fitting the mean would let one structure make up for another)."""
+        if self.n_structures == 1:
+            return self.outputs(u, z, correction).unsqueeze(-2)
+        cores = self.binding.member_forecasts(z, u)  # [..., M, K, S]
+        last = u["states"][..., -1, :].unsqueeze(-2)
+        return self._scaled(cores, last, correction.unsqueeze(-2))
+
     def forward(self, x: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         """The forecast; ``offset`` (a patient's identification, ``twinfed.models.personalise``)
-        shifts the encoder's unconstrained parameters ``z`` of each window."""
+        shifts the encoder's unconstrained parameters ``z`` of each window. An ensemble in
+        training mode gives each structure's forecast, ``[..., M, K*S]`` (the training loss
+        fits each), else the structures' mean."""
         u = self.unpack(x)
         z = self.parameters_of(u)
-        return self.outputs(u, z if offset is None else z + offset, self.corrections(u))
+        z = z if offset is None else z + offset
+        if self.training and self.n_structures > 1:
+            return self.member_outputs(u, z, self.corrections(u))
+        return self.outputs(u, z, self.corrections(u))
 
 
 def n_trained_weights(model: nn.Module) -> int:

@@ -288,7 +288,9 @@ def identify(model, site: SiteData, patients: np.ndarray, until_steps: np.ndarra
     m, v = torch.zeros_like(offset), torch.zeros_like(offset)
     b1, b2 = 0.9, 0.999
     for t in range(1, steps + 1):
-        err = ((model.outputs(u, z_windows + offset[owner], correction) - y) ** 2).mean(-1)
+        # each structure of an ensemble fitted on its own (HybridSurrogate.member_outputs)
+        err = ((model.member_outputs(u, z_windows + offset[owner], correction) - y.unsqueeze(-2)) ** 2
+               ).mean(-1).mean(-1)
         prior = prior_weight * (offset ** 2).mean(-1).sum()
         (grad,) = torch.autograd.grad((err * weight).sum() + prior, offset)
         with torch.no_grad():
@@ -320,20 +322,23 @@ def laplace_posterior(model, u: dict[str, torch.Tensor], z_windows: torch.Tensor
     def forecast(shift: torch.Tensor) -> torch.Tensor:
         # one shift [n] added to every row: a row reads its own patient's offset alone, so its
         # derivative is that with respect to its patient's offset
-        return model.outputs(u, at + shift, correction)
+        return model.member_outputs(u, at + shift, correction)
 
     with torch.no_grad():
-        out = forecast(torch.zeros(n))
-        jac = torch.func.jacfwd(forecast)(torch.zeros(n))  # [W, M, n]: all n tangents in one pass
-    resid = out - y
-    m = resid.shape[-1]
-    prior = prior_weight * m / n
+        out = forecast(torch.zeros(n))  # [W, S, M]: each structure's outputs (S = 1 but an ensemble)
+        jac = torch.func.jacfwd(forecast)(torch.zeros(n))  # [W, S, M, n]: all n tangents in one pass
+    resid = out - y.unsqueeze(-2)
+    structures, m = resid.shape[-2:]
+    prior = prior_weight * structures * m / n
     for rows in runs(owner):  # each patient's rows alone, in fresh tensors: see by_group
         p = int(owner[rows[0]])
         r = torch.from_numpy(rows)
-        jp = jac[r].double().reshape(-1, n)
-        sigma2 = max(float((resid[r].double() ** 2).mean()), SIGMA2_FLOOR)
-        precision = (jp.T @ jp + prior * torch.eye(n, dtype=torch.float64)) / sigma2
+        # each structure's noise model (an ensemble's structures fit the patient unequally well)
+        sigma2 = [max(float((resid[r][:, j].double() ** 2).mean()), SIGMA2_FLOOR) for j in range(structures)]
+        precision = prior / (sum(sigma2) / structures) * torch.eye(n, dtype=torch.float64)
+        for j in range(structures):
+            jp = jac[r][:, j].double().reshape(-1, n)
+            precision = precision + jp.T @ jp / sigma2[j]
         cov[p] = torch.linalg.inv(precision)
     return cov
 

@@ -19,6 +19,10 @@ warmed-up forecasts:
   patient's *usual* treatment, never another treatment's: every treatment of a patient gets the
   same correction at every horizon, so treatments differ only through the core, as in a what-if,
   whose effects have the right direction by construction.
+- an ensemble twin (several core structures, ``spec.core.structures``) runs one structure per
+  path, draw ``d`` structure ``d mod M``, the same in every treatment: a patient's paths under
+  each structure give that structure's outcomes, and their spread the trial's structural
+  uncertainty (:func:`twinfed.models.trial.summarise`).
 A neural twin (no core) sees what it always sees: the rolled history and the planned treatment.
 
 The draws are **per patient**: each patient's errors come from their own generator, keyed by the
@@ -35,6 +39,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from twinfed.models.cores import MEMBER
 from twinfed.models.features import DELTA_UNITS
 from twinfed.models.personalise import ROLLOUT, by_group, check_seed, patient_key, patient_rng, row_exact
 from twinfed.models.site_data import SiteData
@@ -225,6 +230,9 @@ def _roll_hybrid(twin, origins, controls, usual, offset, uncertainty, rows: _Row
         state = binding.origin(theta, u0)
         theta = {name: rows.of_patients(v) for name, v in theta.items()}
         state = {name: rows.of_patients(v) for name, v in state.items()}
+    if binding.n_members > 1:  # an ensemble: draw d runs structure d mod M, in every treatment alike
+        n_rows = next(iter(theta.values())).shape[0]
+        theta[MEMBER] = (torch.arange(n_rows) % rows.draws) % binding.n_members
     covariates = rows.of_patients(u0["covariates"])
     readings = rows.of_patients(torch.from_numpy(origins.history[:, :, :s].copy()))
     usual_history = rows.of_patients(torch.from_numpy(origins.history[:, :, s:].copy()))

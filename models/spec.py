@@ -52,6 +52,13 @@ CORE_ROLES: dict[str, dict[str, str]] = {
     "cardio": {"sbp": "state", "hr": "state", "dose": "control", "activity": "control",
                "weight": "covariate", "age": "covariate"},
 }
+# Each core family's structures (the first is the family's default): structurally different models
+# of the same physiology on the same roles. A twin may declare several (``structures``): it then
+# is an ensemble, model-averaged, whose structures' disagreement widens every interval.
+CORE_STRUCTURES: dict[str, tuple[str, ...]] = {
+    "glucose-insulin": ("minimal", "two-compartment"),
+    "cardio": ("effect-compartment", "indirect-response"),
+}
 
 
 class CoreSpec(BaseModel):
@@ -62,11 +69,27 @@ class CoreSpec(BaseModel):
 
     name: str
     roles: dict[str, str]
+    # The structures the twin runs, in order (None: the family's default alone). More than one:
+    # an ensemble (see CORE_STRUCTURES).
+    structures: Annotated[tuple[str, ...], Field(min_length=1)] | None = None
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The structures the twin runs (the family's default when none are declared)."""
+        return self.structures or CORE_STRUCTURES[self.name][:1]
 
     @model_validator(mode="after")
     def _known_core_and_roles(self) -> CoreSpec:
         if self.name not in CORE_ROLES:
             raise ValueError(f"unknown core {self.name!r}; the cores are {', '.join(CORE_ROLES)}")
+        if self.structures is not None:
+            known = CORE_STRUCTURES[self.name]
+            bad = [s for s in self.structures if s not in known]
+            if bad:
+                raise ValueError(f"core {self.name} has no structure {bad[0]!r}; its structures are "
+                                 f"{', '.join(known)}")
+            if len(set(self.structures)) != len(self.structures):
+                raise ValueError(f"core {self.name}: structures must not repeat")
         need = CORE_ROLES[self.name]
         missing = sorted(set(need) - set(self.roles))
         unknown = sorted(set(self.roles) - set(need))
@@ -170,7 +193,9 @@ class TwinSpec(BaseModel):
         )
         core = ""
         if self.core is not None:
-            core = f"\n[twin.core]\nname = {_q(self.core.name)}\n\n[twin.core.roles]\n" + "".join(
+            members = "" if self.core.structures is None else \
+                "structures = [" + ", ".join(_q(m) for m in self.core.structures) + "]\n"
+            core = f"\n[twin.core]\nname = {_q(self.core.name)}\n{members}\n[twin.core.roles]\n" + "".join(
                 f"{role} = {_q(col)}\n" for role, col in self.core.roles.items())
         return head + table("states", self.states) + table("controls", self.controls) + table(
             "covariates", self.covariates) + core

@@ -107,7 +107,10 @@ def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLo
             elif len(x) or private:
                 optimizer.zero_grad(set_to_none=True)
                 # The mean over every element, written out so an empty batch gives 0, not NaN.
-                loss = ((model(x) - y) ** 2).sum() / max(1, y.numel())
+                out = model(x)
+                if out.dim() > y.dim():  # an ensemble's structures, each fitted: [..., M, O]
+                    y = y.unsqueeze(-2)
+                loss = ((out - y) ** 2).sum() / max(1, out.numel())
                 loss.backward()
                 optimizer.step()
                 if len(x):

@@ -68,6 +68,10 @@ class SiteOutcomes:
     # insulin sensitivity) unidentified (``personalise.parameter_spread``); None without a core.
     # A count at the site, never released (a node's release carries only its DP sums).
     n_not_identifiable: int | None = None
+    # An ensemble twin's structures (``structures``, their names) each alone: ``[P, M, A, O]``,
+    # each the mean over the draws that ran it (``values`` is their mean); None for one structure.
+    structure_values: np.ndarray | None = None
+    structures: tuple[str, ...] = ()
 
     @property
     def n_patients(self) -> int:
@@ -172,22 +176,28 @@ def run_site_trial(twin, site: SiteData, design: TrialDesign, *, calibration=Non
             spread = parameter_spread(twin.surrogate, site, identified, key_parameter(twin.surrogate.binding))
             n_unidentified = int((~spread.identifiable[keep]).sum())
     if keep.size == 0:
-        return SiteOutcomes(values, n_excluded, calibration is not None, win.patients[keep], n_unidentified)
+        names = twin_structures(twin)
+        return SiteOutcomes(values, n_excluded, calibration is not None, win.patients[keep], n_unidentified,
+                            np.zeros((0, len(names), *values.shape[1:])) if names else None, names)
+    draws = design.draws if calibration is not None else 1
+    names = twin_structures(twin)
+    if names:  # an ensemble: draw d runs structure d mod M (rollout), each structure as often
+        draws = -(-draws // len(names)) * len(names)
     offset = identified.offset[keep] if twin.hybrid else None
     if offset is not None and calibration is not None and parameter_draws \
             and identified.posterior_cov is not None:
         from twinfed.models.personalise import patient_key, posterior_draws
 
         keys = [patient_key(site.patient_ids[p]) for p in win.patients[keep]]
-        offset = posterior_draws(offset, identified.posterior_cov[keep], keys, design.draws, seed=base_seed)
+        offset = posterior_draws(offset, identified.posterior_cov[keep], keys, draws, seed=base_seed)
     scales = identification_scales(twin, site, identified)[keep] if calibration is not None else None
-    draws = design.draws if calibration is not None else 1
 
     def sampler(j: int, rng, size):
         state = calibration.states[spec.state_columns[j]]
         return conformal.sample_scores(np.asarray(state.histogram), calibration.edges, rng, size)
 
     ref = [arm.name for arm in design.arms].index(design.reference)  # what a hybrid's correction reads
+    structure_values = np.zeros((keep.size, len(names), *values.shape[1:])) if names else None
     for c0 in range(0, keep.size, chunk_patients):
         part = keep[c0:c0 + chunk_patients]
         origins = Origins.at(site, win.patients[part], win.origins[part])
@@ -199,8 +209,13 @@ def run_site_trial(twin, site: SiteData, design: TrialDesign, *, calibration=Non
         states = roll_forward(twin, origins, controls, usual=usual, reference=ref,
                               offset=None if offset is None else offset[c0:c0 + chunk_patients],
                               uncertainty=unc, draws=draws, seed=base_seed)  # [A, P, D, T, S]
-        values[c0:c0 + part.size] = outcome_values(design, spec, states).mean(axis=2).transpose(1, 0, 2)
-    return SiteOutcomes(values, n_excluded, calibration is not None, win.patients[keep], n_unidentified)
+        per_draw = outcome_values(design, spec, states)  # [A, P, D, O]
+        values[c0:c0 + part.size] = per_draw.mean(axis=2).transpose(1, 0, 2)
+        if names:
+            by_structure = per_draw.reshape(*per_draw.shape[:2], -1, len(names), per_draw.shape[-1]).mean(axis=2)
+            structure_values[c0:c0 + part.size] = by_structure.transpose(1, 2, 0, 3)  # [P, M, A, O]
+    return SiteOutcomes(values, n_excluded, calibration is not None, win.patients[keep], n_unidentified,
+                        structure_values, names)
 
 
 def _arms_in_range(design: TrialDesign, spec, win: TrialWindows) -> np.ndarray:
@@ -219,10 +234,29 @@ def _arms_in_range(design: TrialDesign, spec, win: TrialWindows) -> np.ndarray:
 
 # -- what a site releases ---------------------------------------------------------------------
 
-def layout(design: TrialDesign) -> list[tuple[str, str, str, str]]:
+def twin_structures(twin) -> tuple[str, ...]:
+    """The core structures of an ensemble twin (``spec.core.structures``), or ``()`` for a twin
+    of one structure or none (a neural twin): what a trial releases per structure."""
+    if not getattr(twin, "hybrid", False) or twin.surrogate.n_structures < 2:
+        return ()
+    return tuple(twin.surrogate.binding.names)
+
+
+def plan_structures(training_plan) -> tuple[str, ...]:
+    """:func:`twin_structures` of the twin a training plan trains (a trial plan's
+    ``twin.training_plan()``), known without its weights."""
+    spec = training_plan.spec
+    if training_plan.model.resolved(spec).kind != "hybrid" or spec.core is None or len(spec.core.members) < 2:
+        return ()
+    return tuple(spec.core.members)
+
+
+def layout(design: TrialDesign, structures: tuple[str, ...] = ()) -> list[tuple[str, str, str, str]]:
     """The release vector's components, in order: ``(what, arm, outcome, moment)`` with what
     ``arm`` (an arm's outcome) or ``contrast`` (an arm minus the reference), moment ``sum`` or
-    ``square``; and a last ``("count", "", "", "sum")``."""
+    ``square``; for an ensemble twin (``structures``, :func:`twin_structures`) then, per
+    structure but the first, ``arm@<structure>`` and ``contrast@<structure>`` sums (its value
+    minus the first structure's); and a last ``("count", "", "", "sum")``."""
     out = []
     for arm in design.arms:
         for o in design.outcomes:
@@ -231,19 +265,46 @@ def layout(design: TrialDesign) -> list[tuple[str, str, str, str]]:
         if arm.name != design.reference:
             for o in design.outcomes:
                 out += [("contrast", arm.name, o.name, "sum"), ("contrast", arm.name, o.name, "square")]
+    for name in structures[1:]:
+        out += [(f"arm@{name}", arm.name, o.name, "sum") for arm in design.arms for o in design.outcomes]
+        out += [(f"contrast@{name}", arm.name, o.name, "sum") for arm in design.arms
+                if arm.name != design.reference for o in design.outcomes]
     return out + [("count", "", "", "sum")]
 
 
-def sensitivity(design: TrialDesign) -> float:
+def sensitivity(design: TrialDesign, structures: tuple[str, ...] = ()) -> float:
     """The L2 norm one patient's contribution can reach: every component is in [-1, 1]."""
-    return math.sqrt(len(layout(design)))
+    return math.sqrt(len(layout(design, structures)))
 
 
-def contributions(values: np.ndarray, design: TrialDesign) -> np.ndarray:
+def contributions(values: np.ndarray, design: TrialDesign, structure_values: np.ndarray | None = None) -> np.ndarray:
     """``values`` ``[P, A, O]`` -> ``[P, F]``: each patient's clipped, scaled part of the release
     vector (:func:`layout`). An arm's outcome is clipped to the outcome's ``bounds`` and scaled
     to [0, 1]; a paired difference is clipped to ``[-contrast_bound, contrast_bound]`` and
-    scaled to [-1, 1]."""
+    scaled to [-1, 1]. ``structure_values`` ``[P, M, A, O]`` (an ensemble's, M >= 2,
+    ``SiteOutcomes.structure_values``): per structure but the first, its clipped arm outcomes and
+    paired differences minus the first structure's, scaled by the outcome's width and contrast
+    bound, clipped to [-1, 1]."""
+    main = _contributions(values, design)
+    if structure_values is None or structure_values.shape[1] < 2:
+        return main
+    sv = np.asarray(structure_values, dtype=np.float64)
+    lo = np.array([o.bounds[0] for o in design.outcomes])
+    width = np.array([o.bounds[1] - o.bounds[0] for o in design.outcomes])
+    bound = np.array([o.contrast_bound for o in design.outcomes])
+    ref = [a.name for a in design.arms].index(design.reference)
+    arm_v = np.clip(sv, lo, lo + width)  # [P, M, A, O]
+    con_v = np.clip(sv - sv[:, :, ref:ref + 1], -bound, bound)
+    others = [a for a in range(len(design.arms)) if a != ref]
+    p = sv.shape[0]
+    cols = []
+    for m in range(1, sv.shape[1]):
+        cols.append(np.clip((arm_v[:, m] - arm_v[:, 0]) / width, -1, 1).reshape(p, -1))
+        cols.append(np.clip((con_v[:, m, others] - con_v[:, 0, others]) / bound, -1, 1).reshape(p, -1))
+    return np.concatenate([main[:, :-1], *cols, main[:, -1:]], axis=1)
+
+
+def _contributions(values: np.ndarray, design: TrialDesign) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     p = values.shape[0]
     lo = np.array([o.bounds[0] for o in design.outcomes])
@@ -263,14 +324,19 @@ def contributions(values: np.ndarray, design: TrialDesign) -> np.ndarray:
     return np.concatenate([*blocks, np.ones((p, 1))], axis=1)
 
 
-def summarise(total: np.ndarray, design: TrialDesign, spec, *, noise_var: np.ndarray | float = 0.0) -> dict:
+def summarise(total: np.ndarray, design: TrialDesign, spec, *, noise_var: np.ndarray | float = 0.0,
+              structures: tuple[str, ...] = ()) -> dict:
     """Means and 95% intervals from a summed release vector ``total`` (``[F]``, :func:`layout`).
 
     ``noise_var``: the variance of the Gaussian noise on each component of ``total`` (0: an
     exact sum). An interval is the normal approximation over patients, widened by the noise on
-    the sum and on the count (delta method); the square's noise affects only the spread."""
+    the sum and on the count (delta method); the square's noise affects only the spread.
+    ``structures`` (an ensemble twin's, :func:`twin_structures`): each estimate is the
+    structures' mean, and its interval is widened by their spread (the variance of the
+    structures' estimates, added to the mean's: what the twin does not know about its own
+    structure does not average out over patients); each structure's estimate is reported."""
     total = np.asarray(total, dtype=np.float64)
-    names = layout(design)
+    names = layout(design, structures)
     if total.shape != (len(names),):
         raise TrialError(f"trial {design.name}: an aggregate of {total.size} figures, the design has "
                          f"{len(names)}")
@@ -291,10 +357,22 @@ def summarise(total: np.ndarray, design: TrialDesign, spec, *, noise_var: np.nda
         second = min(max(total[i2] / n, 0.0), 1.0)
         spread = max(second - m * m, 0.0) * n / (n - 1)
         se2 = spread / n + var[i1] / n ** 2 + m * m * var[-1] / n ** 2
+        by_structure = {}
+        if len(structures) > 1:
+            # each structure's mean: the first's is the mean minus the others' mean difference
+            # (a structure's difference is in the estimate's scaled units: see contributions)
+            diffs = [total[index[(f"{what}@{name}", arm, o, "sum")]] / n for name in structures[1:]]
+            first = m - sum(diffs) / len(structures)
+            means = [first] + [first + d for d in diffs]
+            se2 += float(np.var(means, ddof=1))
+            by_structure = {name: offset + scale * v for name, v in zip(structures, means)}
         half = Z95 * math.sqrt(se2)
         ci = [max(m - half, lo), min(m + half, 1.0)]
-        return {"mean": offset + scale * m, "ci95": [offset + scale * ci[0], offset + scale * ci[1]],
-                "sd": scale * math.sqrt(spread)}
+        out = {"mean": offset + scale * m, "ci95": [offset + scale * ci[0], offset + scale * ci[1]],
+               "sd": scale * math.sqrt(spread)}
+        if by_structure:
+            out["structures"] = by_structure
+        return out
 
     arms = {}
     for arm in design.arms:
@@ -308,7 +386,9 @@ def summarise(total: np.ndarray, design: TrialDesign, spec, *, noise_var: np.nda
     return {"trial": design.name, "n_patients": int(round(n)), "arms": arms, "contrasts": contrasts,
             "reference": design.reference, "units": units,
             "interval": "95%, normal approximation over patients" +
-                        (", including the differential-privacy noise" if np.any(var > 0) else "")}
+                        (", including the differential-privacy noise" if np.any(var > 0) else "") +
+                        (f", widened by the spread between the twin's {len(structures)} core structures "
+                         f"({', '.join(structures)})" if len(structures) > 1 else "")}
 
 
 def _unit(spec, outcome) -> str:

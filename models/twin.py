@@ -62,11 +62,31 @@ class Twin:
                 part = batch.part(slice(lo, lo + chunk))
                 x = torch.from_numpy(inputs.batch_features(part))
                 y = (self.surrogate(x) if offset is None else self.surrogate(x, offset[lo: lo + chunk])).numpy()
+                if y.ndim == 3:  # an ensemble in training mode gives its structures': their mean
+                    y = y.mean(axis=1)
                 out.append(inputs.decode(part.history[:, -1, :s], y))
         pred = np.concatenate(out) if out else np.zeros((0, self.spec.horizon_steps, s))
+        return self._clipped(pred)
+
+    def _clipped(self, pred: np.ndarray) -> np.ndarray:
         lo = np.array([c.min for c in self.spec.states], np.float32)
         hi = np.array([c.max for c in self.spec.states], np.float32)
         return np.clip(pred, lo, hi)
+
+    def structure_forecasts(self, batch: Batch, *, offset: torch.Tensor | None = None) -> np.ndarray | None:
+        """Each core structure's forecast ``[B, M, K, S]`` of an ensemble twin (spec units; their
+        mean is :meth:`forecast`), None for a twin of one structure or none."""
+        if not self.hybrid or self.surrogate.n_structures < 2:
+            return None
+        model, s = self.surrogate, len(self.spec.states)
+        with torch.no_grad():
+            u = model.unpack(torch.from_numpy(self.inputs.batch_features(batch)))
+            z = model.parameters_of(u)
+            y = model.member_outputs(u, z if offset is None else z + offset, model.corrections(u)).numpy()
+        m = y.shape[1]
+        last = np.repeat(batch.history[:, -1, :s], m, axis=0)
+        pred = self.inputs.decode(last, y.reshape(len(y) * m, -1))
+        return self._clipped(pred.reshape(len(y), m, *pred.shape[1:]))
 
     def save(self, run_dir: str | Path) -> Path:
         target = Path(run_dir) / MODEL_DIRNAME

@@ -128,6 +128,10 @@ class WhatIf:
     # A personalised hybrid: the Laplace posterior's spread of each core parameter at --at
     # (twinfed.models.personalise.parameter_spread) and the identifiability flag of the key one.
     posterior: dict | None = None
+    # An ensemble twin: each core structure's forecast per scenario (``[M, K, S]``; ``forecasts``
+    # holds their mean) and the structures' names; the intervals include their spread.
+    structure_forecasts: dict[str, np.ndarray] | None = None
+    structures: tuple[str, ...] = ()
 
 
 def origin_batch(site: SiteData, p: int, end: int, history: np.ndarray) -> Batch:
@@ -180,17 +184,23 @@ def run_whatif(twin: Twin, site: SiteData, patient_id: str, at_min: float,
         clinical = _clinical(twin, origin, offset)
         if fitted is not None and fitted.posterior_cov is not None:
             posterior = _posterior(twin, origin, fitted)
-    forecasts, controls = {}, {}
+    forecasts, controls, by_structure = {}, {}, {}
     for sc in scenarios:
         fc = sc.apply(spec, recorded.astype(np.float32))
         controls[sc.name] = fc
-        forecasts[sc.name] = twin.forecast(origin.with_future_controls(fc[None]), offset=offset)[0]
+        batch = origin.with_future_controls(fc[None])
+        forecasts[sc.name] = twin.forecast(batch, offset=offset)[0]
+        members = twin.structure_forecasts(batch, offset=offset)
+        if members is not None:
+            by_structure[sc.name] = members[0]
     scales, note = _scales(twin, site, p, at, fitted, calibration)
     bands = None
     if scales is not None:
         from twinfed.models.calibration import interval_bands
 
-        bands = {name: interval_bands(fc, scales, calibration, spec)
+        bands = {name: interval_bands(fc, scales, calibration, spec,
+                                      structural_sd=by_structure[name].std(axis=0, ddof=1)
+                                      if name in by_structure else None)
                  for name, fc in forecasts.items()}
     return WhatIf(
         minutes=[(i + 1) * spec.step_minutes for i in range(k)],
@@ -199,7 +209,8 @@ def run_whatif(twin: Twin, site: SiteData, patient_id: str, at_min: float,
         recorded_future_known=bool(future_known), clinical=clinical, parameters_from=source,
         identification_windows=n_fit, scales=scales, bands=bands,
         intervals=None if bands is None else calibration.label(), intervals_note=note,
-        posterior=posterior,
+        posterior=posterior, structure_forecasts=by_structure or None,
+        structures=tuple(twin.surrogate.binding.names) if by_structure else (),
     )
 
 

@@ -51,7 +51,7 @@ def _check_weights(plan, weights) -> None:
 
 def _release(session, context, weights, out_dir: Path, extra: dict | None) -> dict:
     """The trial's release round, its results written to ``RESULTS_FILE`` and ``trial_finished``."""
-    from twinfed.models.trial import summarise
+    from twinfed.models.trial import plan_structures, summarise
     from twinfed.models.twin import write_text_atomic
     from twinfed.outputs import TrialReport
     from twinfed.server.release import run_release
@@ -67,7 +67,8 @@ def _release(session, context, weights, out_dir: Path, extra: dict | None) -> di
                                    label=f"trial {plan.design.name}")
     report = {"trial": plan.design.name, "n_patients": 0, "arms": {}, "contrasts": {}}
     if result.total is not None and result.sites_released:
-        report = summarise(result.total, plan.design, plan.spec, noise_var=result.noise_var)
+        report = summarise(result.total, plan.design, plan.spec, noise_var=result.noise_var,
+                           structures=plan_structures(plan.twin.training_plan()))
     else:
         report["note"] = "no result: too few sites released the trial's aggregates (see sites)"
     report |= {

@@ -29,6 +29,22 @@ class _LinearModel:
     def outputs(self, u, z, correction):
         return torch.einsum("wmn,wn->wm", self.a, z) + correction
 
+    def member_outputs(self, u, z, correction):
+        return self.outputs(u, z, correction).unsqueeze(-2)
+
+
+class _LinearEnsemble:
+    """Two structures, each linear in its own block of ``z`` (``A_s z_s``): an ensemble's
+    ``member_outputs`` ``[W, 2, M]``."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        self.a, self.b = a, b  # [W, M, n_a], [W, M, n_b]
+
+    def member_outputs(self, u, z, correction):
+        na = self.a.shape[-1]
+        return torch.stack([torch.einsum("wmn,wn->wm", self.a, z[:, :na]),
+                            torch.einsum("wmn,wn->wm", self.b, z[:, na:])], dim=-2) + correction.unsqueeze(-2)
+
 
 def test_on_outputs_linear_in_the_offset_the_laplace_posterior_is_the_exact_gaussian_posterior():
     rng = np.random.default_rng(3)
@@ -54,6 +70,32 @@ def test_on_outputs_linear_in_the_offset_the_laplace_posterior_is_the_exact_gaus
         # weight * mean(theta^2) against one window's mean squared error.
         exact = np.linalg.inv(A.T @ A / sigma2 + np.eye(n) * weight * m / (n * sigma2))
         np.testing.assert_allclose(cov[p].numpy(), exact, rtol=1e-5, atol=1e-9)
+
+
+def test_an_ensembles_structures_each_have_their_own_posterior_and_noise_model():
+    rng = np.random.default_rng(5)
+    na, nb, m, w = 2, 3, 4, 9
+    n = na + nb
+    a = torch.from_numpy(rng.normal(size=(w, m, na))).float()
+    b = torch.from_numpy(rng.normal(size=(w, m, nb))).float()
+    y = torch.from_numpy(rng.normal(0, 1.0, size=(w, m))).float()
+    offset = torch.from_numpy(rng.normal(size=(1, n))).float()
+    owner, counts = np.zeros(w, np.int64), np.array([w])
+    weight = 0.02
+    cov = laplace_posterior(_LinearEnsemble(a, b), {}, torch.zeros(w, n), torch.zeros(w, m), y, offset, owner,
+                            counts, prior_weight=weight)[0].numpy()
+    sig = []
+    for mat, part in ((a, offset[0, :na]), (b, offset[0, na:])):
+        r = mat.double().reshape(-1, mat.shape[-1]).numpy() @ part.double().numpy() - y.double().reshape(-1).numpy()
+        sig.append(max(float(np.mean(r ** 2)), SIGMA2_FLOOR))
+    assert sig[0] != pytest.approx(sig[1], rel=0.05)  # the structures fit unequally well
+    prior = weight * 2 * m / n / np.mean(sig)
+    for block, mat, s2 in ((slice(0, na), a, sig[0]), (slice(na, n), b, sig[1])):
+        A = mat.double().reshape(-1, mat.shape[-1]).numpy()
+        exact = np.linalg.inv(A.T @ A / s2 + prior * np.eye(A.shape[1]))
+        np.testing.assert_allclose(cov[block, block], exact, rtol=1e-5, atol=1e-9)
+    # one structure's outputs say nothing about the other's parameters
+    np.testing.assert_allclose(cov[:na, na:], 0.0, atol=1e-12)
 
 
 def test_a_patient_without_windows_has_no_posterior():

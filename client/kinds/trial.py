@@ -31,15 +31,15 @@ class Trial(AggregateRelease):
 
     @classmethod
     def components(cls, plan) -> int:
-        from twinfed.models.trial import layout
+        from twinfed.models.trial import layout, plan_structures
 
-        return len(layout(plan.design))
+        return len(layout(plan.design, plan_structures(plan.twin.training_plan())))
 
     @classmethod
     def sensitivity(cls, plan) -> float:
-        from twinfed.models.trial import sensitivity
+        from twinfed.models.trial import plan_structures, sensitivity
 
-        return sensitivity(plan.design)
+        return sensitivity(plan.design, plan_structures(plan.twin.training_plan()))
 
     def admit(self, entries: list, audit) -> None:
         from twinfed.models.arms import validate_design
@@ -76,12 +76,16 @@ class Trial(AggregateRelease):
 def trial_sum(plan, site, patients: np.ndarray, weights, *, seed: int) -> tuple[np.ndarray, int, int]:
     """The trial's exact per-arm sums over ``patients`` (each clipped), how many took part and how
     many were excluded (their arm's controls out of the spec's range)."""
-    from twinfed.models.trial import contributions, layout, run_site_trial
+    from twinfed.models.trial import contributions, layout, plan_structures, run_site_trial
     from twinfed.models.twin import Twin
 
     twin = Twin.from_weights(plan.twin.training_plan(), weights)
     outcomes = run_site_trial(twin, site, plan.design, calibration=plan.twin.calibration,
                               exclude_out_of_range=True, patients=patients, seed=seed)
+    structures = plan_structures(plan.twin.training_plan())
+    if outcomes.structures != structures:  # the weights load into the plan's twin: never reached
+        raise ValueError("the twin's core structures are not the trial plan's")
     if outcomes.n_patients == 0:  # charged already: the noisy zero vector, never a refusal
-        return np.zeros(len(layout(plan.design))), 0, outcomes.n_excluded
-    return contributions(outcomes.values, plan.design).sum(axis=0), outcomes.n_patients, outcomes.n_excluded
+        return np.zeros(len(layout(plan.design, structures))), 0, outcomes.n_excluded
+    return (contributions(outcomes.values, plan.design, outcomes.structure_values).sum(axis=0),
+            outcomes.n_patients, outcomes.n_excluded)

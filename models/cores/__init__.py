@@ -6,10 +6,17 @@ unpacked inputs (``HybridSurrogate.unpack``) and reports its parameters in clini
 
 from __future__ import annotations
 
+import dataclasses
+from importlib import import_module
+
 import torch
 
 from twinfed.models.cores.base import Param, bounded, unbounded
 from twinfed.models.spec import CORE_ROLES, TwinSpec
+
+# The key of ``theta`` that picks, per row, which structure of an ensemble runs it
+# (:class:`EnsembleBinding`); without it an ensemble's path is its structures' mean.
+MEMBER = "_member"
 
 
 class CoreBinding:
@@ -17,6 +24,8 @@ class CoreBinding:
     the forecast of the bound states and the clinical report. A binding says how its core reads
     the inputs: ``origin`` (the core's state at the forecast origin) and ``run`` (each bound
     state's path over the horizon)."""
+
+    n_members = 1  # structures: one, or an ensemble's (EnsembleBinding)
 
     def __init__(self, spec: TwinSpec, core: torch.nn.Module):
         self.core = core
@@ -83,6 +92,10 @@ class CoreBinding:
         theta = self.theta(z, u)
         state = self.origin(theta, u)
         return self._stacked(self.run(theta, state, u)), {"theta": theta, "state": state}
+
+    def member_forecasts(self, z: torch.Tensor, u: dict) -> torch.Tensor:
+        """Each structure's forecast ``[..., M, K, S]`` (one structure: ``M = 1``)."""
+        return self.forecast(z, u)[0].unsqueeze(-3)
 
     def continued(self, theta: dict, state: dict, u: dict) -> tuple[torch.Tensor, dict]:
         """The bound states ``[..., k, S]`` over ``u["future"]`` (``k`` steps, any number) from
@@ -155,12 +168,99 @@ class CardioBinding(CoreBinding):
         return (paths, end) if carry else paths
 
 
-BINDINGS = {"glucose-insulin": GlucoseBinding, "cardio": CardioBinding}
+class EnsembleBinding(CoreBinding):
+    """Several structures of one core family on the same roles (``spec.core.structures``): the
+    parameters are the structures' side by side (the first structure's under their own names, the
+    others' as ``"<structure>.<name>"``), and so are their states. A forecast is the structures'
+    mean; :meth:`member_forecasts` gives each. With ``theta[MEMBER]`` (a structure index per row)
+    each row runs its own structure alone (a trial's paths, a structure per draw)."""
+
+    def __init__(self, spec: TwinSpec, members: list[CoreBinding], names: tuple[str, ...]):
+        self.members = members
+        self.names = names
+        self.n_members = len(members)
+        self.core = torch.nn.ModuleList([m.core for m in members])
+        self.n_states = len(spec.states)
+        self.state_roles = members[0].state_roles
+        self.prefixes = [""] + [f"{name}." for name in names[1:]]
+        sizes = [len(m.params) for m in members]
+        self.slices = [slice(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
+        self._params = tuple(dataclasses.replace(p, name=prefix + p.name)
+                             for prefix, m in zip(self.prefixes, members) for p in m.params)
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        return self._params
+
+    def _own(self, i: int, d: dict) -> dict:
+        """Structure ``i``'s part of a merged dict (theta or state), under its own names."""
+        prefix = self.prefixes[i]
+        if prefix:
+            return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+        return {k: v for k, v in d.items() if "." not in k and not k.startswith("_")}
+
+    def _merged(self, parts: list[dict]) -> dict:
+        return {prefix + k: v for prefix, part in zip(self.prefixes, parts) for k, v in part.items()}
+
+    def theta(self, z: torch.Tensor, u: dict) -> dict[str, torch.Tensor]:
+        return self._merged([m.theta(z[..., s], u) for m, s in zip(self.members, self.slices)])
+
+    def z_of(self, theta: dict[str, torch.Tensor], u: dict) -> torch.Tensor:
+        return torch.cat([m.z_of(self._own(i, theta), u) for i, m in enumerate(self.members)], dim=-1)
+
+    def origin(self, theta: dict, u: dict) -> dict[str, torch.Tensor]:
+        return self._merged([m.origin(self._own(i, theta), u) for i, m in enumerate(self.members)])
+
+    def run(self, theta: dict, state: dict, u: dict, *, carry: bool = False):
+        outs = [m.run(self._own(i, theta), self._own(i, state), u, carry=carry) for i, m in enumerate(self.members)]
+        paths = [o[0] for o in outs] if carry else outs
+        which = theta.get(MEMBER)
+        combined = {}
+        for role in paths[0]:
+            if which is None:
+                combined[role] = torch.stack([p[role] for p in paths]).mean(0)
+            else:
+                pick = paths[0][role]
+                for i in range(1, len(paths)):
+                    pick = torch.where((which == i).reshape(*which.shape, *([1] * (pick.dim() - which.dim()))),
+                                       paths[i][role], pick)
+                combined[role] = pick
+        if not carry:
+            return combined
+        return combined, self._merged([o[1] for o in outs])
+
+    def member_forecasts(self, z: torch.Tensor, u: dict) -> torch.Tensor:
+        return torch.stack([m.forecast(z[..., s], u)[0] for m, s in zip(self.members, self.slices)], dim=-3)
+
+    def clinical(self, z: torch.Tensor, u: dict) -> dict[str, torch.Tensor]:
+        return self._merged([m.clinical(z[..., s], u) for m, s in zip(self.members, self.slices)])
+
+
+# Each structure's binding, by core family and structure name: a class, or where it lives
+# (``module:Class``, imported when a twin uses it).
+STRUCTURE_BINDINGS: dict[str, dict[str, type | str]] = {
+    "glucose-insulin": {"minimal": GlucoseBinding,
+                        "two-compartment": "twinfed.models.cores.two_compartment:TwoCompartmentBinding"},
+    "cardio": {"effect-compartment": CardioBinding,
+               "indirect-response": "twinfed.models.cores.indirect_response:IndirectResponseBinding"},
+}
+
+
+def _binding_class(family: str, structure: str) -> type:
+    where = STRUCTURE_BINDINGS[family][structure]
+    if isinstance(where, str):
+        module, name = where.split(":")
+        return getattr(import_module(module), name)
+    return where
 
 
 def core_for(spec: TwinSpec):
+    """The binding of the spec's core: its one structure's, or an :class:`EnsembleBinding` of
+    the structures it declares."""
     if spec.core is None:
         raise ValueError("the spec has no [twin.core]")
-    if spec.core.name not in BINDINGS:
+    if spec.core.name not in STRUCTURE_BINDINGS:
         raise ValueError(f"the {spec.core.name} core is not available in this version of twinfed")
-    return BINDINGS[spec.core.name](spec)
+    names = spec.core.members
+    members = [_binding_class(spec.core.name, name)(spec) for name in names]
+    return members[0] if len(members) == 1 else EnsembleBinding(spec, members, names)

@@ -329,7 +329,7 @@ def cmd_plan_show(args) -> int:
 
 def _show_trial_plan(plan) -> int:
     """``plan show`` of an in-silico trial's plan: what the trial computes and what leaves."""
-    from twinfed.models.trial import layout, sensitivity
+    from twinfed.models.trial import layout, plan_structures, sensitivity
     from twinfed.wire import reply_field_table
 
     d, p = plan.design, plan.privacy
@@ -346,9 +346,10 @@ def _show_trial_plan(plan) -> int:
     print(f"privacy:     epsilon {p.epsilon:g} per site for this trial, delta {p.delta:g}, DP "
           f"{'on' if p.enabled else 'OFF'}, secure aggregation {'on' if p.secure_aggregation else 'OFF'}")
     print(f"secure sum:  never unmasked over fewer than {p.secagg.min_sites} sites")
-    print(f"release:     once per site: {len(layout(d))} sums over its patients (per arm and outcome the "
+    structures = plan_structures(plan.twin.training_plan())
+    print(f"release:     once per site: {len(layout(d, structures))} sums over its patients (per arm and outcome the "
           "clipped outcome and its square, per contrast the clipped paired difference and its square, "
-          f"a count), one patient moving them by at most {sensitivity(d):.3g} (L2); Gaussian noise "
+          f"a count{_structures_note(structures)}), one patient moving them by at most {sensitivity(d, structures):.3g} (L2); Gaussian noise "
           "calibrated to the epsilon above, charged to the site's ledger")
     for warning in _plan_warnings(plan):
         print(f"WARNING:     {warning}")
@@ -357,6 +358,14 @@ def _show_trial_plan(plan) -> int:
         print(f"  {name}: {kind}")
     print(json.dumps(json.loads(plan.canonical_json()), indent=2, sort_keys=True))
     return 0
+
+
+def _structures_note(structures: tuple[str, ...]) -> str:
+    """What an ensemble twin's trial adds to its release (models.trial.layout)."""
+    if not structures:
+        return ""
+    return (f"; per core structure after the first ({', '.join(structures[1:])}) its arm outcomes and "
+            f"contrasts minus the first's ({structures[0]}), clipped")
 
 
 def _plan_warnings(plan) -> list[str]:

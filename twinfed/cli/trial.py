@@ -105,10 +105,10 @@ def _local(args, twin, design, calibration) -> tuple[dict, object]:
 
     from twinfed.governance.consent import granted, site_consent
     from twinfed.models.site_data import load_site
-    from twinfed.models.trial import contributions, run_site_trial, summarise
+    from twinfed.models.trial import contributions, run_site_trial, summarise, twin_structures
 
     _one_thread()
-    parts, excluded, not_consented, unidentified = [], 0, 0, None
+    parts, by_structure, excluded, not_consented, unidentified = [], [], 0, 0, None
     for d in args.data:
         site = load_site(d, twin.spec)
         consented = site.subset(granted(site_consent(d), design.purpose), reuse=True)
@@ -120,6 +120,7 @@ def _local(args, twin, design, calibration) -> tuple[dict, object]:
                   f"{len(design.arms)} arms forward over {design.duration_days:g} days")
         outcomes = run_site_trial(twin, consented, design, calibration=calibration)
         parts.append(outcomes.values)
+        by_structure.append(outcomes.structure_values)
         excluded += outcomes.n_excluded
         if outcomes.n_not_identifiable is not None:
             unidentified = (unidentified or 0) + outcomes.n_not_identifiable
@@ -128,7 +129,10 @@ def _local(args, twin, design, calibration) -> tuple[dict, object]:
         raise TrialError(f"fewer than 2 patients could take part ({values.shape[0]}): they need consent for "
                          f"{design.purpose!r}, {twin.spec.history_steps} steps of record before hour "
                          f"{design.start_hours:g} and a day of record after it")
-    report = summarise(contributions(values, design).sum(axis=0), design, twin.spec)
+    structures = twin_structures(twin)
+    structure_values = np.concatenate(by_structure) if structures else None
+    report = summarise(contributions(values, design, structure_values).sum(axis=0), design, twin.spec,
+                       structures=structures)
     report |= {"privacy": {"differential_privacy": False,
                            "note": "one machine: the sites' data never left it; results are exact "
                                    "aggregates over its patients"},

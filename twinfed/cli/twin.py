@@ -161,7 +161,8 @@ def whatif_json(res, twin, spec) -> dict:
         "scenarios": {name: {"controls": {c: fc[:, j].tolist() for j, c in enumerate(spec.control_columns)},
                              "states": {c: res.forecasts[name][:, j].tolist()
                                         for j, c in enumerate(spec.state_columns)},
-                             "intervals": _bands_json(res, name, spec)}
+                             "intervals": _bands_json(res, name, spec),
+                             "structures": _structures_json(res, name, spec)}
                       for name, fc in res.controls.items()},
         "intervals": res.intervals,
         "intervals_note": res.intervals_note,
@@ -173,6 +174,16 @@ def whatif_json(res, twin, spec) -> dict:
             "from": res.parameters_from, "identification_windows": res.identification_windows,
             "clinical": res.clinical, "posterior": res.posterior},
     }
+
+
+def _structures_json(res, name: str, spec) -> dict | None:
+    """An ensemble twin's forecast by core structure: {STRUCTURE: {STATE: [...]}} (the scenario's
+    ``states`` are their mean), None for a twin of one structure."""
+    if res.structure_forecasts is None:
+        return None
+    fc = res.structure_forecasts[name]
+    return {s: {c: fc[m, :, j].tolist() for j, c in enumerate(spec.state_columns)}
+            for m, s in enumerate(res.structures)}
 
 
 def _bands_json(res, name: str, spec) -> dict | None:
