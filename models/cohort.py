@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from twinfed.errors import DataError, TwinfedError
-from twinfed.models.sim.base import SimCohort, SiteProfile
+from twinfed.models.sim.base import SimCohort, SiteProfile, check_care
 from twinfed.models.spec import TwinSpec, load_spec
 
 # Each twin's built-in simulators by short name, the default first.
@@ -104,8 +104,10 @@ def check_sizes(*, sites: int, patients: int, days: float, seed: int, holdout: i
 
 def generate_cohort(twin: str, *, sites: int, patients: int, days: float, seed: int,
                     out: str | Path, holdout: int = 0, simulator: str | None = None,
-                    force: bool = False) -> CohortSummary:
-    """Write a cohort made by the twin's simulator named ``simulator`` (None: its default).
+                    force: bool = False, care: str = "routine") -> CohortSummary:
+    """Write a cohort made by the twin's simulator named ``simulator`` (None: its default), under
+    ``care``: ``routine`` (care as records hold it, partly reacting to the readings) or ``plain``
+    (the open-loop care of cohorts made before routine care, reproduced byte for byte).
 
     The cohort appears whole or not at all: it is written beside ``out`` and renamed into place.
     An existing ``out`` is refused, unless it is a cohort and ``force`` is set: then it is
@@ -113,6 +115,7 @@ def generate_cohort(twin: str, *, sites: int, patients: int, days: float, seed: 
     """
     spec = load_spec(twin)
     sim_name = simulator_name(twin, simulator)
+    check_care(care)
     check_sizes(sites=sites, patients=patients, days=days, seed=seed, holdout=holdout,
                 step_minutes=spec.step_minutes)
     out = Path(out)
@@ -126,7 +129,7 @@ def generate_cohort(twin: str, *, sites: int, patients: int, days: float, seed: 
     shutil.rmtree(partial, ignore_errors=True)
     try:
         summary = _write_cohort(twin, spec, sim_name, sites=sites, patients=patients, days=days,
-                                seed=seed, out=partial, holdout=holdout)
+                                seed=seed, out=partial, holdout=holdout, care=care)
         if out.exists():
             retired = out.parent / f".{out.name}.replaced-{os.getpid()}"
             out.rename(retired)
@@ -145,7 +148,7 @@ def generate_cohort(twin: str, *, sites: int, patients: int, days: float, seed: 
 
 
 def _write_cohort(twin: str, spec: TwinSpec, sim_name: str, *, sites: int, patients: int, days: float,
-                  seed: int, out: Path, holdout: int) -> CohortSummary:
+                  seed: int, out: Path, holdout: int, care: str = "routine") -> CohortSummary:
     sim = import_module(SIMULATORS[twin][sim_name])
     out.mkdir(parents=True, exist_ok=True)
     n_steps = int(round(days * 24 * 60 / spec.step_minutes))
@@ -162,7 +165,7 @@ def _write_cohort(twin: str, spec: TwinSpec, sim_name: str, *, sites: int, patie
             if share.size:
                 cohorts.append(sim.generate(prof, int(share.size), n_steps, step_minutes=spec.step_minutes,
                                             rng=np.random.default_rng(rng.integers(2**63)),
-                                            id_prefix=f"{name}-{prof.name[:3]}-"))
+                                            id_prefix=f"{name}-{prof.name[:3]}-", care=care))
         cohort = _concat(cohorts)
         write_site(out / name, spec, cohort)
         write_truth(out / "truth" / f"{name}.csv", cohort)
@@ -171,7 +174,8 @@ def _write_cohort(twin: str, spec: TwinSpec, sim_name: str, *, sites: int, patie
     (out / "spec.toml").write_text(spec.to_toml(), encoding="utf-8")
     (out / "cohort.json").write_text(json.dumps(
         {"twin": twin, "seed": seed, "days": days, "step_minutes": spec.step_minutes,
-         "sites": manifest, "simulator": SIMULATORS[twin][sim_name], "simulator_name": sim_name},
+         "sites": manifest, "simulator": SIMULATORS[twin][sim_name], "simulator_name": sim_name,
+         "care": care},
         indent=2), encoding="utf-8")
     return CohortSummary(out, manifest, sim_name)
 

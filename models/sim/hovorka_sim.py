@@ -32,9 +32,10 @@ basal rate is the one whose fasting steady state is the patient's ``gb_mmol`` (b
 to fasting glucose, so the site's basal error spreads that glucose), and the carb ratio is the one
 that brings glucose back to fasting five hours after a test meal (``carb_ratio``).
 
-Site profiles, open-loop care and the CGM are glucose_sim's (imported, not copied): the two
-simulators differ in physiology only. Replaying ``simulate`` with changed controls is the exact,
-noise-free counterfactual.
+Site profiles, care (plain, or routine with its closed-loop corrections and hypoglycaemia
+treatment) and the CGM are glucose_sim's (imported, not copied): the two simulators differ in
+physiology only. Replaying ``simulate`` with changed controls is the exact, noise-free
+counterfactual.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ import numpy as np
 
 from twinfed.models.sim.base import SimCohort, SiteProfile, lognormal
 from twinfed.models.sim.glucose_sim import SITE_PROFILES  # noqa: F401  (the same sites and care habits)
-from twinfed.models.sim.glucose_sim import cgm_reading, open_loop_cohort
+from twinfed.models.sim.glucose_sim import (CGM_RANGE, GlucoseCare, _cgm_noise, cgm_reading, give_care,
+                                             open_loop_cohort)
 
 SUBSTEP_MIN = 1.0
 MGDL_PER_MMOL = 18.0
@@ -122,13 +124,21 @@ def carb_ratio(params: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def simulate(params: dict[str, np.ndarray], controls: dict[str, np.ndarray], *,
-             step_minutes: int = 5, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+             step_minutes: int = 5, rng: np.random.Generator | None = None,
+             care: GlucoseCare | None = None):
     """Glucose [P, T] (mg/dL) at the end of each step, from parameters and amounts given per step,
-    starting at the steady state of each patient's basal rate, fasting."""
+    starting at the steady state of each patient's basal rate, fasting.
+
+    With ``care`` (closed loop, glucose_sim's routine care): before each step, ``care`` sees the
+    CGM reading of the step before and adds insulin and carbs to the step; returns the states and
+    the controls actually given (``controls`` is left unchanged). Without it: the states alone."""
     m = _absolute(params)
     insulin = np.asarray(controls["insulin_u"], dtype=np.float64)
     carbs = np.asarray(controls["carbs_g"], dtype=np.float64)
     n, n_steps = insulin.shape
+    if care is not None:
+        insulin, carbs = insulin.copy(), carbs.copy()
+        noise = _cgm_noise(rng, n, n_steps) if rng is not None else np.zeros((n, n_steps))
     i_pl = _basal_mu_per_min(m) / (m["ke"] * m["vi"])
     x1, x2, x3 = m["sit"] * i_pl, m["sid"] * i_pl, m["sie"] * i_pl
     q1 = _steady_glucose(m, i_pl) * m["vg"]
@@ -147,7 +157,15 @@ def simulate(params: dict[str, np.ndarray], controls: dict[str, np.ndarray], *,
         x3 = x3 + dt * m["ka3"] * (m["sie"] * i_pl - x3)
         i_pl = i_pl + dt * (ins_rate / m["vi"] - m["ke"] * i_pl)
         if (k + 1) % sub == 0:
-            out[:, k // sub] = q1 / m["vg"]
+            t = k // sub
+            out[:, t] = q1 / m["vg"]
+            if care is not None and t + 1 < n_steps:
+                # _absorption reads step t + 1's amounts only once asked for its first substep.
+                reading = np.clip(out[:, t] * MGDL_PER_MMOL + noise[:, t], *CGM_RANGE)
+                give_care(care, t + 1, reading, insulin, carbs)
+    if care is not None:
+        return ({"glucose_mgdl": np.clip(out * MGDL_PER_MMOL + noise, *CGM_RANGE)},
+                {"insulin_u": insulin, "carbs_g": carbs})
     return {"glucose_mgdl": cgm_reading(out * MGDL_PER_MMOL, rng)}
 
 
@@ -179,10 +197,10 @@ def absorbed(params: dict[str, np.ndarray], controls: dict[str, np.ndarray], *,
 
 
 def generate(profile: SiteProfile, n_patients: int, n_steps: int, *, step_minutes: int = 5,
-             rng: np.random.Generator, id_prefix: str = "p") -> SimCohort:
+             rng: np.random.Generator, id_prefix: str = "p", care: str = "routine") -> SimCohort:
     params = draw_params(profile, n_patients, rng)
     return open_loop_cohort(profile, params, carb_ratio(params), simulate, n_steps,
-                            step_minutes=step_minutes, rng=rng, id_prefix=id_prefix)
+                            step_minutes=step_minutes, rng=rng, id_prefix=id_prefix, care=care)
 
 
 def _absolute(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -28,6 +28,11 @@ def register(sub) -> None:
                      help="also write DIR/holdout with this many patients from every population, for testing")
     gen.add_argument("--out", type=Path, required=True,
                      help="output directory DIR (new or empty; never overwritten without --force)")
+    gen.add_argument("--care", choices=["routine", "plain"], default="routine",
+                     help="routine (default): care as records hold it: correction boluses after high "
+                          "readings, fast carbs after low ones, basal changes, late and missed "
+                          "boluses; late, missed, extra and titrated doses. plain: the open-loop care "
+                          "of cohorts made before routine care, reproduced exactly")
     gen.add_argument("--force", action="store_true",
                      help="replace DIR if it holds a cohort (written whole first; never any other directory)")
     gen.set_defaults(func=cmd_generate)
@@ -47,7 +52,7 @@ def cmd_generate(args) -> int:
 
     summary = generate_cohort(args.twin, sites=args.sites, patients=args.patients, days=args.days,
                               seed=args.seed, out=args.out, holdout=args.holdout, simulator=args.simulator,
-                              force=args.force)
+                              force=args.force, care=args.care)
     for name, info in summary.sites.items():
         print(f"{name}: {info['patients']} patients ({', '.join(info['profiles'])}), {info['rows']} rows")
     print(f"wrote {args.out}/spec.toml, {len(summary.sites)} site directories and {args.out}/truth/ "
