@@ -155,7 +155,7 @@ def _plan(profile: SiteProfile, *, weight_kg: np.ndarray, basal_u_per_h: np.ndar
     insulin = np.repeat((basal_u_per_h * step_minutes / 60.0)[:, None], n_steps, axis=1)
     routine = routine_rng is not None
     bolus_steps = np.zeros((n, n_steps), dtype=bool) if routine else None
-    log: dict[str, np.ndarray] = {"late_boluses": np.zeros(n, dtype=np.int64)} if routine else {}
+    log = {k: np.zeros(n, dtype=np.int64) for k in ("meal_boluses", "late_boluses")} if routine else {}
     if routine:
         insulin = insulin * _basal_changes(s, n, n_steps, step_minutes, routine_rng, log)
     size = np.sqrt(weight_kg / 70.0)  # smaller people eat smaller meals
@@ -181,6 +181,7 @@ def _plan(profile: SiteProfile, *, weight_kg: np.ndarray, basal_u_per_h: np.ndar
         np.add.at(insulin, (rows, b_step[give]), np.round(estimate[give] / icr[give] * 2) / 2)
         if routine:
             bolus_steps[rows, b_step[give]] = True
+            log["meal_boluses"] += give
             log["late_boluses"] += give & late
 
     for d in range(days):
