@@ -3,14 +3,18 @@
 Physiology: Bergman's minimal model for glucose (G, mg/dL) and remote insulin action (X, 1/min),
 a two-compartment subcutaneous insulin depot (S1, S2, U) feeding plasma insulin (I, mU/L), and a
 two-compartment gut (Q1, Q2, g) for carbohydrate (Hovorka et al. 2004 absorption; Bergman 1979
-glucose kinetics). Treatment is open loop (basal every step, meal boluses from a carb ratio with
-the patient's estimation errors, timing habits and missed doses), so replaying ``simulate`` with
+glucose kinetics). Plain care is open loop (basal every step, meal boluses from a carb ratio with
+the patient's estimation errors, timing habits and missed doses: ``treatment``). Routine care,
+the default, is care as records hold it: on top of that plan, some boluses late and the basal
+rate changed for hours or for good (``routine_treatment``), and, closed loop, correction boluses
+after high CGM readings and fast carbohydrate after low ones (``GlucoseCare``, which ``simulate``
+asks once per step). The controls recorded are the ones given, so replaying ``simulate`` with
 changed controls is the exact counterfactual. Only the CGM reading carries noise.
 
-The site profiles, the treatment policy (``treatment``, given each patient's basal rate and carb
-ratio), the CGM (``cgm_reading``) and the cohort assembly (``open_loop_cohort``) are shared with
-the other type 1 diabetes simulator (:mod:`twinfed.models.sim.hovorka_sim`), so two cohorts made
-with the same seed differ in physiology only.
+The site profiles (with routine care's habits, ``ROUTINE_CARE``), the care policies, the CGM
+(``cgm_reading``) and the cohort assembly (``open_loop_cohort``) are shared with the other type 1
+diabetes simulator (:mod:`twinfed.models.sim.hovorka_sim`), so two cohorts made with the same
+seed differ in physiology only.
 """
 
 from __future__ import annotations
