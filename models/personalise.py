@@ -34,7 +34,22 @@ at ``SIGMA2_FLOOR``),
 the summed likelihood of all the patient's outputs plus the fit's Gaussian prior in the same
 summed units (``prior_weight * mean(offset^2)`` is weighed against one window's mean squared
 error, i.e. the prior is worth one window). The likelihood grows with the windows, the prior does
-not, so the posterior sharpens as the record grows. It is each patient's own too: ``J`` and the
+not, so the posterior sharpens as the record grows. That precision treats every output as an
+independent reading, which a record is not: a window's twelve errors move together (sensor
+drift, a meal the core gets wrong) and overlapping windows share readings. Measured on records
+of the core's own physiology with a CGM's correlated noise, its 95% interval of insulin
+sensitivity held the truth for 69% / 28% of 32 patients at 16 / 128 windows (44% of 16 at 48).
+So the covariance is the **cluster-robust sandwich** around it, ``H^-1 (sum_c s_c s_c^T) H^-1 *
+C/(C-1)``, with ``H`` the precision above and ``s_c`` the score (``J^T r / sigma^2``) summed over
+a cluster of windows that start within one window's span of each other (``C`` clusters), centred
+(at the fit the scores sum to the prior's pull, not to zero); on the same records it held the
+truth for 94% / 88% / 81% at 16 / 48 / 128 windows. What remains at 128 is bias the spread cannot
+show: the fit's error stops shrinking (median 19% at 48 and at 128 windows) where the other
+parameters and the prior trade off with insulin sensitivity. With no more than twice as many
+clusters as parameters the middle is not stable: the precision's inverse is then inflated by the
+windows' design effect,
+``M mean_w(rbar_w^2) / mean(r^2)`` (1 for independent errors, ``M`` for errors shared by a
+window's ``M`` outputs). It is each patient's own too: ``J`` and the
 residuals are computed row by row and summed over that patient's rows alone.
 :func:`parameter_spread` maps it through the core's binding to one physical parameter (the
 delta method on its log: a relative spread), with an identifiability flag.
@@ -298,19 +313,22 @@ def identify(model, site: SiteData, patients: np.ndarray, until_steps: np.ndarra
             v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
             offset -= LEARNING_RATE * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + 1e-8)
     offset = offset.detach()
+    # windows that start within one window's span of each other share record: one cluster
+    clusters = site.steps[starts] // site.spec.window_steps
     cov = laplace_posterior(model, u, z_windows, correction, y, offset, owner_np, counts,
-                            prior_weight=prior_weight) if posterior else None
+                            prior_weight=prior_weight, clusters=clusters) if posterior else None
     return Identified(offset, counts, starts, owner_np, patients, cov)
 
 
 def laplace_posterior(model, u: dict[str, torch.Tensor], z_windows: torch.Tensor, correction: torch.Tensor,
                       y: torch.Tensor, offset: torch.Tensor, owner: np.ndarray, counts: np.ndarray, *,
-                      prior_weight: float = PRIOR_WEIGHT) -> torch.Tensor:
+                      prior_weight: float = PRIOR_WEIGHT, clusters=None) -> torch.Tensor:
     """Each patient's Laplace (Gauss-Newton) posterior covariance ``[P, n, n]`` (float64) of their
     ``offset`` at the fitted point (see the module's note for the formula): ``model.outputs(u,
     z_windows + offset[owner], correction)`` are the windows' forecasts (rows grouped by patient,
-    ``owner`` each row's patient, ``counts`` their windows), ``y`` their targets. The Jacobian is
-    forward-mode, one pass per parameter; a patient without windows gets NaN."""
+    ``owner`` each row's patient, ``counts`` their windows), ``y`` their targets; ``clusters``
+    each row's cluster for the sandwich (rows sharing record; None: each row its own). The
+    Jacobian is forward-mode, one pass per parameter; a patient without windows gets NaN."""
     n_pat, n = offset.shape
     cov = torch.full((n_pat, n, n), float("nan"), dtype=torch.float64)
     if owner.size == 0:
@@ -336,10 +354,24 @@ def laplace_posterior(model, u: dict[str, torch.Tensor], z_windows: torch.Tensor
         # each structure's noise model (an ensemble's structures fit the patient unequally well)
         sigma2 = [max(float((resid[r][:, j].double() ** 2).mean()), SIGMA2_FLOOR) for j in range(structures)]
         precision = prior / (sum(sigma2) / structures) * torch.eye(n, dtype=torch.float64)
+        scores = torch.zeros(rows.size, n, dtype=torch.float64)  # each window's score
         for j in range(structures):
-            jp = jac[r][:, j].double().reshape(-1, n)
-            precision = precision + jp.T @ jp / sigma2[j]
-        cov[p] = torch.linalg.inv(precision)
+            jw = jac[r][:, j].double()  # [w, M, n]
+            precision = precision + jw.reshape(-1, n).T @ jw.reshape(-1, n) / sigma2[j]
+            scores = scores + torch.einsum("wmn,wm->wn", jw, resid[r][:, j].double()) / sigma2[j]
+        inv = torch.linalg.inv(precision)
+        ids = np.unique(clusters[rows], return_inverse=True)[1] if clusters is not None else np.arange(rows.size)
+        c = int(ids.max()) + 1
+        if c > 2 * n:  # enough clusters for a stable sandwich (its middle of full rank, and some)
+            summed = torch.zeros(c, n, dtype=torch.float64).index_add_(0, torch.from_numpy(ids), scores)
+            # centred: at the fit the scores sum to the prior's pull (and to what the fit's last
+            # steps left), not to zero
+            summed = summed - summed.mean(0)
+            cov[p] = inv @ (summed.T @ summed * (c / (c - 1))) @ inv
+        else:  # the precision's inverse, inflated by how much a window's errors move together
+            rp = resid[r].double()
+            deff = m * float((rp.mean(-1) ** 2).mean()) / max(float((rp ** 2).mean()), 1e-12)
+            cov[p] = inv * min(max(deff, 1.0), float(m))
     return cov
 
 

@@ -46,10 +46,23 @@ class _LinearEnsemble:
                             torch.einsum("wmn,wn->wm", self.b, z[:, na:])], dim=-2) + correction.unsqueeze(-2)
 
 
-def test_on_outputs_linear_in_the_offset_the_laplace_posterior_is_the_exact_gaussian_posterior():
+def _sandwich(A_w, r_w, sigma2, precision, clusters):
+    """numpy's cluster-robust covariance: H^-1 (sum_c s_c s_c^T) C/(C-1) H^-1, s_c = sum of the
+    cluster's windows' J^T r / sigma^2, centred."""
+    inv = np.linalg.inv(precision)
+    ids = np.unique(clusters, return_inverse=True)[1]
+    s = np.zeros((ids.max() + 1, precision.shape[0]))
+    for w in range(len(A_w)):
+        s[ids[w]] += A_w[w].T @ r_w[w] / sigma2
+    s = s - s.mean(0)
+    c = s.shape[0]
+    return inv @ (s.T @ s * c / (c - 1)) @ inv
+
+
+def test_on_outputs_linear_in_the_offset_the_posterior_is_the_sandwich_around_the_exact_gaussian_precision():
     rng = np.random.default_rng(3)
     n, m = 3, 5
-    counts = np.array([4, 7])  # two patients, their windows grouped
+    counts = np.array([4, 10])  # two patients, their windows grouped
     owner = np.repeat(np.arange(2), counts)
     a = torch.from_numpy(rng.normal(size=(counts.sum(), m, n))).float()
     truth = rng.normal(size=(2, n))
@@ -59,17 +72,54 @@ def test_on_outputs_linear_in_the_offset_the_laplace_posterior_is_the_exact_gaus
     z = torch.zeros(counts.sum(), n)
     corr = torch.zeros(counts.sum(), m)
     weight = 0.02
-    cov = laplace_posterior(_LinearModel(a), {}, z, corr, y, offset, owner, counts, prior_weight=weight)
+    # patient 0: 3 clusters, too few for 3 parameters' sandwich; patient 1: 8 > 2n, two shared
+    clusters = np.array([0, 0, 1, 2, 0, 1, 1, 2, 3, 4, 5, 6, 7, 7])
+    cov = laplace_posterior(_LinearModel(a), {}, z, corr, y, offset, owner, counts, prior_weight=weight,
+                            clusters=clusters)
     assert cov.shape == (2, n, n)
     for p in range(2):
         rows = owner == p
-        A = a[rows].double().reshape(-1, n).numpy()  # all the patient's outputs, stacked
-        r = (A @ offset[p].double().numpy() - y[rows].double().reshape(-1).numpy())
-        sigma2 = max(float(np.mean(r ** 2)), SIGMA2_FLOOR)
+        A_w = a[rows].double().numpy()
+        A = A_w.reshape(-1, n)  # all the patient's outputs, stacked
+        r_w = np.einsum("wmn,n->wm", A_w, offset[p].double().numpy()) - y[rows].double().numpy()
+        sigma2 = max(float(np.mean(r_w ** 2)), SIGMA2_FLOOR)
         # y | theta ~ N(A theta, sigma2 I); theta ~ N(0, sigma2 n / (weight M) I): the fit's prior,
         # weight * mean(theta^2) against one window's mean squared error.
-        exact = np.linalg.inv(A.T @ A / sigma2 + np.eye(n) * weight * m / (n * sigma2))
+        precision = A.T @ A / sigma2 + np.eye(n) * weight * m / (n * sigma2)
+        # patient 0 has 3 clusters for 3 parameters: the precision's inverse, times the design effect
+        deff = min(max(m * np.mean(r_w.mean(-1) ** 2) / np.mean(r_w ** 2), 1.0), m)
+        exact = np.linalg.inv(precision) * deff if p == 0 else _sandwich(A_w, r_w, sigma2, precision, clusters[rows])
         np.testing.assert_allclose(cov[p].numpy(), exact, rtol=1e-5, atol=1e-9)
+
+
+def test_with_errors_shared_within_windows_the_posterior_covers_the_truth_where_the_plain_precision_does_not():
+    """Each window's outputs share one error (as a sensor's drift does) and respond alike to the
+    offset (as a forecast's steps do): 100 patients of a linear model, whose offset's fit is least
+    squares. The plain precision's 95% interval is far too narrow; the sandwich's (many clusters)
+    and the design effect's (too few clusters for a sandwich) hold the truth about 95% of the time
+    (0.88-1 allows for chance)."""
+    rng = np.random.default_rng(8)
+    n, m, w, reps = 2, 12, 40, 100
+    hits = {"plain": 0, "sandwich": 0, "design effect": 0}
+    for _ in range(reps):
+        # a window's outputs respond alike to the offset (a forecast's steps are smooth)
+        a = rng.normal(size=(w, 1, n)) + rng.normal(0, 0.1, size=(w, m, n))
+        truth = rng.normal(size=n)
+        shared = rng.normal(0, 1.0, size=(w, 1)) + rng.normal(0, 0.2, size=(w, m))
+        y = np.einsum("wmn,n->wm", a, truth) + shared
+        A = a.reshape(-1, n)
+        fit = np.linalg.lstsq(A, y.reshape(-1), rcond=None)[0]
+        sigma2 = np.mean((A @ fit - y.reshape(-1)) ** 2)
+        hits["plain"] += abs(fit[0] - truth[0]) < 1.96 * np.sqrt(np.linalg.inv(A.T @ A / sigma2)[0, 0])
+        args = (_LinearModel(torch.from_numpy(a).float()), {}, torch.zeros(w, n), torch.zeros(w, m),
+                torch.from_numpy(y).float(), torch.from_numpy(fit[None]).float(), np.zeros(w, np.int64),
+                np.array([w]))
+        for name, clusters in (("design effect", np.zeros(w, np.int64)), ("sandwich", np.arange(w))):
+            cov = laplace_posterior(*args, prior_weight=1e-9, clusters=clusters)[0].numpy()
+            hits[name] += abs(fit[0] - truth[0]) < 1.96 * np.sqrt(cov[0, 0])
+    assert hits["plain"] / reps < 0.6
+    assert 0.88 <= hits["sandwich"] / reps <= 1.0
+    assert 0.88 <= hits["design effect"] / reps <= 1.0
 
 
 def test_an_ensembles_structures_each_have_their_own_posterior_and_noise_model():
@@ -82,17 +132,22 @@ def test_an_ensembles_structures_each_have_their_own_posterior_and_noise_model()
     offset = torch.from_numpy(rng.normal(size=(1, n))).float()
     owner, counts = np.zeros(w, np.int64), np.array([w])
     weight = 0.02
+    # one cluster: the precision's inverse times the design effect (the sandwich is the test
+    # above's)
     cov = laplace_posterior(_LinearEnsemble(a, b), {}, torch.zeros(w, n), torch.zeros(w, m), y, offset, owner,
-                            counts, prior_weight=weight)[0].numpy()
-    sig = []
+                            counts, prior_weight=weight, clusters=np.zeros(w, np.int64))[0].numpy()
+    sig, resid = [], []
     for mat, part in ((a, offset[0, :na]), (b, offset[0, na:])):
-        r = mat.double().reshape(-1, mat.shape[-1]).numpy() @ part.double().numpy() - y.double().reshape(-1).numpy()
+        r = np.einsum("wmn,n->wm", mat.double().numpy(), part.double().numpy()) - y.double().numpy()
+        resid.append(r)
         sig.append(max(float(np.mean(r ** 2)), SIGMA2_FLOOR))
+    r = np.stack(resid, 1)  # [w, 2, m]
+    deff = min(max(m * np.mean(r.mean(-1) ** 2) / np.mean(r ** 2), 1.0), m)
     assert sig[0] != pytest.approx(sig[1], rel=0.05)  # the structures fit unequally well
     prior = weight * 2 * m / n / np.mean(sig)
     for block, mat, s2 in ((slice(0, na), a, sig[0]), (slice(na, n), b, sig[1])):
         A = mat.double().reshape(-1, mat.shape[-1]).numpy()
-        exact = np.linalg.inv(A.T @ A / s2 + prior * np.eye(A.shape[1]))
+        exact = np.linalg.inv(A.T @ A / s2 + prior * np.eye(A.shape[1])) * deff
         np.testing.assert_allclose(cov[block, block], exact, rtol=1e-5, atol=1e-9)
     # one structure's outputs say nothing about the other's parameters
     np.testing.assert_allclose(cov[:na, na:], 0.0, atol=1e-12)
@@ -124,7 +179,9 @@ def test_the_spread_of_insulin_sensitivity_shrinks_as_a_patients_windows_grow(no
         spread = parameter_spread(model, noisy_site, fit, "si")
         assert np.all(np.isfinite(spread.sd)) and np.all(spread.sd > 0)
         sd[w] = spread.relative_sd
-    assert np.all(sd[64] < sd[16]) and np.all(sd[16] < sd[4])
+    # 4 and 16 windows: the design effect's inflation, estimated from few windows (noisy); 64:
+    # the sandwich; a long record's posterior is narrower than either short one's
+    assert np.all(sd[64] < sd[16]) and np.all(sd[64] < sd[4])
 
 
 def test_a_patient_without_windows_is_not_identifiable(noisy_site):
