@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from twinfed.models.spec import TwinSpec
 
@@ -56,6 +56,12 @@ class ModelConfig(BaseModel):
 DEFAULT_SIZES = {"hybrid": (32, 1), "mlp-residual": (64, 2)}
 
 
+# The rolled-forward loss (TrainingConfig.rolled_hours): the span it may cover, and how often along
+# it the rolled path is scored against the record.
+ROLLED_HOURS = (2.0, 12.0)
+ROLLED_EVERY_MINUTES = 30
+
+
 class TrainingConfig(BaseModel):
     """Local optimisation on each node, per round."""
 
@@ -69,6 +75,32 @@ class TrainingConfig(BaseModel):
     # "cosine": the learning rate falls from learning_rate to a tenth of it over the rounds, so
     # late rounds add less DP noise to the model; "constant" keeps it.
     lr_schedule: Literal["constant", "cosine"] = "cosine"
+    # Opt-in, hybrid twins only: each patient's example also carries long windows, the core rolled
+    # forward ``rolled_hours`` from the origin under the recorded controls and scored against the
+    # record every ``ROLLED_EVERY_MINUTES``; that loss counts ``rolled_weight`` beside the
+    # horizon's (twinfed.models.train). 0: off. Both are left out of the canonical JSON at their
+    # defaults, so plans written before them keep their hashes.
+    rolled_hours: Annotated[Real, Field(ge=0)] = 0.0
+    rolled_weight: Annotated[Real, Field(gt=0, le=100)] = 0.5
+
+    @field_validator("rolled_hours")
+    @classmethod
+    def _rolled_span(cls, value: float) -> float:
+        grid = ROLLED_EVERY_MINUTES / 60
+        if value != 0 and not (ROLLED_HOURS[0] <= value <= ROLLED_HOURS[1]
+                               and abs(value / grid - round(value / grid)) < 1e-9):
+            raise ValueError(f"rolled_hours must be 0 (off) or {ROLLED_HOURS[0]:g} to {ROLLED_HOURS[1]:g} "
+                             f"hours in steps of {ROLLED_EVERY_MINUTES} minutes, got {value:g}")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _without_default_rolled(self, handler):
+        doc = handler(self)
+        if isinstance(doc, dict):
+            for name in ("rolled_hours", "rolled_weight"):
+                if name in doc and doc[name] == type(self).model_fields[name].default:
+                    del doc[name]
+        return doc
 
     def for_round(self, server_round: int, rounds: int) -> TrainingConfig:
         """This round's settings (the learning rate under the schedule)."""
@@ -212,6 +244,25 @@ class TrainingPlan(BaseModel):
         if self.model.kind == "hybrid" and self.spec.core is None:
             raise ValueError("model kind 'hybrid' needs a [twin.core] in the spec")
         object.__setattr__(self, "model", self.model.resolved(self.spec))
+        return self
+
+    @model_validator(mode="after")
+    def _rolled_fits(self) -> TrainingPlan:
+        """The rolled-forward loss rolls a core (a hybrid twin) over whole steps, scored on a grid
+        the spec's step divides, beyond the forecast's horizon."""
+        hours = self.training.rolled_hours
+        if not hours:
+            return self
+        step = self.spec.step_minutes
+        if self.model.kind != "hybrid":
+            raise ValueError("training.rolled_hours needs a hybrid twin (a spec with a [twin.core], "
+                             f"model kind 'hybrid'), not {self.model.kind!r}")
+        if ROLLED_EVERY_MINUTES % step:
+            raise ValueError(f"training.rolled_hours scores the path every {ROLLED_EVERY_MINUTES} minutes; "
+                             f"the spec's step of {step} minutes does not divide it")
+        if hours * 60 <= self.spec.horizon_minutes:
+            raise ValueError(f"training.rolled_hours ({hours:g} h) must reach beyond the forecast's "
+                             f"horizon of {self.spec.horizon_minutes} minutes")
         return self
 
     @property
