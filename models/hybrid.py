@@ -77,6 +77,21 @@ class HybridInputs:
         d = outputs.reshape(len(outputs), self.k, self.s)
         return last_states[:, None, :] + d * self.half / DELTA_UNITS
 
+    def spanning(self, steps: int) -> HybridInputs:
+        """The same inputs for windows whose planned controls run ``steps`` steps (a rolled-forward
+        loss's long windows, ``twinfed.models.train``)."""
+        other = object.__new__(HybridInputs)
+        other.__dict__.update(self.__dict__)
+        other.k = int(steps)
+        return other
+
+    def rolled_targets(self, batch: Batch, every: int) -> np.ndarray:
+        """The recorded states every ``every`` steps along a long window, ``[B, P, S]``, as changes
+        from the last reading in the targets' scaled units (``P = steps // every``)."""
+        last = batch.history[:, -1, : self.s]
+        at = batch.future_states[:, every - 1::every, :]
+        return ((at - last[:, None, :]) / self.half * DELTA_UNITS).astype(np.float32)
+
 
 def _mlp(n_in: int, n_out: int, config: ModelConfig) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -215,6 +230,38 @@ class HybridSurrogate(nn.Module):
         if self.training and self.n_structures > 1:
             return self.member_outputs(u, z, self.corrections(u))
         return self.outputs(u, z, self.corrections(u))
+
+
+    # -- the rolled-forward loss (training.rolled_hours) ------------------------------------------
+
+    def unpack_span(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """As :meth:`unpack`, for windows whose planned controls run any number of steps
+        (``HybridInputs.spanning``): the width of ``x`` says how many."""
+        i = self.inputs
+        lead = x.shape[:-1]
+        n_ctx = i.lc * (i.s + i.c)
+        steps = (x.shape[-1] - n_ctx - i.lc - i.v) // max(i.c, 1)
+        ctx = x[..., :n_ctx].reshape(*lead, i.lc, i.s + i.c)
+        off = n_ctx + i.lc
+        future = x[..., off: off + steps * i.c].reshape(*lead, steps, i.c)
+        return {"states": ctx[..., : i.s], "controls": ctx[..., i.s:], "mask": x[..., n_ctx: off],
+                "future": future, "covariates": x[..., off + steps * i.c: off + steps * i.c + i.v]}
+
+    def rolled_outputs(self, x: torch.Tensor, points: int) -> torch.Tensor:
+        """The core alone rolled forward from each window's origin over its whole planned span
+        (long windows, :meth:`unpack_span`) with the encoder's parameters, each structure on its
+        own: ``[..., M, points, S]`` at every ``span / points``-th step, as changes from the last
+        reading in the targets' scaled units; NaN for states the core does not bind. No correction:
+        it is bounded and reads only the record up to the origin; what is fitted here is the
+        parameters' hold over hours."""
+        u = self.unpack_span(x)
+        steps = u["future"].shape[-2]
+        if points < 1 or steps % points:
+            raise ValueError(f"a span of {steps} steps cannot be scored at {points} evenly spaced points")
+        every = steps // points
+        cores = self.binding.member_forecasts(self.parameters_of(u), u)[..., every - 1::every, :]
+        last = u["states"][..., -1, :][..., None, None, :]
+        return (cores - last) / self.s_half * DELTA_UNITS
 
 
 def n_trained_weights(model: nn.Module) -> int:

@@ -19,11 +19,12 @@ class WindowIndex:
     ptr: np.ndarray  # int64 [patients + 1]: patient p's starts are starts[ptr[p]:ptr[p+1]]
 
     @classmethod
-    def build(cls, site: SiteData) -> WindowIndex:
+    def build(cls, site: SiteData, window_steps: int | None = None) -> WindowIndex:
         """Every window of every patient: ``window_steps`` consecutive rows of one patient on
-        consecutive steps. Built from the runs of such rows, so besides ``starts`` it holds
-        one byte per row (a round's peak at the node is the data, not its index)."""
-        w = site.spec.window_steps
+        consecutive steps (default the spec's, history then horizon; a rolled-forward loss's
+        long windows are history then its span). Built from the runs of such rows, so besides
+        ``starts`` it holds one byte per row (a round's peak at the node is the data, not its index)."""
+        w = site.spec.window_steps if window_steps is None else int(window_steps)
         n = site.n_rows
         # A run starts at each patient's first row and after each gap in the steps.
         breaks = np.ones(n, dtype=bool)
@@ -106,9 +107,12 @@ class Batch:
 
 
 def gather(site: SiteData, starts: np.ndarray, patients: np.ndarray, *,
-           with_context: bool = False) -> Batch:
+           with_context: bool = False, horizon: int | None = None) -> Batch:
+    """The windows starting at rows ``starts``; ``horizon``: steps ahead (default the spec's;
+    the windows must have them, e.g. from ``WindowIndex.build(site, history + horizon)``)."""
     spec = site.spec
-    h, k, s = spec.history_steps, spec.horizon_steps, len(spec.states)
+    h, s = spec.history_steps, len(spec.states)
+    k = spec.horizon_steps if horizon is None else int(horizon)
     rows = starts[:, None] + np.arange(h + k)[None, :]
     win = site.series[rows]  # [B, H+K, S+C]
     context = mask = None

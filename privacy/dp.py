@@ -47,7 +47,8 @@ def patient_examples(site: SiteData, config: TrainingConfig, inputs=None, index=
     ``inputs``: how the model reads a window (``surrogate.inputs_for``); ``index``: the site's
     ``WindowIndex`` if the caller already built it."""
     return PatientWindows(site, seed=csprng_seed(), windows_per_patient=config.windows_per_patient,
-                          inputs=inputs, index=index)
+                          inputs=inputs, index=index, rolled_hours=config.rolled_hours,
+                          rolled_weight=config.rolled_weight)
 
 
 PER_SAMPLE_METHODS = ("auto", "linear", "hooks")
