@@ -118,8 +118,9 @@ class _RolledWindows:
             order = np.argsort(np.concatenate([np.flatnonzero(long_rows), np.flatnonzero(~long_rows)]),
                                kind="stable")
             batch = _concat([full, stand]).part(order)
-        x = self.inputs.batch_features(batch).reshape(n, r, -1)
-        y = self.inputs.rolled_targets(batch, self.every).reshape(n, r, self.points, -1)
+        # Explicit widths: an empty draw (Poisson sampling can draw none) must work too.
+        x = self.inputs.batch_features(batch).reshape(n, r, self.inputs.n_features)
+        y = self.inputs.rolled_targets(batch, self.every).reshape(n, r, self.points, self.inputs.s)
         w = np.where(has, self.weight / r, 0.0).astype(np.float32)
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(np.repeat(w[:, None], r, axis=1))
 

@@ -214,6 +214,29 @@ def test_an_ensemble_fits_each_structures_long_path_on_its_own(mixed_root):
         assert float((wl * mean_path).sum() / 4) != pytest.approx(expected, rel=1e-3)
 
 
+def test_an_empty_draw_keeps_the_long_windows_shapes(mixed_site):
+    data = PatientWindows(mixed_site, seed=0, windows_per_patient=3, inputs=inputs_for(GLUCOSE, HYBRID),
+                          rolled_hours=4.0)
+    full, empty = data.draw(np.arange(2)), data.draw(np.array([], dtype=np.int64))
+    assert [tuple(t.shape[1:]) for t in empty] == [tuple(t.shape[1:]) for t in full]
+    assert all(len(t) == 0 for t in empty)
+
+
+def test_private_training_with_the_rolled_loss_takes_every_draw_empty_ones_included(cohort):
+    from twinfed.privacy.dp import patient_examples, train_private
+
+    spec = _short_context(GLUCOSE)
+    site = load_site(cohort / "site-a", spec)
+    config = TrainingConfig(local_steps=4, batch_size=2, windows_per_patient=2, rolled_hours=3.0)
+    for rate in (0.02, 0.5):  # nearly every draw empty; most draws a few patients
+        net = build_surrogate(spec, HYBRID, seed=0)
+        before = get_weights(net)
+        result = train_private(net, patient_examples(site, config, inputs_for(spec, HYBRID)), config,
+                               DPSettings(1.0, 0.1, rate, 2), steps=4)
+        assert result.steps == 4
+        assert any(np.abs(a - b).max() > 0 for a, b in zip(get_weights(net), before))
+
+
 # -- DP: a per-sample gradient is still one patient's --------------------------------------------
 
 def _model(spec):
