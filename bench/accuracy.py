@@ -37,7 +37,7 @@ from twinfed.models.plan import PrivacyConfig, TrainingPlan
 
 from bench.report import figure, plot_accuracy
 from bench.sizes import Sizes
-from bench.studies import StudyRun, Workspace, default_plan, plan_conditions, rmse_at
+from bench.studies import StudyRun, Workspace, plan_conditions, rmse_at
 
 TARGET_VS_CENTRAL = 1.15
 TARGET_VS_ARX = 1.0
@@ -98,7 +98,7 @@ def federated_dp(ws: Workspace, sizes: Sizes, twin: str, world: str, *, epsilon:
     eps = epsilon or reference_epsilon()
     cohort = world_cohort(ws, sizes, twin, world)
     start = pretrained_start(ws, sizes, twin) if pretrained else None
-    plan = default_plan(ws.spec(cohort), sizes.rounds, dp=True, epsilon=eps, pretrained=start)
+    plan = ws.plan(ws.spec(cohort), sizes.rounds, dp=True, epsilon=eps, pretrained=start)
     regime = "federated_dp_pretrained" if pretrained else "federated_dp"
     study = ws.federated(plan, cohort, f"{twin}-{world}-{regime.replace('_', '-')}-eps{eps:g}", pretrained=start)
     ws.models[(twin, world, regime, eps)] = study.run_dir
@@ -193,7 +193,7 @@ def run_world(ws: Workspace, sizes: Sizes, twin: str, world: str) -> tuple[dict,
         add_study(f"federated_dp_eps{eps:g}", *federated_dp(ws, sizes, twin, world, epsilon=eps))
     # kept for the trial section's coverage figures (the same twin, the same held-out windows)
     ws.evaluations[(twin, world, "federated_dp", ref_eps)] = reports[f"federated_dp_eps{ref_eps:g}"]
-    plan = default_plan(spec, sizes.rounds, dp=False)
+    plan = ws.plan(spec, sizes.rounds, dp=False)
     study = ws.federated(plan, cohort, f"{twin}-{world}-federated-nodp")
     ws.models[(twin, world, "federated_nodp", None)] = study.run_dir
     add_study("federated_nodp", study, plan)
@@ -215,7 +215,7 @@ def run_world(ws: Workspace, sizes: Sizes, twin: str, world: str) -> tuple[dict,
 
     alone_sites = sites[: sizes.site_alone_sites] if sizes.site_alone_sites else sites
     for eps in sorted({*sizes.site_alone_epsilons, ref_eps}):
-        plan = default_plan(spec, sizes.rounds, dp=True, epsilon=eps, secure_aggregation=False)
+        plan = ws.plan(spec, sizes.rounds, dp=True, epsilon=eps, secure_aggregation=False)
         for site in alone_sites:
             study = ws.federated(plan, cohort, f"{twin}-{world}-{site}-alone-eps{eps:g}", sites=[site])
             add_study(f"site_alone_eps{eps:g}.{site}", study, plan, site=site,

@@ -15,6 +15,7 @@ change to those defaults is what the benchmark measures next time. Pretrained st
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,19 +24,42 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twinfed.models.plan import CalibrationConfig, ModelConfig, PrivacyConfig, TrainingPlan
-from twinfed.models.spec import TwinSpec, load_spec
+from twinfed.models.plan import CalibrationConfig, ModelConfig, PrivacyConfig, TrainingConfig, TrainingPlan
+from twinfed.models.spec import CORE_STRUCTURES, TwinSpec, load_spec
 
 HOLDOUT = "holdout"
 Progress = Callable[[str], None]
+# ``--structures``: "spec" runs each cohort's spec as generated (its core's default structure);
+# "all" makes every cohort the benchmark uses declare every structure of its core family (an
+# ensemble twin, models.spec.CORE_STRUCTURES) in its spec.toml.
+STRUCTURES = ("spec", "all")
+ENSEMBLE_SUFFIX = "-all-structures"
+
+
+def variant(structures: str = "spec", rolled_hours: float = 0.0) -> str:
+    """The name of a run's options other than the defaults (``""`` for the plain run): where its
+    results and trained twins go, so that they never overwrite the plain run's."""
+    parts = (["structures-all"] if structures == "all" else []) + \
+        ([f"rolled-{rolled_hours:g}h"] if rolled_hours else [])
+    return "-".join(parts)
+
+
+def ensemble_spec(spec: TwinSpec) -> TwinSpec:
+    """``spec`` declaring every structure of its core family (unchanged without a core)."""
+    if spec.core is None:
+        return spec
+    core = spec.core.model_copy(update={"structures": CORE_STRUCTURES[spec.core.name]})
+    return TwinSpec.model_validate(spec.model_dump() | {"core": core.model_dump()})
 
 
 def default_plan(spec: TwinSpec, rounds: int, *, dp: bool = True, epsilon: float | None = None,
                  secure_aggregation: bool = True, kind: str = "auto",
-                 pretrained: Path | None = None, calibrate: bool = True) -> TrainingPlan:
+                 pretrained: Path | None = None, calibrate: bool = True,
+                 rolled_hours: float = 0.0) -> TrainingPlan:
     """The plan a consortium gets by default (its model ``auto``: the hybrid for a spec with a
     core), changed only where the benchmark says so; ``pretrained``: a model directory whose
-    weights the study starts from, named in the plan by their digest."""
+    weights the study starts from, named in the plan by their digest; ``rolled_hours``: the
+    training's rolled-forward loss (``training.rolled_hours``, 0: off, the default)."""
     from twinfed.models.pretrain import pretrained_config
 
     privacy = PrivacyConfig(enabled=dp, secure_aggregation=secure_aggregation,
@@ -44,7 +68,8 @@ def default_plan(spec: TwinSpec, rounds: int, *, dp: bool = True, epsilon: float
     if pretrained is not None:
         model = pretrained_config(model, pretrained)
     # As the CLI does by default: each site holds patients out to calibrate prediction intervals.
-    return TrainingPlan(spec=spec, rounds=rounds, privacy=privacy, model=model,
+    training = TrainingConfig(rolled_hours=rolled_hours) if rolled_hours else TrainingConfig()
+    return TrainingPlan(spec=spec, rounds=rounds, privacy=privacy, model=model, training=training,
                         calibration=CalibrationConfig() if calibrate else None)
 
 
@@ -80,6 +105,13 @@ class Workspace:
     results: Path  # where sections put their plots
     progress: Progress
     cpus: int = 2
+    # The run's options (``python -m bench --structures/--rolled-hours``): every cohort's spec
+    # (STRUCTURES) and the rolled-forward loss of every plan made by :meth:`plan`.
+    structures: str = "spec"
+    rolled_hours: float = 0.0
+    # Where cohorts are kept (default ``root/cohorts``): shared by runs of other options, whose
+    # ``root`` (trained twins, trial designs) is their own.
+    cohorts_dir: Path | None = None
     # Twins trained in this run, by (twin, world, regime, epsilon) -> run directory.
     models: dict[tuple, Path] = field(default_factory=dict)
     # Their held-out evaluations (rmse_at reports), same keys: a later section reuses them.
@@ -88,8 +120,18 @@ class Workspace:
     def __post_init__(self):
         self.root = Path(self.root)
         self.results = Path(self.results)
-        self.cohorts = self.root / "cohorts"
+        self.cohorts = Path(self.cohorts_dir) if self.cohorts_dir is not None else self.root / "cohorts"
         self.runs = self.root / "runs"
+        if self.structures not in STRUCTURES:
+            raise ValueError(f"structures must be one of {', '.join(STRUCTURES)}, not {self.structures!r}")
+
+    def options(self) -> dict:
+        """The run's options, for a figure's conditions and the results' metadata."""
+        return {"structures": self.structures, "rolled_hours": self.rolled_hours}
+
+    def plan(self, spec: TwinSpec, rounds: int, **kwargs) -> TrainingPlan:
+        """:func:`default_plan` with this run's rolled-forward loss."""
+        return default_plan(spec, rounds, rolled_hours=self.rolled_hours, **kwargs)
 
     def reset_runs(self) -> None:
         shutil.rmtree(self.runs, ignore_errors=True)
@@ -101,16 +143,23 @@ class Workspace:
                seed: int = 0, simulator: str | None = None) -> Path:
         """A cohort's directory (``spec.toml``, one directory per site, ``holdout/``, ``truth/``)
         made by the twin's ``simulator`` (None: its built-in default). Generation runs in a child
-        process: a large cohort's peak memory stays there."""
+        process: a large cohort's peak memory stays there. With ``structures`` "all", the same
+        cohort whose spec declares every structure of its core (:func:`ensemble_cohort`)."""
         from twinfed.models.cohort import simulator_name
 
         sim = simulator_name(twin, simulator)
         name = f"{twin}-{sim}-{sites}x{patients}-{days:g}d-h{holdout}-s{seed}"
         out = self.cohorts / name
-        if (out / "cohort.json").is_file():
-            return out
+        if not (out / "cohort.json").is_file():
+            self._generate(out, twin, sites=sites, patients=patients, days=days, holdout=holdout, seed=seed,
+                           simulator=sim)
+        return ensemble_cohort(out) if self.structures == "all" else out
+
+    def _generate(self, out: Path, twin: str, *, sites: int, patients: int, days: float, holdout: int,
+                  seed: int, simulator: str) -> None:
+        name, sim = out.name, simulator
         self.progress(f"  generating cohort {name}")
-        tmp = self.cohorts / f".{name}.partial"
+        tmp = self.cohorts / f".{name}.{os.getpid()}.partial"  # runs of other options may share cohorts
         shutil.rmtree(tmp, ignore_errors=True)
         code = ("import sys; from twinfed.models.cohort import generate_cohort; "
                 "generate_cohort(sys.argv[1], sites=int(sys.argv[2]), patients=int(sys.argv[3]), "
@@ -119,8 +168,7 @@ class Workspace:
         subprocess.run([sys.executable, "-c", code, twin, str(sites), str(patients), str(days),
                         str(seed), str(holdout), str(tmp), sim], check=True)
         # Renamed only when complete, so an interrupted generation is never taken for a cohort.
-        tmp.rename(out)
-        return out
+        _publish(tmp, out)
 
     @staticmethod
     def spec(cohort_dir: Path) -> TwinSpec:
@@ -183,6 +231,42 @@ class Workspace:
                                     learning_rate=learning_rate, seed=0)
             self.progress(f"  pretrained {out.name}: {seconds:.0f} s")
         return out
+
+
+def ensemble_cohort(cohort_dir: Path) -> Path:
+    """The cohort in ``cohort_dir`` with a spec declaring every structure of its core family
+    (:func:`ensemble_spec`), beside it (``<name>-all-structures``): its data files hard links to
+    the cohort's (the same patients and truth), its ``spec.toml`` its own."""
+    cohort_dir = Path(cohort_dir)
+    out = cohort_dir.with_name(cohort_dir.name + ENSEMBLE_SUFFIX)
+    if (out / "cohort.json").is_file():
+        return out
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(cohort_dir, tmp, copy_function=_link_or_copy)
+    spec_path = tmp / "spec.toml"
+    text = ensemble_spec(load_spec(spec_path)).to_toml()
+    spec_path.unlink()  # a hard link to the plain cohort's spec: never written through
+    spec_path.write_text(text)
+    _publish(tmp, out)
+    return out
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename a complete ``tmp`` to ``out``; if another run published ``out`` first, keep theirs."""
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not (out / "cohort.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _train_pooled(spec: TwinSpec, cohort_dir: Path, run_dir: Path, *, kind: str, steps: int,

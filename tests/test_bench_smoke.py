@@ -298,3 +298,90 @@ def test_a_twin_without_intervals_has_coverage_figures_that_miss_their_target(tm
     figs = coverage_figures(ws, QUICK, "glucose", "bergman", tmp_path / "no-run", cohort, {})
     fig = figs["glucose.bergman.glucose_mgdl.coverage_95"]
     assert math.isnan(fig["value"]) and fig["meets_target"] is False
+
+
+# -- the ensemble and rolled-loss options (python -m bench --structures / --rolled-hours) -------
+
+def test_the_options_default_to_the_plain_run_and_its_results_directory():
+    from bench.__main__ import HERE, out_dir, parse_args
+
+    args = parse_args(["--quick"])
+    assert args.structures == "spec" and args.rolled_hours == 0
+    assert out_dir(args) == HERE / "results" / "quick"
+    assert out_dir(parse_args([])) == HERE / "results"
+
+
+def test_an_ensemble_or_rolled_run_writes_its_results_apart_from_the_plain_run():
+    from bench.__main__ import HERE, command, out_dir, parse_args
+
+    args = parse_args(["--quick", "--structures", "all"])
+    assert out_dir(args) == HERE / "results" / "quick" / "structures-all"
+    args = parse_args(["--quick", "--structures", "all", "--rolled-hours", "6"])
+    assert out_dir(args) == HERE / "results" / "quick" / "structures-all-rolled-6h"
+    assert command(args) == "python -m bench --quick --structures all --rolled-hours 6"
+    assert out_dir(parse_args(["--rolled-hours", "2.5"])) == HERE / "results" / "rolled-2.5h"
+
+
+@pytest.mark.parametrize("argv", [["--structures", "some"], ["--rolled-hours", "1"], ["--rolled-hours", "2.2"]])
+def test_the_options_refuse_what_a_plan_would_refuse(argv, capsys):
+    from bench.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert "--" in capsys.readouterr().err
+
+
+def test_every_figure_carries_the_runs_options():
+    from bench.__main__ import with_options
+
+    figs = with_options({"a": figure(1.0, "x", conditions={"n": 3}), "b": figure(2.0, "x")},
+                        {"structures": "all", "rolled_hours": 6.0})
+    assert figs["a"]["conditions"] == {"n": 3, "bench_options": {"structures": "all", "rolled_hours": 6.0}}
+    assert figs["b"]["conditions"]["bench_options"]["structures"] == "all"
+
+
+def test_an_ensemble_run_gives_every_cohort_a_spec_of_all_its_cores_structures(tmp_path):
+    from twinfed.models.spec import CORE_STRUCTURES, load_spec
+
+    from bench.studies import Workspace
+
+    ws = Workspace(root=tmp_path / "work-all", results=tmp_path / "results", progress=lambda msg: None,
+                   structures="all", cohorts_dir=tmp_path / "cohorts")
+    for twin in ("glucose", "cardio"):
+        plain = tmp_path / "cohorts" / f"{twin}-x"
+        (plain / "site-a").mkdir(parents=True)
+        (plain / "spec.toml").write_text(load_spec(twin).to_toml(), encoding="utf-8")
+        (plain / "cohort.json").write_text("{}")
+        (plain / "site-a" / "timeseries.csv").write_text("patient_id,time_min\n")
+        from bench.studies import ensemble_cohort
+
+        out = ensemble_cohort(plain)
+        assert out != plain and out.parent == plain.parent
+        spec = ws.spec(out)
+        assert spec.core.members == CORE_STRUCTURES[spec.core.name]
+        assert ws.spec(plain).core.structures is None  # the plain cohort's spec is untouched
+        assert (out / "site-a" / "timeseries.csv").read_text() == "patient_id,time_min\n"
+        assert ensemble_cohort(plain) == out  # made once
+
+
+def test_a_workspace_keeps_cohorts_where_told_and_refuses_unknown_structures(tmp_path):
+    from bench.studies import Workspace
+
+    ws = Workspace(root=tmp_path / "w", results=tmp_path / "r", progress=print, cohorts_dir=tmp_path / "c")
+    assert ws.cohorts == tmp_path / "c" and ws.runs == tmp_path / "w" / "runs"
+    assert Workspace(root=tmp_path / "w", results=tmp_path / "r", progress=print).cohorts == tmp_path / "w" / "cohorts"
+    with pytest.raises(ValueError):
+        Workspace(root=tmp_path / "w", results=tmp_path / "r", progress=print, structures="some")
+
+
+def test_the_rolled_hours_option_reaches_the_training_plans(tmp_path):
+    from twinfed.models.spec import load_spec
+
+    from bench.studies import Workspace, default_plan
+
+    spec = load_spec("glucose")
+    assert default_plan(spec, 2).training.rolled_hours == 0
+    ws = Workspace(root=tmp_path, results=tmp_path, progress=print, rolled_hours=6.0)
+    plan = ws.plan(spec, 2, dp=False)
+    assert plan.training.rolled_hours == 6.0 and not plan.privacy.enabled
+    assert ws.options() == {"structures": "spec", "rolled_hours": 6.0}
