@@ -24,6 +24,19 @@ Targets (issue 12, DESIGN.md section 6) for the federated DP twin: direction rig
 cases in the built-in world and 90% in the mismatch world (the cardio twin 97%); pairs ranked
 as the truth ranks them (time in range) 90% and 85%; the glucose effect RMSE at most 8 mg/dL.
 The centralised twin's figures are for reference, without targets.
+
+Hours out (issue 21 item 5): the first hour hides a twin's structural error (a treatment has
+barely begun to act). For the same cases, each twin is rolled forward ``LONG_HOURS`` (8 h,
+:func:`twinfed.models.rollout.roll_forward` from the same origin, with the same identification
+as the what-if) under each scenario: the scenario's hour as in the what-if (an ``@0`` dose in the
+first step, a scaled dose over the hour), the recorded controls after it (the patient's usual
+care resumes). The world's simulator replays the same 8 h. At +4 h and +8 h (``LONG_AT_HOURS``),
+per state: the effect's relative error, the median over effects (each patient, decision time
+and alternative with a true effect of at least ``TIE``) of |twin effect - true effect| /
+|true effect|, target at most 0.20 at +4 h for the glucose twin's federated DP twin in both
+worlds (``LONG_RELATIVE_TARGET``); and the effect RMSE. A case whose record does not run 8 h
+past its decision is left out of these figures only (``long_cases`` in their conditions). An
+ensemble twin is rolled once per structure and averaged, as its forecasts are.
 """
 
 from __future__ import annotations
@@ -60,6 +73,11 @@ RANKING_TARGET = {"glucose": {"bergman": 0.90, "hovorka": 0.85}, "cardio": {"bar
 # ... and the effect RMSE's, by state (an upper bound, over the hour).
 EFFECT_RMSE_TARGET = {"glucose_mgdl": 8.0}
 REGIMES = ("federated_dp", "central")
+# Hours out: how far each case is rolled forward, the hours its effects are scored at, and the
+# relative error's target at the first of them (glucose twin, federated DP, both worlds).
+LONG_HOURS = 8
+LONG_AT_HOURS = (4, 8)
+LONG_RELATIVE_TARGET = {"glucose": {"glucose_mgdl": 0.20}}
 
 
 def run(ws: Workspace, sizes: Sizes) -> dict:
@@ -207,6 +225,8 @@ def run_world(ws: Workspace, sizes: Sizes, twin: str, world: str) -> dict:
                 value, "fraction", target=target if dp else None, at_least=True,
                 conditions=cond | {counted: n, "scenarios_compared": list(used), "state": col})
 
+    out.update(_hours_out(ws, twin, world, cohort, spec, models, holdout, params, row_of, cases, names, base))
+
     case = _plot_case(cases, twin)
     plot = ws.results / f"whatif_{twin}_{world}.png"
     plot_whatif_case({
@@ -218,6 +238,136 @@ def run_world(ws: Workspace, sizes: Sizes, twin: str, world: str) -> dict:
                           "truth": truth[(id(case), n)][:, b].tolist()} for n in names},
     }, plot)
     ws.progress(f"  plot: {plot}")
+    return out
+
+
+def _hours_out(ws: Workspace, twin: str, world: str, cohort, spec, models: dict, holdout, params: dict,
+               row_of: dict, cases: list[dict], names: list[str], base: dict) -> dict:
+    """The effects ``LONG_AT_HOURS`` after each decision (see the module's docstring), per model
+    and state: figures ``...effect_relative_error_at_{H}h.{state}.all_alternatives`` (and per
+    alternative) and ``...effect_rmse_at_{H}h.{state}.all_alternatives``."""
+    step, k, s_count = spec.step_minutes, spec.horizon_steps, len(spec.states)
+    n_long = LONG_HOURS * 60 // step
+    long_cases = []
+    for c in cases:
+        steps = holdout.steps[c["slice"]]
+        if c["h"] + n_long < len(steps) and steps[c["h"] + n_long] - steps[c["h"]] == n_long:
+            long_cases.append(c)
+    if not long_cases:
+        ws.progress(f"  what-if {twin} ({world}): no decision time has {LONG_HOURS} h of record after it; "
+                    "no figures hours out")
+        return {}
+    controls = long_controls(long_cases, names, holdout, s_count, k, n_long)  # [A, P, T, C]
+    truth = _long_truth(cohort, spec, holdout, params, row_of, long_cases, controls)  # [A, P, T, S]
+    at_steps = np.array([int(round(c["at"] / step)) for c in long_cases])
+    origins_rows = np.array([c["slice"].start + c["h"] for c in long_cases])
+    patients = np.array([c["patient"] for c in long_cases])
+    alts = [n for n in names if n != "recorded"]
+    cond_long = base | {"long_cases": len(long_cases), "long_hours": LONG_HOURS, "tie": TIE,
+                        "controls": f"each scenario's hour as in the what-if, then the recorded controls "
+                                    f"to +{LONG_HOURS} h",
+                        "truth": f"the world's simulator replayed {LONG_HOURS} h for the same patient and "
+                                 "treatment, without sensor noise"}
+    out: dict = {}
+    for regime, model in models.items():
+        t0 = time.perf_counter()
+        pred = long_rollout(model, holdout, patients, origins_rows, at_steps, controls)  # [A, P, T, S]
+        seconds = time.perf_counter() - t0
+        cond = cond_long | {"model_kind": model.plan.model.kind,
+                            "rollout_seconds_per_case": round(seconds / len(long_cases), 3)}
+        for j, col in enumerate(spec.state_columns):
+            unit = spec.states[j].unit
+            for hours in LONG_AT_HOURS:
+                i = hours * 60 // step - 1
+                eff_twin = pred[1:, :, i, j] - pred[:1, :, i, j]  # [alternatives, cases]
+                eff_true = truth[1:, :, i, j] - truth[:1, :, i, j]
+                key = f"{twin}.{world}.{regime}"
+                target = LONG_RELATIVE_TARGET.get(twin, {}).get(col) \
+                    if regime == "federated_dp" and hours == LONG_AT_HOURS[0] else None
+                rel, n_rel = relative_error(eff_twin, eff_true, TIE)
+                out[f"{key}.effect_relative_error_at_{hours}h.{col}.all_alternatives"] = figure(
+                    rel, "fraction", target=target, conditions=cond | {
+                        "effects": n_rel, "scenarios_compared": alts,
+                        "meaning": f"median over effects (patient x decision time x alternative, |true "
+                                   f"effect| >= {TIE:g} {unit}) of |twin effect - true effect| / |true "
+                                   f"effect| at +{hours} h; effect = scenario - recorded"})
+                for a, n in enumerate(alts):
+                    rel_n, n_n = relative_error(eff_twin[a:a + 1], eff_true[a:a + 1], TIE)
+                    out[f"{key}.effect_relative_error_at_{hours}h.{col}.{n}"] = figure(
+                        rel_n, "fraction", conditions=cond | {"effects": n_n})
+                out[f"{key}.effect_rmse_at_{hours}h.{col}.all_alternatives"] = figure(
+                    _rms(eff_twin - eff_true), unit, conditions=cond | {
+                        "meaning": f"RMS error of (scenario - recorded), twin vs truth, at +{hours} h"})
+    return out
+
+
+def long_controls(cases: list[dict], names: list[str], site, s_count: int, k: int, n_long: int) -> np.ndarray:
+    """``[A, P, T, C]``: each case's controls under each scenario over ``n_long`` steps after its
+    decision: the scenario's hour (``case["controls"]``, ``k`` steps), then the record."""
+    out = np.zeros((len(names), len(cases), n_long, site.series.shape[1] - s_count), np.float32)
+    for i, c in enumerate(cases):
+        recorded = site.series[c["slice"], s_count:][c["h"] + 1: c["h"] + 1 + n_long]
+        for a, n in enumerate(names):
+            out[a, i] = recorded
+            out[a, i, :k] = c["controls"][n]
+    return out
+
+
+def relative_error(eff_twin: np.ndarray, eff_true: np.ndarray, tie: float) -> tuple[float, int]:
+    """The median of |twin - true| / |true| over the effects whose |true| reaches ``tie``, and how
+    many there were (NaN when none)."""
+    eff_twin, eff_true = np.ravel(eff_twin), np.ravel(eff_true)
+    keep = np.abs(eff_true) >= tie
+    if not keep.any():
+        return math.nan, 0
+    return float(np.median(np.abs(eff_twin[keep] - eff_true[keep]) / np.abs(eff_true[keep]))), int(keep.sum())
+
+
+def long_rollout(twin, site, patients: np.ndarray, origin_rows: np.ndarray, at_steps: np.ndarray,
+                 controls: np.ndarray) -> np.ndarray:
+    """``[A, P, T, S]``: the twin rolled forward from each case's origin under each treatment
+    (``controls[0]`` the recorded one, the usual care a hybrid's correction reads), a hybrid with
+    the patient identified from the record up to the decision as the what-if does; an ensemble
+    once per structure (draw d runs structure d mod M), averaged."""
+    from twinfed.models.rollout import Origins, roll_forward
+    from twinfed.models.trial import twin_structures
+
+    offset = None
+    if twin.hybrid:
+        from twinfed.models.personalise import identify
+
+        fitted = identify(twin.surrogate, site, patients, at_steps)
+        offset = fitted.offset.detach()
+    origins = Origins.at(site, patients, origin_rows)
+    draws = max(1, len(twin_structures(twin)))
+    states = roll_forward(twin, origins, controls, offset=offset, draws=draws)  # [A, P, D, T, S]
+    return states.mean(axis=2)
+
+
+def _long_truth(cohort, spec, site, params: dict, row_of: dict, cases: list[dict],
+                controls: np.ndarray) -> np.ndarray:
+    """``[A, P, T, S]``: the world's simulator replaying each case under each treatment's
+    controls (``controls`` ``[A, P, T, C]`` after the decision, the record before it)."""
+    from twinfed.models.cohort import cohort_simulator
+
+    arms, p, n_long = controls.shape[:3]
+    s_count = len(spec.states)
+    t_len = max(c["h"] for c in cases) + n_long + 1
+    full = {col: np.zeros((arms * p, t_len)) for col in spec.control_columns}
+    for a in range(arms):
+        for i, c in enumerate(cases):
+            before = site.series[c["slice"], s_count:][: c["h"] + 1]
+            for j, col in enumerate(spec.control_columns):
+                full[col][a * p + i, : c["h"] + 1] = before[:, j]
+                full[col][a * p + i, c["h"] + 1: c["h"] + 1 + n_long] = controls[a, i, :, j]
+    prow = np.tile(np.array([row_of[c["pid"]] for c in cases]), arms)
+    states = cohort_simulator(cohort).simulate({name: v[prow] for name, v in params.items()}, full,
+                                               step_minutes=spec.step_minutes)
+    out = np.zeros((arms, p, n_long, s_count))
+    for a in range(arms):
+        for i, c in enumerate(cases):
+            out[a, i] = np.stack([states[col][a * p + i, c["h"] + 1: c["h"] + 1 + n_long]
+                                  for col in spec.state_columns], axis=1)
     return out
 
 

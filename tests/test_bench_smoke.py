@@ -300,6 +300,43 @@ def test_a_twin_without_intervals_has_coverage_figures_that_miss_their_target(tm
     assert math.isnan(fig["value"]) and fig["meets_target"] is False
 
 
+# -- what-if effects hours out (bench.whatif, issue 21 item 5) ----------------------------------
+
+def test_the_relative_effect_error_is_a_median_that_skips_true_effects_below_the_tie():
+    from bench.whatif import relative_error
+
+    twin = np.array([[11.0, 30.0, 5.0], [-8.0, 0.2, 100.0]])
+    true = np.array([[10.0, 20.0, 0.5], [-10.0, 0.1, 50.0]])  # 0.5 and 0.1: ties, skipped
+    value, n = relative_error(twin, true, tie=1.0)
+    assert n == 4 and value == pytest.approx(np.median([0.1, 0.5, 0.2, 1.0]))
+    value, n = relative_error(twin, np.zeros_like(true), tie=1.0)
+    assert n == 0 and math.isnan(value)
+
+
+def test_the_long_controls_are_the_scenarios_hour_then_the_record():
+    from types import SimpleNamespace
+
+    from bench.whatif import long_controls
+
+    k, n_long, s = 2, 5, 1
+    series = np.column_stack([np.zeros(10), np.arange(10.0), 100 + np.arange(10.0)])  # state, 2 controls
+    site = SimpleNamespace(series=series)
+    case = {"slice": slice(0, 10), "h": 3,
+            "controls": {"recorded": series[4:6, 1:], "double": series[4:6, 1:] * 2}}
+    out = long_controls([case], ["recorded", "double"], site, s, k, n_long)
+    assert out.shape == (2, 1, n_long, 2)
+    np.testing.assert_array_equal(out[0, 0], series[4:9, 1:])
+    np.testing.assert_array_equal(out[1, 0, :k], series[4:6, 1:] * 2)
+    np.testing.assert_array_equal(out[1, 0, k:], series[6:9, 1:])  # usual care after the hour
+
+
+def test_the_hours_out_target_is_the_issues_for_the_glucose_twin_at_4_h():
+    from bench.whatif import LONG_AT_HOURS, LONG_HOURS, LONG_RELATIVE_TARGET
+
+    assert LONG_AT_HOURS == (4, 8) and LONG_HOURS >= max(LONG_AT_HOURS)
+    assert LONG_RELATIVE_TARGET == {"glucose": {"glucose_mgdl": 0.20}}
+
+
 # -- the ensemble and rolled-loss options (python -m bench --structures / --rolled-hours) -------
 
 def test_the_options_default_to_the_plain_run_and_its_results_directory():
