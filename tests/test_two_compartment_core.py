@@ -274,3 +274,59 @@ def test_the_binding_reads_the_same_roles_as_the_minimal_one_and_warms_up_over_t
     paths, end = binding.run(parts["theta"], parts["state"], u, carry=True)
     assert torch.equal(paths["glucose"], path[..., 0]) and "g2" in end
     assert set(binding.clinical(z, u)) >= set(minimal.clinical(torch.zeros(4, 8, dtype=F64), u))
+
+
+def _alone():
+    """The glucose spec with this structure as its core's only one."""
+    from twinfed.models.spec import parse_spec
+
+    line = f'name = "{SPEC.core.name}"\n'
+    return parse_spec(SPEC.to_toml().replace(line, line + 'structures = ["two-compartment"]\n', 1))
+
+
+def test_a_hybrid_twin_runs_it_alone_in_float32_with_opacus_per_patient_gradients_matching_autograd():
+    from opacus import GradSampleModule
+
+    from twinfed.models.hybrid import HybridSurrogate
+    from twinfed.models.plan import ModelConfig
+
+    torch.manual_seed(1)
+    spec = _alone()
+    model = HybridSurrogate(spec, ModelConfig(kind="hybrid", hidden=8, layers=1))
+    assert isinstance(model.binding, TwoCompartmentBinding)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    rng = np.random.default_rng(1)
+    u = _inputs(12, rng)
+    ctx = torch.cat([u["states"], u["controls"]], -1).reshape(12, -1)
+    x = torch.cat([ctx, u["mask"], u["future"].reshape(12, -1), u["covariates"]], -1).float().reshape(4, 3, -1)
+    assert model.unpack(x)["future"].shape == (4, 3, K, 2)  # the layout HybridSurrogate.unpack reads
+    y = torch.randn(4, 3, model.inputs.n_outputs)
+    out = model(x)
+    assert torch.isfinite(out).all()
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    ((gsm(x) - y) ** 2).sum().backward()
+    per_sample = {name: p.grad_sample.clone() for name, p in gsm.named_parameters()}
+    gsm.cleanup()
+    for i in range(4):
+        model.zero_grad()
+        ((model(x[i: i + 1]) - y[i: i + 1]) ** 2).sum().backward()
+        for name, p in model.named_parameters():
+            assert torch.isfinite(p.grad).all(), name
+            assert torch.allclose(per_sample[f"_module.{name}"][i], p.grad, atol=1e-5, rtol=1e-4), name
+
+
+@settings(max_examples=30, deadline=None)
+@given(z=corner_z_vectors, past_i=st.lists(st.floats(0, 30), min_size=L, max_size=L),
+       ins=st.lists(st.floats(0, 30), min_size=K, max_size=K), g0=st.floats(20, 600))
+def test_in_float32_at_any_parameters_the_forecast_and_its_gradient_are_finite(z, past_i, ins, g0):
+    core = TwoCompartmentCore(5)
+    zt = torch.tensor([z], dtype=torch.float32, requires_grad=True)
+    theta = bounded(zt, PARAMS, torch.tensor([70.0]))
+    f32 = lambda a: torch.tensor([a], dtype=torch.float32)  # noqa: E731
+    state = core.warmup(theta, f32(past_i), torch.zeros(1, L), torch.ones(1, L))
+    path = core(theta, state, f32(g0), f32(ins), torch.zeros(1, K))
+    assert torch.isfinite(path).all() and ((path >= 10) & (path <= 1000)).all()
+    path.sum().backward()
+    assert torch.isfinite(zt.grad).all()
