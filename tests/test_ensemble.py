@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from twinfed.errors import SpecError
-from twinfed.models.cores import MEMBER, EnsembleBinding, core_for
+from twinfed.models.cores import MEMBER, EnsembleBinding
 from twinfed.models.hybrid import HybridSurrogate
 from twinfed.models.plan import ModelConfig, TrainingPlan
 from twinfed.models.spec import CORE_STRUCTURES, load_spec, parse_spec
