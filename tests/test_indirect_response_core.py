@@ -97,6 +97,7 @@ def test_more_drug_now_or_earlier_never_raises_sbp_and_never_lowers_heart_rate(
         assert (out[:, 1] >= base[:, 1] - 1e-9).all()
 
 
+@pytest.mark.studies  # kept out of the 10-minute suite (the drug test runs there)
 @settings(max_examples=60, deadline=None)
 @given(z=z_vectors, dose=plans, act=levels, doses=past_doses, acts=past_activity, extra=st.floats(0.01, 1),
        at=st.integers(0, K - 1), back=st.integers(0, L - 1), sbp=st.floats(60, 250), hr=st.floats(30, 200),

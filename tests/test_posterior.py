@@ -170,6 +170,7 @@ def noisy_site():
     return site
 
 
+@pytest.mark.studies  # three identifications with posteriors: kept out of the 10-minute suite
 def test_the_spread_of_insulin_sensitivity_shrinks_as_a_patients_windows_grow(noisy_site):
     torch.manual_seed(0)
     model = HybridSurrogate(SPEC, ModelConfig(kind="hybrid", hidden=8, layers=1))

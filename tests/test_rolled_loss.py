@@ -318,6 +318,7 @@ def test_a_patients_gradient_with_the_rolled_loss_is_theirs_whoever_else_is_draw
 
 # -- the effect ----------------------------------------------------------------------------------
 
+@pytest.mark.studies  # two trainings: kept out of the 10-minute suite
 def test_training_with_the_rolled_loss_holds_the_core_over_hours(cohort):
     """The same quick local training with the rolled loss off and on: the core's error 2 to 4 h
     after the origin, on long windows the training drew or not, is measurably lower on."""

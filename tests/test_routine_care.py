@@ -229,6 +229,7 @@ def test_routine_care_gives_insulin_without_food_which_plain_care_never_does(gsi
     assert _pure_insulin_steps(routine) > 30
 
 
+@pytest.mark.studies  # two sites of each simulator: kept out of the 10-minute suite
 @GLUCOSE_SIMS
 def test_routine_care_lowers_time_above_250_and_below_70_on_the_same_patients(gsim):
     for profile in gsim.SITE_PROFILES[:2]:

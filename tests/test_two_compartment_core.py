@@ -80,6 +80,7 @@ RETURNING_CORNER = [8.0 if p.name in ("si", "slow", "ka1", "sg") else -8.0 if p.
                     else 0.0 for p in PARAMS]
 
 
+@pytest.mark.studies  # 8 h of steps per example: kept out of the 10-minute suite
 @settings(max_examples=40, deadline=None)
 @given(z=corner_z_vectors, g0=st.floats(40, 400), dose=st.floats(0.1, 20), meal=st.floats(0, 150),
        at=st.integers(0, 11))
